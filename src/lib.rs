@@ -1,0 +1,2 @@
+//! wbvmm: a KVM virtual machine monitor.
+pub mod memory;

@@ -1,0 +1,2 @@
+//! Guest memory: the memslot registry, its host-side mirror (wbtree and the other
+//! slot indexes), and the MMIO-miss cache.
