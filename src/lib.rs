@@ -1,2 +1,10 @@
 //! wbvmm: a KVM virtual machine monitor.
+pub mod boot;
+pub mod config;
+pub mod cpuid;
+pub mod layout;
 pub mod memory;
+pub mod probe;
+pub mod terminal;
+pub mod vcpu;
+pub mod vmm;

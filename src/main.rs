@@ -1,1 +1,134 @@
-fn main() {}
+//! The `wbvmm` command.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use wbvmm::config::{self, CpuFeatureEdits, SerialMode};
+use wbvmm::vcpu::EXIT_VMM_ERROR;
+use wbvmm::vmm::{self, VmConfig};
+
+const AFTER_HELP: &str = "\
+EXIT STATUS:
+  N    the guest wrote N to the debug-exit port (I/O port 0xf4; low 8 bits)
+  0    the guest reset (i8042, reboot=k) or powered off
+  1    wbvmm could not build or run the VM (the reason is printed)
+  2    bad command line
+  101  guest triple fault
+  102  KVM internal error (RIP, CPL and instruction bytes are printed)
+  103  other unexpected VM exit
+  130  quit from the console (Ctrl-A x) or by SIGINT/SIGTERM
+
+CONSOLE: with --serial stdio the guest's COM1 is on the terminal, which is put in
+raw mode; press Ctrl-A x to quit, Ctrl-A Ctrl-A to send Ctrl-A.";
+
+#[derive(Parser, Debug)]
+#[command(name = "wbvmm", version, about = "A KVM virtual machine monitor: boot a Linux (or PVH) kernel with a serial console", after_help = AFTER_HELP)]
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
+    /// Kernel to boot: a bzImage, an ELF vmlinux, or an ELF with a PVH entry note.
+    #[arg(long, value_name = "PATH")]
+    kernel: Option<PathBuf>,
+
+    /// Initial ramdisk, placed below 3 GiB and within the kernel's limits.
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+
+    /// Kernel command line (at most 2047 bytes).
+    #[arg(long, value_name = "STR", default_value = "")]
+    cmdline: String,
+
+    /// Guest memory, like 256M or 2G. RAM beyond 3 GiB is placed above 4 GiB.
+    #[arg(long, value_name = "SIZE", default_value = "256M", value_parser = parse_memory)]
+    memory: u64,
+
+    /// Number of vCPUs (1 up to the host KVM's limit, at most 254).
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    cpus: u32,
+
+    /// Serial console: stdio, null, or file=PATH.
+    #[arg(long, value_name = "MODE", default_value = "stdio", value_parser = parse_serial)]
+    serial: SerialMode,
+
+    /// Hide (-name) or keep (+name) CPU features, e.g. -cx16,-xsave. On a nested PVM
+    /// host, cx16 and xsave are hidden automatically unless given as +cx16/+xsave.
+    #[arg(long, value_name = "LIST", default_value = "", value_parser = parse_cpu_features)]
+    cpu_features: CpuFeatureEdits,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Time guest kernel mode, user mode and an exit round trip, and say whether
+    /// guest kernel mode runs natively on this host.
+    Probe {
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_memory(s: &str) -> Result<u64, String> {
+    config::parse_size(s)
+        .and_then(config::check_memory_size)
+        .map_err(|e| e.to_string())
+}
+
+fn parse_serial(s: &str) -> Result<SerialMode, String> {
+    s.parse().map_err(|e: config::ConfigError| e.to_string())
+}
+
+fn parse_cpu_features(s: &str) -> Result<CpuFeatureEdits, String> {
+    s.parse().map_err(|e: config::ConfigError| e.to_string())
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Probe { json }) => match wbvmm::probe::run() {
+            Ok(r) => {
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&r).unwrap_or_default());
+                } else {
+                    print!("{}", r.human());
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("wbvmm probe: {e}");
+                ExitCode::from(EXIT_VMM_ERROR as u8)
+            }
+        },
+        None => {
+            let Some(kernel) = cli.kernel else {
+                eprintln!("wbvmm: --kernel PATH is required (see wbvmm --help)");
+                return ExitCode::from(2);
+            };
+            let cfg = VmConfig {
+                kernel,
+                initramfs: cli.initramfs,
+                cmdline: cli.cmdline,
+                mem_size: cli.memory,
+                cpus: cli.cpus,
+                serial: cli.serial,
+                cpu_features: cli.cpu_features,
+            };
+            vmm::install_termination_handlers();
+            match vmm::run(&cfg) {
+                Ok(report) => {
+                    if let Some(line) = report.outcome.failure_line() {
+                        eprintln!("wbvmm: {line}");
+                    }
+                    ExitCode::from(report.outcome.exit_code() as u8)
+                }
+                Err(e) => {
+                    eprintln!("wbvmm: {e}");
+                    ExitCode::from(EXIT_VMM_ERROR as u8)
+                }
+            }
+        }
+    }
+}

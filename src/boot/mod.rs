@@ -1,0 +1,550 @@
+//! Loading a kernel and writing what its entry protocol expects: bzImage through the
+//! 64-bit Linux boot protocol, an ELF vmlinux through its 64-bit entry, or PVH when
+//! the ELF carries a PVH entry note.
+
+pub mod mptable;
+pub mod regs;
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
+use linux_loader::loader::elf::start_info::{
+    hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info,
+};
+use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader, PvhBootCapability};
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+use crate::layout::*;
+
+#[derive(Debug, Error)]
+pub enum BootError {
+    #[error("cannot open kernel {path}: {source}; check the path given to --kernel")]
+    KernelOpen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read kernel {path}: {source}")]
+    KernelRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a kernel wbvmm can boot: expected an x86_64 bzImage or an ELF64 vmlinux/PVH image")]
+    NotAKernel { path: PathBuf },
+    #[error("bzImage {path} has no 64-bit entry point (boot protocol {version:#x}, xloadflags {xloadflags:#x}); use a 64-bit kernel built with boot protocol >= 2.12")]
+    NoLongModeEntry {
+        path: PathBuf,
+        version: u16,
+        xloadflags: u16,
+    },
+    #[error("loading kernel {path} failed: {source}; is guest memory (--memory) large enough?")]
+    Load {
+        path: PathBuf,
+        source: linux_loader::loader::Error,
+    },
+    #[error(
+        "kernel command line is {len} bytes; the limit is {max} including the terminating NUL"
+    )]
+    CmdlineTooLong { len: usize, max: usize },
+    #[error("kernel command line is invalid: {0}")]
+    Cmdline(linux_loader::cmdline::Error),
+    #[error("cannot open initramfs {path}: {source}; check the path given to --initramfs")]
+    InitramfsOpen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("initramfs {path} ({size} bytes) does not fit between the kernel (ends at {kernel_end:#x}) and {limit:#x}; give the guest more --memory")]
+    InitramfsTooLarge {
+        path: PathBuf,
+        size: u64,
+        kernel_end: u64,
+        limit: u64,
+    },
+    #[error("writing boot structures into guest memory failed: {0}")]
+    GuestMemory(#[from] vm_memory::GuestMemoryError),
+}
+
+/// Which entry protocol the loaded kernel uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BootProtocol {
+    /// 64-bit Linux boot protocol (bzImage, or ELF without a PVH note): long mode,
+    /// RSI = zero page.
+    Linux64,
+    /// PVH: 32-bit protected mode, EBX = hvm_start_info.
+    Pvh,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct BootInfo {
+    pub entry: u64,
+    pub protocol: BootProtocol,
+    pub kernel_end: u64,
+    pub initramfs: Option<(u64, u64)>,
+}
+
+/// What the user gave to boot.
+pub struct KernelSpec<'a> {
+    pub kernel: &'a Path,
+    pub initramfs: Option<&'a Path>,
+    pub cmdline: &'a str,
+    pub mem_size: u64,
+}
+
+const KERNEL_BOOT_FLAG_MAGIC: u16 = 0xaa55;
+const KERNEL_HDR_MAGIC: u32 = 0x5372_6448;
+const KERNEL_LOADER_OTHER: u8 = 0xff;
+const KERNEL_MIN_ALIGNMENT: u32 = 0x0100_0000;
+const XLF_KERNEL_64: u16 = 1;
+const PVH_MAGIC: u32 = 0x336e_c578;
+
+enum Format {
+    Elf,
+    BzImage,
+}
+
+fn sniff(path: &Path, f: &mut File) -> Result<Format, BootError> {
+    let read_err = |source| BootError::KernelRead {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut head = [0u8; 0x208];
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..]).map_err(read_err)? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    f.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    if n >= 4 && head[..4] == *b"\x7fELF" {
+        return Ok(Format::Elf);
+    }
+    if n >= 0x206
+        && u32::from_le_bytes([head[0x202], head[0x203], head[0x204], head[0x205]])
+            == KERNEL_HDR_MAGIC
+    {
+        return Ok(Format::BzImage);
+    }
+    Err(BootError::NotAKernel {
+        path: path.to_path_buf(),
+    })
+}
+
+/// End of RAM below the MMIO hole: initramfs and boot data stay below it.
+fn low_ram_end(mem_size: u64) -> u64 {
+    mem_size.min(MMIO_HOLE_START)
+}
+
+/// Load the kernel, command line and initramfs, and write the zero page or the PVH
+/// start info. Registers are set by the caller from the returned [`BootInfo`].
+pub fn load(mem: &GuestMemoryMmap, spec: &KernelSpec) -> Result<BootInfo, BootError> {
+    let path = spec.kernel;
+    let mut f = File::open(path).map_err(|source| BootError::KernelOpen {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // Check the command line before touching guest memory: the error is the user's.
+    let cmdline = build_cmdline(spec.cmdline)?;
+    let format = sniff(path, &mut f)?;
+    let load_err = |source| BootError::Load {
+        path: path.to_path_buf(),
+        source,
+    };
+
+    let (entry, protocol, kernel_end, hdr) = match format {
+        Format::BzImage => {
+            let r = BzImage::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START)))
+                .map_err(load_err)?;
+            let hdr = r.setup_header.ok_or(BootError::NotAKernel {
+                path: path.to_path_buf(),
+            })?;
+            let (version, xloadflags) = (hdr.version, hdr.xloadflags);
+            if version < 0x020c || xloadflags & XLF_KERNEL_64 == 0 {
+                return Err(BootError::NoLongModeEntry {
+                    path: path.to_path_buf(),
+                    version,
+                    xloadflags,
+                });
+            }
+            // The decompressor needs init_size bytes from the load address, not just
+            // the file size.
+            let end =
+                r.kernel_load.0 + u64::from(hdr.init_size).max(r.kernel_end - r.kernel_load.0);
+            // startup_64 is 0x200 past the protected-mode code.
+            (
+                r.kernel_load.0 + 0x200,
+                BootProtocol::Linux64,
+                end,
+                Some(hdr),
+            )
+        }
+        Format::Elf => {
+            let r =
+                Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
+            match r.pvh_boot_cap {
+                PvhBootCapability::PvhEntryPresent(addr) => {
+                    (addr.0, BootProtocol::Pvh, r.kernel_end, None)
+                }
+                _ => (r.kernel_load.0, BootProtocol::Linux64, r.kernel_end, None),
+            }
+        }
+    };
+
+    load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(load_err)?;
+
+    let initrd_limit = match &hdr {
+        Some(h) => low_ram_end(spec.mem_size).min(u64::from(h.initrd_addr_max) + 1),
+        None => low_ram_end(spec.mem_size),
+    };
+    let initramfs = match spec.initramfs {
+        Some(p) => Some(load_initramfs(mem, p, kernel_end, initrd_limit)?),
+        None => None,
+    };
+    let cmdline_len = cmdline
+        .as_cstring()
+        .map(|c| c.as_bytes().len())
+        .unwrap_or(0);
+
+    match protocol {
+        BootProtocol::Linux64 => write_zero_page(mem, hdr, initramfs, cmdline_len, spec.mem_size)?,
+        BootProtocol::Pvh => write_pvh_start_info(mem, initramfs, spec.mem_size)?,
+    }
+    Ok(BootInfo {
+        entry,
+        protocol,
+        kernel_end,
+        initramfs,
+    })
+}
+
+fn build_cmdline(s: &str) -> Result<Cmdline, BootError> {
+    if s.len() + 1 > CMDLINE_MAX_SIZE {
+        return Err(BootError::CmdlineTooLong {
+            len: s.len() + 1,
+            max: CMDLINE_MAX_SIZE,
+        });
+    }
+    let mut c = Cmdline::new(CMDLINE_MAX_SIZE).map_err(BootError::Cmdline)?;
+    if !s.trim().is_empty() {
+        c.insert_str(s.trim()).map_err(BootError::Cmdline)?;
+    }
+    Ok(c)
+}
+
+/// Place the initramfs page-aligned as high as allowed (below `limit`), above the
+/// kernel's end.
+fn load_initramfs(
+    mem: &GuestMemoryMmap,
+    path: &Path,
+    kernel_end: u64,
+    limit: u64,
+) -> Result<(u64, u64), BootError> {
+    let open_err = |source| BootError::InitramfsOpen {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = File::open(path).map_err(open_err)?;
+    let size = f.metadata().map_err(open_err)?.len();
+    let too_large = BootError::InitramfsTooLarge {
+        path: path.to_path_buf(),
+        size,
+        kernel_end,
+        limit,
+    };
+    let start = limit.checked_sub(size).ok_or(too_large)? & !0xfff;
+    if start < kernel_end || size > usize::MAX as u64 {
+        return Err(BootError::InitramfsTooLarge {
+            path: path.to_path_buf(),
+            size,
+            kernel_end,
+            limit,
+        });
+    }
+    mem.read_exact_volatile_from(GuestAddress(start), &mut f, size as usize)?;
+    Ok((start, size))
+}
+
+fn write_zero_page(
+    mem: &GuestMemoryMmap,
+    hdr: Option<linux_loader::loader::bootparam::setup_header>,
+    initramfs: Option<(u64, u64)>,
+    cmdline_len: usize,
+    mem_size: u64,
+) -> Result<(), BootError> {
+    let mut params = boot_params::default();
+    if let Some(h) = hdr {
+        params.hdr = h;
+    } else {
+        params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT;
+    }
+    params.hdr.type_of_loader = KERNEL_LOADER_OTHER;
+    params.hdr.boot_flag = KERNEL_BOOT_FLAG_MAGIC;
+    params.hdr.header = KERNEL_HDR_MAGIC;
+    params.hdr.cmd_line_ptr = CMDLINE_START as u32;
+    params.hdr.cmdline_size = (cmdline_len + 1) as u32;
+    if let Some((start, size)) = initramfs {
+        params.hdr.ramdisk_image = start as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+    let map = e820_map(mem_size);
+    for (i, (addr, size, kind)) in map.iter().enumerate() {
+        params.e820_table[i] = boot_e820_entry {
+            addr: *addr,
+            size: *size,
+            r#type: *kind as u32,
+        };
+    }
+    params.e820_entries = map.len() as u8;
+    mem.write_obj(params, GuestAddress(ZERO_PAGE_START))?;
+    Ok(())
+}
+
+fn write_pvh_start_info(
+    mem: &GuestMemoryMmap,
+    initramfs: Option<(u64, u64)>,
+    mem_size: u64,
+) -> Result<(), BootError> {
+    let map = e820_map(mem_size);
+    for (i, (addr, size, kind)) in map.iter().enumerate() {
+        let e = hvm_memmap_table_entry {
+            addr: *addr,
+            size: *size,
+            type_: *kind as u32,
+            reserved: 0,
+        };
+        mem.write_obj(
+            e,
+            GuestAddress(
+                PVH_MEMMAP_START + (i * std::mem::size_of::<hvm_memmap_table_entry>()) as u64,
+            ),
+        )?;
+    }
+    let mut info = hvm_start_info {
+        magic: PVH_MAGIC,
+        version: 1,
+        cmdline_paddr: CMDLINE_START,
+        memmap_paddr: PVH_MEMMAP_START,
+        memmap_entries: map.len() as u32,
+        ..Default::default()
+    };
+    if let Some((start, size)) = initramfs {
+        let m = hvm_modlist_entry {
+            paddr: start,
+            size,
+            ..Default::default()
+        };
+        mem.write_obj(m, GuestAddress(PVH_MODLIST_START))?;
+        info.nr_modules = 1;
+        info.modlist_paddr = PVH_MODLIST_START;
+    }
+    mem.write_obj(info, GuestAddress(PVH_INFO_START))?;
+    Ok(())
+}
+
+/// Write the MP table at its standard place.
+pub fn write_mptable(
+    mem: &GuestMemoryMmap,
+    cpus: u32,
+    pci: &[mptable::PciIntx],
+) -> Result<(), crate::vmm::VmmError> {
+    let bytes = mptable::build(MPTABLE_START, cpus, pci)?;
+    mem.write_slice(&bytes, GuestAddress(MPTABLE_START))
+        .map_err(BootError::from)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn mem(size: u64) -> GuestMemoryMmap {
+        let ranges: Vec<_> = ram_ranges(size)
+            .into_iter()
+            .map(|(a, s)| (GuestAddress(a), s as usize))
+            .collect();
+        GuestMemoryMmap::from_ranges(&ranges).unwrap()
+    }
+
+    fn tmpfile(name: &str, bytes: &[u8]) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("wbvmm-test-{}-{name}", std::process::id()));
+        File::create(&p).unwrap().write_all(bytes).unwrap();
+        p
+    }
+
+    /// A minimal ELF64 with one PT_LOAD at 1 MiB and, optionally, a PVH note.
+    fn tiny_elf(pvh: bool) -> Vec<u8> {
+        let mut e = vec![0u8; 0x200];
+        e[..4].copy_from_slice(b"\x7fELF");
+        e[4] = 2; // 64-bit
+        e[5] = 1; // little endian
+        e[6] = 1;
+        e[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+        e[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86_64
+        e[20..24].copy_from_slice(&1u32.to_le_bytes());
+        e[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes()); // entry
+        e[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+        e[52..54].copy_from_slice(&64u16.to_le_bytes()); // ehsize
+        e[54..56].copy_from_slice(&56u16.to_le_bytes()); // phentsize
+        let phnum: u16 = if pvh { 2 } else { 1 };
+        e[56..58].copy_from_slice(&phnum.to_le_bytes());
+        // PT_LOAD: offset 0x180, paddr 1 MiB, 16 bytes
+        let ph = 64;
+        e[ph..ph + 4].copy_from_slice(&1u32.to_le_bytes());
+        e[ph + 8..ph + 16].copy_from_slice(&0x180u64.to_le_bytes());
+        e[ph + 16..ph + 24].copy_from_slice(&0x10_0000u64.to_le_bytes());
+        e[ph + 24..ph + 32].copy_from_slice(&0x10_0000u64.to_le_bytes());
+        e[ph + 32..ph + 40].copy_from_slice(&16u64.to_le_bytes());
+        e[ph + 40..ph + 48].copy_from_slice(&16u64.to_le_bytes());
+        if pvh {
+            let ph = 64 + 56;
+            e[ph..ph + 4].copy_from_slice(&4u32.to_le_bytes()); // PT_NOTE
+            e[ph + 8..ph + 16].copy_from_slice(&0x1c0u64.to_le_bytes());
+            e[ph + 32..ph + 40].copy_from_slice(&20u64.to_le_bytes());
+            e[ph + 40..ph + 48].copy_from_slice(&20u64.to_le_bytes());
+            let n = 0x1c0;
+            e[n..n + 4].copy_from_slice(&4u32.to_le_bytes()); // namesz
+            e[n + 4..n + 8].copy_from_slice(&4u32.to_le_bytes()); // descsz
+            e[n + 8..n + 12].copy_from_slice(&18u32.to_le_bytes()); // XEN_ELFNOTE_PHYS32_ENTRY
+            e[n + 12..n + 16].copy_from_slice(b"Xen\0");
+            e[n + 16..n + 20].copy_from_slice(&0x10_0004u32.to_le_bytes());
+        }
+        e[0x180..0x190].copy_from_slice(&[0x90; 16]);
+        e
+    }
+
+    #[test]
+    fn pvh_start_info_memmap_cmdline_and_module() {
+        let m = mem(64 << 20);
+        let k = tmpfile("pvh.elf", &tiny_elf(true));
+        let i = tmpfile("initrd", &[0xab; 5000]);
+        let info = load(
+            &m,
+            &KernelSpec {
+                kernel: &k,
+                initramfs: Some(&i),
+                cmdline: "banner exit=3",
+                mem_size: 64 << 20,
+            },
+        )
+        .unwrap();
+        assert_eq!(info.protocol, BootProtocol::Pvh);
+        assert_eq!(info.entry, 0x10_0004);
+        let si: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
+        assert_eq!(si.magic, PVH_MAGIC);
+        assert_eq!(si.version, 1);
+        assert_eq!(si.memmap_entries, 3);
+        assert_eq!(si.nr_modules, 1);
+        let e: hvm_memmap_table_entry = m.read_obj(GuestAddress(PVH_MEMMAP_START + 48)).unwrap();
+        assert_eq!(
+            (e.addr, e.size, e.type_),
+            (0x10_0000, (64 << 20) - 0x10_0000, 1)
+        );
+        let md: hvm_modlist_entry = m.read_obj(GuestAddress(PVH_MODLIST_START)).unwrap();
+        assert_eq!(md.size, 5000);
+        assert_eq!(md.paddr % 4096, 0);
+        assert!(md.paddr + 5000 <= 64 << 20);
+        assert_eq!(
+            m.read_obj::<u8>(GuestAddress(md.paddr + 4999)).unwrap(),
+            0xab
+        );
+        let mut cl = [0u8; 14];
+        m.read_slice(&mut cl, GuestAddress(CMDLINE_START)).unwrap();
+        assert_eq!(&cl, b"banner exit=3\0");
+        std::fs::remove_file(k).ok();
+        std::fs::remove_file(i).ok();
+    }
+
+    #[test]
+    fn elf_without_note_uses_zero_page() {
+        let m = mem(32 << 20);
+        let k = tmpfile("plain.elf", &tiny_elf(false));
+        let info = load(
+            &m,
+            &KernelSpec {
+                kernel: &k,
+                initramfs: None,
+                cmdline: "console=ttyS0",
+                mem_size: 32 << 20,
+            },
+        )
+        .unwrap();
+        assert_eq!(info.protocol, BootProtocol::Linux64);
+        let bp: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert_eq!({ bp.hdr.header }, KERNEL_HDR_MAGIC);
+        assert_eq!({ bp.hdr.cmd_line_ptr }, CMDLINE_START as u32);
+        assert_eq!(bp.e820_entries, 3);
+        assert_eq!({ bp.e820_table[0].size }, EBDA_START);
+        std::fs::remove_file(k).ok();
+    }
+
+    #[test]
+    fn bad_inputs_are_typed_errors() {
+        let m = mem(16 << 20);
+        let missing = Path::new("/nonexistent/wbvmm/kernel");
+        let spec = |k: &'static Path| KernelSpec {
+            kernel: k,
+            initramfs: None,
+            cmdline: "",
+            mem_size: 16 << 20,
+        };
+        assert!(matches!(
+            load(&m, &spec(missing)),
+            Err(BootError::KernelOpen { .. })
+        ));
+        let junk = tmpfile("junk", b"this is not a kernel at all, just some text");
+        let junk: &'static Path = Box::leak(junk.into_boxed_path());
+        assert!(matches!(
+            load(&m, &spec(junk)),
+            Err(BootError::NotAKernel { .. })
+        ));
+        let k = tmpfile("pvh2.elf", &tiny_elf(true));
+        let long = "x".repeat(3000);
+        let r = load(
+            &m,
+            &KernelSpec {
+                kernel: &k,
+                initramfs: None,
+                cmdline: &long,
+                mem_size: 16 << 20,
+            },
+        );
+        assert!(matches!(
+            r,
+            Err(BootError::CmdlineTooLong {
+                len: 3001,
+                max: 2048
+            })
+        ));
+        let big = tmpfile("bigrd", &vec![0u8; 20 << 20]);
+        let r = load(
+            &m,
+            &KernelSpec {
+                kernel: &k,
+                initramfs: Some(&big),
+                cmdline: "",
+                mem_size: 16 << 20,
+            },
+        );
+        assert!(
+            matches!(r, Err(BootError::InitramfsTooLarge { .. })),
+            "{r:?}"
+        );
+        let r = load(
+            &m,
+            &KernelSpec {
+                kernel: &k,
+                initramfs: Some(Path::new("/nonexistent/rd")),
+                cmdline: "",
+                mem_size: 16 << 20,
+            },
+        );
+        assert!(matches!(r, Err(BootError::InitramfsOpen { .. })));
+        for p in [junk.to_path_buf(), k, big] {
+            std::fs::remove_file(p).ok();
+        }
+    }
+}

@@ -1,0 +1,369 @@
+//! vCPU threads: the run loop and exit dispatch.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use serde::Serialize;
+use wbvmm_devices::legacy::{ExitSink, GuestExitRequest};
+use wbvmm_devices::Bus;
+
+/// How a VM ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest wrote this value to the debug-exit port.
+    DebugExit(u32),
+    /// The guest reset itself (i8042, or KVM's reset system event).
+    Reset,
+    /// The guest powered off (KVM shutdown system event).
+    PowerOff,
+    /// The user quit from the console (Ctrl-A x) or signalled wbvmm.
+    UserQuit,
+    TripleFault {
+        vcpu: u32,
+        rip: u64,
+    },
+    /// KVM could not run or emulate guest code.
+    InternalError {
+        vcpu: u32,
+        suberror: u32,
+        rip: u64,
+        cpl: u8,
+        insn: Vec<u8>,
+        data: Vec<u64>,
+    },
+    /// VM entry failed (invalid guest state).
+    FailEntry {
+        vcpu: u32,
+        reason: u64,
+    },
+    /// An exit wbvmm does not handle, or a KVM_RUN error.
+    Unexpected {
+        vcpu: u32,
+        what: String,
+    },
+}
+
+/// Exit statuses for the ends that the guest did not choose.
+pub const EXIT_TRIPLE_FAULT: i32 = 101;
+pub const EXIT_INTERNAL_ERROR: i32 = 102;
+pub const EXIT_UNEXPECTED: i32 = 103;
+pub const EXIT_VMM_ERROR: i32 = 1;
+pub const EXIT_USER_QUIT: i32 = 130;
+
+impl VmOutcome {
+    /// The process exit status: the debug-exit value's low 8 bits, 0 for a reset or
+    /// power-off, and fixed codes for failures.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            VmOutcome::DebugExit(v) => (*v & 0xff) as i32,
+            VmOutcome::Reset | VmOutcome::PowerOff => 0,
+            VmOutcome::UserQuit => EXIT_USER_QUIT,
+            VmOutcome::TripleFault { .. } => EXIT_TRIPLE_FAULT,
+            VmOutcome::InternalError { .. } => EXIT_INTERNAL_ERROR,
+            VmOutcome::FailEntry { .. } | VmOutcome::Unexpected { .. } => EXIT_UNEXPECTED,
+        }
+    }
+
+    /// A one-line reason for ends the guest did not ask for.
+    pub fn failure_line(&self) -> Option<String> {
+        match self {
+            VmOutcome::TripleFault { vcpu, rip } => Some(format!(
+                "guest triple fault on vCPU {vcpu} at RIP {rip:#x}; the VM was stopped"
+            )),
+            VmOutcome::InternalError {
+                vcpu,
+                suberror,
+                rip,
+                cpl,
+                insn,
+                data,
+            } => {
+                let what = match suberror {
+                    1 => "instruction emulation failed",
+                    2 => "simultaneous exceptions",
+                    3 => "exception during event delivery",
+                    4 => "unexpected exit reason",
+                    _ => "internal error",
+                };
+                let bytes: Vec<String> = insn.iter().map(|b| format!("{b:02x}")).collect();
+                Some(format!(
+                    "KVM internal error on vCPU {vcpu}: {what} (suberror {suberror}) at RIP {rip:#x}, CPL {cpl}, instruction bytes [{}], data {data:x?}",
+                    bytes.join(" ")
+                ))
+            }
+            VmOutcome::FailEntry { vcpu, reason } => Some(format!(
+                "KVM could not enter vCPU {vcpu}: hardware entry failure reason {reason:#x}"
+            )),
+            VmOutcome::Unexpected { vcpu, what } => Some(format!("vCPU {vcpu} stopped: {what}")),
+            _ => None,
+        }
+    }
+}
+
+/// Shared by every vCPU and the main thread: the first end reported wins.
+#[derive(Default)]
+pub struct ExitState {
+    stop: AtomicBool,
+    outcome: Mutex<Option<VmOutcome>>,
+    cv: Condvar,
+}
+
+impl ExitState {
+    pub fn finish(&self, outcome: VmOutcome) {
+        let mut o = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        if o.is_none() {
+            *o = Some(outcome);
+        }
+        self.stop.store(true, Ordering::Release);
+        self.cv.notify_all();
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+
+    /// Wait for the outcome, checking `interrupted` now and then (signals).
+    pub fn wait(&self, interrupted: &dyn Fn() -> bool) -> VmOutcome {
+        let mut o = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if let Some(out) = o.clone() {
+                return out;
+            }
+            if interrupted() {
+                drop(o);
+                self.finish(VmOutcome::UserQuit);
+                o = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            o = self
+                .cv
+                .wait_timeout(o, std::time::Duration::from_millis(100))
+                .map(|(g, _)| g)
+                .unwrap_or_else(|e| e.into_inner().0);
+        }
+    }
+}
+
+impl ExitSink for ExitState {
+    fn request_exit(&self, request: GuestExitRequest) {
+        self.finish(match request {
+            GuestExitRequest::DebugExit(v) => VmOutcome::DebugExit(v),
+            GuestExitRequest::Reset => VmOutcome::Reset,
+        });
+    }
+}
+
+/// Exits counted by one vCPU, by reason.
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct ExitCounters {
+    pub io_in: u64,
+    pub io_out: u64,
+    pub mmio_read: u64,
+    pub mmio_write: u64,
+    pub unclaimed_pio: u64,
+    pub unclaimed_mmio: u64,
+    pub hlt: u64,
+    pub interrupted: u64,
+    pub int3_injected: u64,
+    pub other: u64,
+}
+
+impl ExitCounters {
+    pub fn add(&mut self, o: &ExitCounters) {
+        self.io_in += o.io_in;
+        self.io_out += o.io_out;
+        self.mmio_read += o.mmio_read;
+        self.mmio_write += o.mmio_write;
+        self.unclaimed_pio += o.unclaimed_pio;
+        self.unclaimed_mmio += o.unclaimed_mmio;
+        self.hlt += o.hlt;
+        self.interrupted += o.interrupted;
+        self.int3_injected += o.int3_injected;
+        self.other += o.other;
+    }
+}
+
+/// Everything a vCPU thread needs.
+pub struct VcpuContext {
+    pub id: u32,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub exit: Arc<ExitState>,
+}
+
+/// An all-ones read of an address no device claims ("open bus"); logged at a
+/// limited rate so a guest scanning ports cannot flood the log.
+fn open_bus(data: &mut [u8], counter: &mut u64, what: &str, addr: u64) {
+    data.fill(0xff);
+    *counter += 1;
+    if counter.is_power_of_two() {
+        log::debug!("unclaimed {what} read at {addr:#x} (seen {counter} times)");
+    }
+}
+
+/// Run the vCPU until the VM stops. Returns the exit counters.
+pub fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> ExitCounters {
+    let mut c = ExitCounters::default();
+    let fail = |o: VmOutcome| ctx.exit.finish(o);
+    while !ctx.exit.stopping() {
+        match vcpu.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                c.io_in += 1;
+                if !ctx.pio.read(u64::from(port), data) {
+                    open_bus(data, &mut c.unclaimed_pio, "port", u64::from(port));
+                }
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                c.io_out += 1;
+                ctx.pio.write(u64::from(port), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                c.mmio_read += 1;
+                if !ctx.mmio.read(addr, data) {
+                    open_bus(data, &mut c.unclaimed_mmio, "MMIO", addr);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                c.mmio_write += 1;
+                ctx.mmio.write(addr, data);
+            }
+            Ok(VcpuExit::Hlt) => {
+                // Only seen without an in-kernel LAPIC; nothing will wake this vCPU.
+                c.hlt += 1;
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            Ok(VcpuExit::Shutdown) => {
+                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
+                fail(VmOutcome::TripleFault { vcpu: ctx.id, rip });
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => fail(VmOutcome::PowerOff),
+                kvm_bindings::KVM_SYSTEM_EVENT_RESET => fail(VmOutcome::Reset),
+                other => fail(VmOutcome::Unexpected {
+                    vcpu: ctx.id,
+                    what: format!("KVM system event {other}"),
+                }),
+            },
+            Ok(VcpuExit::FailEntry(reason, _cpu)) => fail(VmOutcome::FailEntry {
+                vcpu: ctx.id,
+                reason,
+            }),
+            Ok(VcpuExit::InternalError) => {
+                if let Some(outcome) = handle_internal_error(&mut vcpu, ctx.id, &mut c) {
+                    fail(outcome);
+                }
+            }
+            Ok(VcpuExit::Intr) => c.interrupted += 1,
+            Ok(other) => {
+                c.other += 1;
+                fail(VmOutcome::Unexpected {
+                    vcpu: ctx.id,
+                    what: format!("unhandled exit {other:?}"),
+                });
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // A kick (EINTR) or an AP woken by SIPI (EAGAIN).
+                c.interrupted += 1;
+                vcpu.set_kvm_immediate_exit(0);
+            }
+            Err(e) => fail(VmOutcome::Unexpected {
+                vcpu: ctx.id,
+                what: format!("KVM_RUN failed: {e}"),
+            }),
+        }
+    }
+    c
+}
+
+/// KVM's emulator (which runs all guest kernel code on a nested PVM host) fails on
+/// `int3`; deliver the #BP the guest expected instead. Anything else ends the VM.
+fn handle_internal_error(vcpu: &mut VcpuFd, id: u32, c: &mut ExitCounters) -> Option<VmOutcome> {
+    let run = vcpu.get_kvm_run();
+    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` and
+    // `emulation_failure` are the union members KVM filled.
+    let (suberror, data, insn) = unsafe {
+        let internal = run.__bindgen_anon_1.internal;
+        let n = (internal.ndata as usize).min(internal.data.len());
+        let mut insn = Vec::new();
+        if internal.suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+            let ef = run.__bindgen_anon_1.emulation_failure;
+            if ef.flags
+                & u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+                != 0
+            {
+                let b = ef.__bindgen_anon_1.__bindgen_anon_1;
+                insn = b.insn_bytes[..(b.insn_size as usize).min(15)].to_vec();
+            }
+        }
+        (internal.suberror, internal.data[..n].to_vec(), insn)
+    };
+    let regs = vcpu.get_regs().ok();
+    let sregs = vcpu.get_sregs().ok();
+    let rip = regs.map(|r| r.rip).unwrap_or(0);
+    let cpl = sregs.map(|s| s.cs.selector as u8 & 3).unwrap_or(0);
+    let is_int3 = matches!(insn.first(), Some(0xcc)) || insn.starts_with(&[0xcd, 0x03]);
+    if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION && is_int3 {
+        if let (Some(mut r), Ok(mut ev)) = (regs, vcpu.get_vcpu_events()) {
+            // #BP is a trap: the saved RIP points past the instruction.
+            r.rip += if insn[0] == 0xcc { 1 } else { 2 };
+            ev.exception.injected = 1;
+            ev.exception.nr = 3;
+            ev.exception.has_error_code = 0;
+            ev.exception.pending = 0;
+            if vcpu.set_regs(&r).is_ok() && vcpu.set_vcpu_events(&ev).is_ok() {
+                c.int3_injected += 1;
+                return None;
+            }
+        }
+    }
+    Some(VmOutcome::InternalError {
+        vcpu: id,
+        suberror,
+        rip,
+        cpl,
+        insn,
+        data,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(VmOutcome::DebugExit(7).exit_code(), 7);
+        assert_eq!(VmOutcome::DebugExit(0x1_02).exit_code(), 2);
+        assert_eq!(VmOutcome::Reset.exit_code(), 0);
+        assert_eq!(VmOutcome::PowerOff.exit_code(), 0);
+        assert_eq!(
+            VmOutcome::TripleFault { vcpu: 0, rip: 0 }.exit_code(),
+            EXIT_TRIPLE_FAULT
+        );
+        let ie = VmOutcome::InternalError {
+            vcpu: 0,
+            suberror: 1,
+            rip: 0x1000,
+            cpl: 0,
+            insn: vec![0x0f, 0xc7],
+            data: vec![],
+        };
+        assert_eq!(ie.exit_code(), EXIT_INTERNAL_ERROR);
+        let line = ie.failure_line().unwrap();
+        assert!(
+            line.contains("RIP 0x1000") && line.contains("CPL 0") && line.contains("0f c7"),
+            "{line}"
+        );
+        assert!(VmOutcome::DebugExit(0).failure_line().is_none());
+    }
+
+    #[test]
+    fn first_outcome_wins() {
+        let s = ExitState::default();
+        s.request_exit(GuestExitRequest::DebugExit(5));
+        s.request_exit(GuestExitRequest::Reset);
+        assert!(s.stopping());
+        assert_eq!(s.wait(&|| false), VmOutcome::DebugExit(5));
+    }
+}

@@ -1,0 +1,647 @@
+//! Building, running and tearing down a VM.
+
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use thiserror::Error;
+use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+use vmm_sys_util::eventfd::EventFd;
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use wbvmm_devices::legacy::{DebugExit, ExitSink, IgnoredPort, SerialDevice, I8042};
+use wbvmm_devices::{Bus, IrqLine};
+
+use crate::boot::{self, BootError, BootProtocol};
+use crate::config::{CpuFeatureEdits, SerialMode};
+use crate::cpuid::{self, CpuidParams};
+use crate::layout::*;
+use crate::terminal::{EscapeParser, FdWriter, Input, RawModeGuard};
+use crate::vcpu::{self, ExitCounters, ExitState, VcpuContext, VmOutcome};
+
+#[derive(Debug, Error)]
+pub enum VmmError {
+    #[error("/dev/kvm does not exist: this host has no KVM; enable virtualization in firmware or load kvm_intel/kvm_amd")]
+    KvmMissing,
+    #[error("permission denied opening /dev/kvm: run as root or add your user to the 'kvm' group")]
+    KvmPermission,
+    #[error("cannot open /dev/kvm: {0}")]
+    KvmOpen(kvm_ioctls::Error),
+    #[error("this host's KVM lacks {0}, which wbvmm needs")]
+    MissingCap(&'static str),
+    #[error("KVM refused to {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error("--cpus {requested} is more than this host's KVM allows ({max})")]
+    TooManyCpus { requested: u32, max: u32 },
+    #[error("cannot allocate {size} bytes of guest memory: {source}; use a smaller --memory")]
+    GuestMemoryAlloc {
+        size: u64,
+        source: vm_memory::mmap::MmapRegionError,
+    },
+    #[error("guest memory layout is invalid: {0}")]
+    GuestMemoryLayout(String),
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    #[error(transparent)]
+    MpTable(#[from] boot::mptable::MpTableError),
+    #[error("cannot open serial output file {path}: {source}")]
+    SerialFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot set up {what}: {source}")]
+    Io {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    #[error("device bus: {0}")]
+    Bus(#[from] wbvmm_devices::BusError),
+}
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmmError {
+    move |source| VmmError::Kvm { what, source }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmmError {
+    move |source| VmmError::Io { what, source }
+}
+
+/// Everything needed to build a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: String,
+    pub mem_size: u64,
+    pub cpus: u32,
+    pub serial: SerialMode,
+    pub cpu_features: CpuFeatureEdits,
+}
+
+/// Open /dev/kvm with errors a user can act on.
+pub fn open_kvm() -> Result<Kvm, VmmError> {
+    Kvm::new().map_err(|e| match e.errno() {
+        libc::ENOENT | libc::ENODEV | libc::ENXIO => VmmError::KvmMissing,
+        libc::EACCES | libc::EPERM => VmmError::KvmPermission,
+        _ => VmmError::KvmOpen(e),
+    })
+}
+
+/// An edge interrupt line backed by a KVM irqfd.
+pub struct IrqFdLine {
+    evt: EventFd,
+}
+
+impl IrqFdLine {
+    pub fn new(vm: &VmFd, gsi: u32) -> Result<Self, VmmError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("an interrupt eventfd"))?;
+        vm.register_irqfd(&evt, gsi)
+            .map_err(kvm_err("register an irqfd"))?;
+        Ok(Self { evt })
+    }
+}
+
+impl IrqLine for IrqFdLine {
+    fn trigger(&self) {
+        // EAGAIN means the counter is saturated: the interrupt is already pending.
+        let _ = self.evt.write(1);
+    }
+}
+
+/// Allocate guest RAM (one anonymous mapping per RAM range, not reserved up front)
+/// and register it with KVM.
+pub fn create_guest_memory(vm: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, VmmError> {
+    let mut regions = Vec::new();
+    for (slot, (gpa, size)) in ram_ranges(mem_size).into_iter().enumerate() {
+        let map = MmapRegion::build(
+            None,
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+        )
+        .map_err(|source| VmmError::GuestMemoryAlloc { size, source })?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: map.as_ptr() as u64,
+            flags: 0,
+        };
+        // SAFETY: the mapping lives in the returned GuestMemoryMmap, which the VM
+        // keeps for as long as the VM fd exists.
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
+        regions.push(
+            GuestRegionMmap::new(map, GuestAddress(gpa))
+                .ok_or_else(|| VmmError::GuestMemoryLayout(format!("region at {gpa:#x} wraps")))?,
+        );
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| VmmError::GuestMemoryLayout(e.to_string()))
+}
+
+/// Create the VM with the in-kernel irqchip and PIT, TSS and identity map set.
+pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
+    for (cap, name) in [
+        (Cap::Irqchip, "the in-kernel irqchip (KVM_CAP_IRQCHIP)"),
+        (Cap::Irqfd, "irqfd (KVM_CAP_IRQFD)"),
+        (Cap::SetTssAddr, "KVM_CAP_SET_TSS_ADDR"),
+        (Cap::Pit2, "the in-kernel PIT (KVM_CAP_PIT2)"),
+        (Cap::ImmediateExit, "KVM_CAP_IMMEDIATE_EXIT"),
+    ] {
+        if !kvm.check_extension(cap) {
+            return Err(VmmError::MissingCap(name));
+        }
+    }
+    let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
+        .map_err(kvm_err("set the identity map address"))?;
+    vm.set_tss_address(KVM_TSS_START as usize)
+        .map_err(kvm_err("set the TSS address"))?;
+    vm.create_irq_chip()
+        .map_err(kvm_err("create the in-kernel irqchip"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    vm.create_pit2(pit)
+        .map_err(kvm_err("create the in-kernel PIT"))?;
+    Ok(vm)
+}
+
+/// Per-vCPU architectural setup: CPUID, MSRs, FPU, LINT0/LINT1. Registers are set
+/// separately (only the BSP's matter; INIT/SIPI resets the APs).
+pub fn configure_vcpu(kvm: &Kvm, vcpu: &VcpuFd, params: &CpuidParams) -> Result<(), VmmError> {
+    let mut cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("report its CPUID"))?;
+    cpuid::fixup(&mut cpuid, params);
+    vcpu.set_cpuid2(&cpuid)
+        .map_err(kvm_err("set the vCPU's CPUID"))?;
+
+    let supported = kvm.get_msr_index_list().map_err(kvm_err("list its MSRs"))?;
+    let entries: Vec<kvm_bindings::kvm_msr_entry> = boot::regs::BOOT_MSRS
+        .iter()
+        .filter(|(i, _)| supported.as_slice().contains(i))
+        .map(|&(index, data)| kvm_bindings::kvm_msr_entry {
+            index,
+            data,
+            ..Default::default()
+        })
+        .collect();
+    let msrs =
+        kvm_bindings::Msrs::from_entries(&entries).map_err(|_| VmmError::MissingCap("MSR list"))?;
+    let written = vcpu.set_msrs(&msrs).map_err(kvm_err("set the boot MSRs"))?;
+    if written != entries.len() {
+        log::warn!("KVM accepted {written} of {} boot MSRs", entries.len());
+    }
+    vcpu.set_fpu(&boot::regs::boot_fpu())
+        .map_err(kvm_err("set the FPU state"))?;
+
+    let mut lapic = vcpu.get_lapic().map_err(kvm_err("read the LAPIC"))?;
+    // LVT LINT0 (0x350) = ExtINT, LVT LINT1 (0x360) = NMI: the PIC's output and NMIs
+    // reach the CPU as on a PC.
+    for (reg, mode) in [(0x350usize, 7u32), (0x360, 4)] {
+        let mut v = u32::from_le_bytes(
+            lapic.regs[reg..reg + 4]
+                .iter()
+                .map(|b| *b as u8)
+                .collect::<Vec<_>>()
+                .try_into()
+                .unwrap_or([0; 4]),
+        );
+        v = (v & !0x700) | (mode << 8);
+        for (i, b) in v.to_le_bytes().iter().enumerate() {
+            lapic.regs[reg + i] = *b as _;
+        }
+    }
+    vcpu.set_lapic(&lapic).map_err(kvm_err("set the LAPIC"))?;
+    Ok(())
+}
+
+/// Set the BSP's registers for the kernel's entry protocol.
+pub fn set_boot_registers(
+    vcpu: &VcpuFd,
+    mem: &GuestMemoryMmap,
+    info: &boot::BootInfo,
+) -> Result<(), VmmError> {
+    let mut sregs = vcpu
+        .get_sregs()
+        .map_err(kvm_err("read special registers"))?;
+    match info.protocol {
+        BootProtocol::Linux64 => {
+            boot::regs::setup_long_mode(mem, &mut sregs).map_err(BootError::from)?;
+            vcpu.set_regs(&boot::regs::linux_regs(info.entry))
+                .map_err(kvm_err("set registers"))?;
+        }
+        BootProtocol::Pvh => {
+            boot::regs::setup_pvh(mem, &mut sregs).map_err(BootError::from)?;
+            vcpu.set_regs(&boot::regs::pvh_regs(info.entry))
+                .map_err(kvm_err("set registers"))?;
+        }
+    }
+    vcpu.set_sregs(&sregs)
+        .map_err(kvm_err("set special registers"))
+}
+
+const COM1_BASE: u64 = 0x3f8;
+const COM1_IRQ: u32 = 4;
+const I8042_BASE: u64 = 0x60;
+const DEBUG_EXIT_PORT: u64 = 0xf4;
+
+/// A built VM, ready to run.
+pub struct Vmm {
+    pub kvm: Kvm,
+    pub vm: Arc<VmFd>,
+    pub mem: GuestMemoryMmap,
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub exit: Arc<ExitState>,
+    vcpus: Vec<VcpuFd>,
+    serial: Arc<SerialDevice>,
+    serial_rx_space: Arc<EventFd>,
+    serial_mode: SerialMode,
+    pub boot: boot::BootInfo,
+    pub hidden_features: Vec<cpuid::Feature>,
+}
+
+impl Vmm {
+    pub fn new(config: &VmConfig) -> Result<Self, VmmError> {
+        let kvm = open_kvm()?;
+        if config.cpus == 0 {
+            return Err(VmmError::TooManyCpus {
+                requested: 0,
+                max: kvm.get_max_vcpus() as u32,
+            });
+        }
+        let max = (kvm.get_max_vcpus() as u32).min(254);
+        if config.cpus > max {
+            return Err(VmmError::TooManyCpus {
+                requested: config.cpus,
+                max,
+            });
+        }
+        let vm = create_vm(&kvm)?;
+        let mem = create_guest_memory(&vm, config.mem_size)?;
+
+        let boot = boot::load(
+            &mem,
+            &boot::KernelSpec {
+                kernel: &config.kernel,
+                initramfs: config.initramfs.as_deref(),
+                cmdline: &config.cmdline,
+                mem_size: config.mem_size,
+            },
+        )?;
+        boot::write_mptable(&mem, config.cpus, &[])?;
+
+        let exit = Arc::new(ExitState::default());
+        let pio = Arc::new(Bus::new());
+        let mmio = Arc::new(Bus::new());
+
+        let serial_rx_space =
+            Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("a serial eventfd"))?);
+        let out: Box<dyn std::io::Write + Send> = match &config.serial {
+            SerialMode::Stdio => Box::new(FdWriter(libc::STDOUT_FILENO)),
+            SerialMode::Null => Box::new(std::io::sink()),
+            SerialMode::File(p) => Box::new(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)
+                    .map_err(|source| VmmError::SerialFile {
+                        path: p.clone(),
+                        source,
+                    })?,
+            ),
+        };
+        let rx_evt = serial_rx_space.clone();
+        let serial = Arc::new(SerialDevice::new(
+            Arc::new(IrqFdLine::new(&vm, COM1_IRQ)?),
+            out,
+            Arc::new(move || {
+                let _ = rx_evt.write(1);
+            }),
+        ));
+        pio.insert(serial.clone(), COM1_BASE, 8)?;
+        let sink: Arc<dyn ExitSink> = exit.clone();
+        pio.insert(Arc::new(I8042::new(sink.clone())), I8042_BASE, 5)?;
+        pio.insert(Arc::new(DebugExit::new(sink)), DEBUG_EXIT_PORT, 4)?;
+        // POST codes and io_delay: no behaviour, and not worth a log line each.
+        pio.insert(Arc::new(IgnoredPort { read_value: 0xff }), 0x80, 1)?;
+
+        let hidden_features =
+            cpuid::hidden_features(&config.cpu_features, cpuid::host_needs_feature_hiding());
+        let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+        let mut vcpus = Vec::new();
+        for id in 0..config.cpus {
+            let vcpu = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("create a vCPU"))?;
+            let params = CpuidParams {
+                vcpu_id: id,
+                vcpu_count: config.cpus,
+                tsc_khz: vcpu.get_tsc_khz().ok(),
+                tsc_deadline,
+                hidden: hidden_features.clone(),
+            };
+            configure_vcpu(&kvm, &vcpu, &params)?;
+            if id == 0 {
+                set_boot_registers(&vcpu, &mem, &boot)?;
+            }
+            vcpus.push(vcpu);
+        }
+
+        Ok(Self {
+            kvm,
+            vm: Arc::new(vm),
+            mem,
+            pio,
+            mmio,
+            exit,
+            vcpus,
+            serial,
+            serial_rx_space,
+            serial_mode: config.serial.clone(),
+            boot,
+            hidden_features,
+        })
+    }
+
+    /// Start the vCPU and I/O threads.
+    pub fn start(mut self) -> Result<RunningVm, VmmError> {
+        install_kick_handler()?;
+        let io = IoThread::spawn(
+            self.serial.clone(),
+            self.serial_rx_space.clone(),
+            self.exit.clone(),
+            self.serial_mode == SerialMode::Stdio,
+        )?;
+        let mut threads = Vec::new();
+        let mut tids = Vec::new();
+        for (id, vcpu) in self.vcpus.drain(..).enumerate() {
+            let ctx = VcpuContext {
+                id: id as u32,
+                pio: self.pio.clone(),
+                mmio: self.mmio.clone(),
+                exit: self.exit.clone(),
+            };
+            let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            let h = std::thread::Builder::new()
+                .name(format!("vcpu{id}"))
+                .spawn(move || {
+                    // SAFETY: gettid has no preconditions.
+                    let _ = tid_tx.send(unsafe { libc::gettid() });
+                    vcpu::run_loop(vcpu, ctx)
+                })
+                .map_err(io_err("a vCPU thread"))?;
+            tids.push(tid_rx.recv().unwrap_or(0));
+            threads.push(h);
+        }
+        Ok(RunningVm {
+            vmm: self,
+            threads,
+            tids,
+            io: Some(io),
+        })
+    }
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+fn install_kick_handler() -> Result<(), VmmError> {
+    register_signal_handler(SIGRTMIN(), kick_handler).map_err(|e| VmmError::Io {
+        what: "the vCPU kick signal",
+        source: std::io::Error::from_raw_os_error(e.errno()),
+    })
+}
+
+/// A running VM: its threads and shared state.
+pub struct RunningVm {
+    pub vmm: Vmm,
+    threads: Vec<JoinHandle<ExitCounters>>,
+    pub tids: Vec<i32>,
+    io: Option<IoThread>,
+}
+
+/// Set by SIGINT/SIGTERM: wbvmm stops the guest and restores the terminal.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_terminate(_: libc::c_int) {
+    INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Catch SIGINT/SIGTERM so every exit path restores the terminal.
+pub fn install_termination_handlers() {
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(
+            libc::SIGINT,
+            on_terminate as *const () as libc::sighandler_t,
+        );
+        libc::signal(
+            libc::SIGTERM,
+            on_terminate as *const () as libc::sighandler_t,
+        );
+    }
+}
+
+/// The result of a run.
+pub struct RunReport {
+    pub outcome: VmOutcome,
+    pub exits: ExitCounters,
+}
+
+impl RunningVm {
+    /// Wait until the VM ends, stop every thread, and report.
+    pub fn wait(mut self) -> RunReport {
+        let outcome = self.vmm.exit.wait(&|| INTERRUPTED.load(Ordering::SeqCst));
+        self.stop_threads();
+        let mut exits = ExitCounters::default();
+        for h in self.threads.drain(..) {
+            if let Ok(c) = h.join() {
+                exits.add(&c);
+            }
+        }
+        if let Some(io) = self.io.take() {
+            io.stop();
+        }
+        self.vmm.serial.flush_output();
+        RunReport { outcome, exits }
+    }
+
+    /// Kick every vCPU out of KVM_RUN until all have seen the stop flag. Kicks
+    /// repeat because one sent just before a thread enters KVM_RUN is lost.
+    fn stop_threads(&self) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while self.threads.iter().any(|h| !h.is_finished()) && std::time::Instant::now() < deadline
+        {
+            for h in self.threads.iter().filter(|h| !h.is_finished()) {
+                let _ = h.kill(SIGRTMIN());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    pub fn request_stop(&self, outcome: VmOutcome) {
+        self.vmm.exit.finish(outcome);
+    }
+}
+
+/// The `wbvmm-io` thread: console input now; the NIC's tap joins it later.
+struct IoThread {
+    stop: Arc<EventFd>,
+    handle: Option<JoinHandle<()>>,
+    _raw: Option<RawModeGuard>,
+}
+
+const TOKEN_STOP: u64 = 0;
+const TOKEN_STDIN: u64 = 1;
+const TOKEN_SERIAL_SPACE: u64 = 2;
+
+impl IoThread {
+    fn spawn(
+        serial: Arc<SerialDevice>,
+        rx_space: Arc<EventFd>,
+        exit: Arc<ExitState>,
+        stdin_input: bool,
+    ) -> Result<Self, VmmError> {
+        use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+        let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("an eventfd"))?);
+        let epoll = Epoll::new().map_err(io_err("epoll"))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                stop.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_STOP),
+            )
+            .map_err(io_err("epoll"))?;
+        epoll
+            .ctl(
+                ControlOperation::Add,
+                rx_space.as_raw_fd(),
+                EpollEvent::new(EventSet::IN, TOKEN_SERIAL_SPACE),
+            )
+            .map_err(io_err("epoll"))?;
+        let raw = if stdin_input {
+            RawModeGuard::enter(libc::STDIN_FILENO)
+        } else {
+            None
+        };
+        let mut stdin_watched = false;
+        if stdin_input {
+            match epoll.ctl(
+                ControlOperation::Add,
+                libc::STDIN_FILENO,
+                EpollEvent::new(EventSet::IN, TOKEN_STDIN),
+            ) {
+                Ok(()) => stdin_watched = true,
+                // A regular file cannot be polled: hand its whole content over now.
+                Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                    let mut buf = Vec::new();
+                    let _ = std::io::Read::read_to_end(&mut std::io::stdin(), &mut buf);
+                    serial.queue_input(&buf);
+                }
+                Err(e) => {
+                    return Err(VmmError::Io {
+                        what: "watching stdin",
+                        source: e,
+                    })
+                }
+            }
+        }
+        let stop2 = stop.clone();
+        let handle = std::thread::Builder::new()
+            .name("wbvmm-io".into())
+            .spawn(move || {
+                let mut events = vec![EpollEvent::default(); 8];
+                let mut esc = EscapeParser::default();
+                let mut buf = [0u8; 1024];
+                let mut stdin_open = stdin_watched;
+                loop {
+                    let n = match epoll.wait(-1, &mut events) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                        Err(_) => return,
+                    };
+                    for ev in &events[..n] {
+                        match ev.data() {
+                            TOKEN_STOP => return,
+                            TOKEN_SERIAL_SPACE => {
+                                let _ = rx_space.read();
+                                serial.flush_input();
+                            }
+                            TOKEN_STDIN if stdin_open => {
+                                // SAFETY: reads into a local buffer from stdin.
+                                let r = unsafe {
+                                    libc::read(
+                                        libc::STDIN_FILENO,
+                                        buf.as_mut_ptr().cast(),
+                                        buf.len(),
+                                    )
+                                };
+                                if r <= 0 {
+                                    if r < 0
+                                        && std::io::Error::last_os_error().kind()
+                                            == std::io::ErrorKind::Interrupted
+                                    {
+                                        continue;
+                                    }
+                                    // EOF: stop watching; the guest keeps running.
+                                    let _ = epoll.ctl(
+                                        ControlOperation::Delete,
+                                        libc::STDIN_FILENO,
+                                        EpollEvent::default(),
+                                    );
+                                    stdin_open = false;
+                                    continue;
+                                }
+                                match esc.feed(&buf[..r as usize]) {
+                                    Input::Forward(b) => serial.queue_input(&b),
+                                    Input::Quit(b) => {
+                                        serial.queue_input(&b);
+                                        exit.finish(VmOutcome::UserQuit);
+                                        let _ = stop2.write(1);
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            })
+            .map_err(io_err("the I/O thread"))?;
+        Ok(Self {
+            stop,
+            handle: Some(handle),
+            _raw: raw,
+        })
+    }
+
+    fn stop(mut self) {
+        let _ = self.stop.write(1);
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+        // The raw-mode guard drops here, restoring the terminal.
+    }
+}
+
+/// Build, run and tear down a VM; the whole life of `wbvmm --kernel ...`.
+pub fn run(config: &VmConfig) -> Result<RunReport, VmmError> {
+    let vmm = Vmm::new(config)?;
+    if !vmm.hidden_features.is_empty() {
+        log::info!(
+            "hiding CPU features from the guest: {:?}",
+            vmm.hidden_features
+        );
+    }
+    let running = vmm.start()?;
+    Ok(running.wait())
+}
