@@ -97,19 +97,26 @@ resolve_all() {
 outputs_exist() {
     [ -s "$OUT/bzImage" ] && [ -s "$OUT/vmlinux" ] && [ -s "$OUT/initramfs.cpio.gz" ] && [ -s "$OUT/VERSIONS" ]
 }
+# candidates PKG...: print "PKG CANDIDATE" for each package apt knows (one apt-cache call).
+candidates() {
+    apt-cache policy "$@" 2>/dev/null |
+        awk '/^[^ ].*:$/ { p = $1; sub(/:$/, "", p) } /^  Candidate:/ { if ($2 != "(none)") print p, $2 }'
+}
 # Are the packages recorded in VERSIONS still apt's candidates? (true when apt can't tell)
 versions_current() {
-    local role pkg ver cur
-    if ! resolve_kernel >/dev/null 2>&1; then
+    local role pkg ver cur k
+    if ! k="$(resolve_kernel 2>/dev/null)"; then
         wb_note "apt cannot resolve the packages now (no lists?): keeping the existing outputs"
         return 0
     fi
+    declare -A cand=()
+    while read -r pkg ver; do cand[$pkg]="$ver"; done < <(candidates $(awk '$1 == "busybox" || $1 == "netperf" || $1 == "lib" { print $2 }' "$OUT/VERSIONS"))
     while read -r role pkg ver _; do
         case "$role" in
             kernel)
-                [ "$(resolve_kernel)" = "$pkg $ver" ] || { wb_note "kernel: apt now has $(resolve_kernel), built with $pkg $ver"; return 1; } ;;
+                [ "$k" = "$pkg $ver" ] || { wb_note "kernel: apt now has $k, built with $pkg $ver"; return 1; } ;;
             busybox | netperf | lib)
-                cur="$(candidate "$pkg")"
+                cur="${cand[$pkg]:-}"
                 if [ -n "$cur" ] && [ "$cur" != "$ver" ]; then
                     wb_note "$pkg: apt now has $cur, built with $ver"
                     return 1
@@ -196,17 +203,21 @@ ROOT="$WORK/root"
 mkdir -p "$STAGE" "$ROOT" "$WORK/k" "$WORK/bb" "$WORK/np"
 
 # The kernel package is big: extract only the kernel image, its config and the modules we need.
-dpkg-deb -c "$KDEB" | awk '{ print $NF }' > "$WORK/k.list"
-VMLINUZ_PATH="$(grep -E '^\./boot/vmlinuz-' "$WORK/k.list" | head -1)"
-[ -n "$VMLINUZ_PATH" ] || fail "$KDEB holds no ./boot/vmlinuz-*" "is $KPKG really a kernel image package?"
-KVER="${VMLINUZ_PATH#./boot/vmlinuz-}"
-# module_path NAME: the path of module NAME (its '-' and '_' are interchangeable) in the package.
+# One pass over the (xz-compressed, ~70 MB) package: the kernel image, its config, and every module
+# under drivers/net (ours and, normally, all their dependencies). A second pass takes all modules
+# only if a dependency lives elsewhere.
+dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$WORK/k" --wildcards './boot/vmlinuz-*' './boot/config-*' \
+    './lib/modules/*/kernel/drivers/net/*' ||
+    fail "unpacking $KDEB failed" "delete it ($KDEB) so that it is downloaded again"
+VMLINUZ_PATH="$(cd "$WORK/k" && ls boot/vmlinuz-* 2>/dev/null | head -1)"
+[ -n "$VMLINUZ_PATH" ] || fail "$KDEB holds no /boot/vmlinuz-*" "is $KPKG really a kernel image package?"
+KVER="${VMLINUZ_PATH#boot/vmlinuz-}"
+ALL_MODULES_UNPACKED=0
+# module_path NAME: the unpacked file of module NAME ('-' and '_' are interchangeable), or nothing.
 module_path() {
     local re="${1//[-_]/[-_]}"
-    grep -E "^\./lib/modules/$KVER/.*/${re}\.ko(\.xz|\.zst|\.gz)?$" "$WORK/k.list" | head -1
+    find "$WORK/k/lib/modules/$KVER" -regextype posix-extended -regex ".*/${re}\.ko(\.xz|\.zst|\.gz)?" 2>/dev/null | head -1
 }
-
-dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$WORK/k" "$VMLINUZ_PATH" $(grep -E "^\./boot/config-$KVER$" "$WORK/k.list" || true)
 
 # decompress_module FILE: leave an uncompressed .ko next to FILE and print its path.
 decompress_module() {
@@ -236,9 +247,13 @@ add_module() {
     [ "${STATE[$name]:-}" = busy ] && fail "module dependency cycle at $name" "report it"
     STATE[$name]=busy
     p="$(module_path "$name")"
+    if [ -z "$p" ] && [ "$ALL_MODULES_UNPACKED" -eq 0 ]; then
+        dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$WORK/k" --wildcards './lib/modules/*'
+        ALL_MODULES_UNPACKED=1
+        p="$(module_path "$name")"
+    fi
     [ -n "$p" ] || fail "module $name is not in $KPKG" "is it built in (grep CONFIG in config-$KVER)?"
-    dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$WORK/k" "$p"
-    ko="$(decompress_module "$WORK/k/${p#./}")" || fail "could not decompress $p" "install xz-utils/zstd"
+    ko="$(decompress_module "$p")" || fail "could not decompress $p" "install xz-utils/zstd"
     for dep in $(modinfo_field "$ko" depends | tr ',' ' '); do
         add_module "$dep"
     done
