@@ -1,0 +1,229 @@
+//! Command-line words: the guest's whole behaviour.
+//!
+//! Words are separated by spaces and run in order; `exit=N` only sets the
+//! final status, which is reported through the debug-exit port after the
+//! last word. Exit statuses: 0 default, 3 memcheck failure or no memmap,
+//! 4 timeout (watch, echo), 5 reset did not reset, 6 triple-fault did not
+//! end the VM, 0x7e panic, 0x7f unexpected exception.
+
+use crate::io::{self, rdtsc};
+use crate::memmap::{self, MemcheckResult};
+use crate::mptable::{self, MpInfo};
+use crate::pvh::BootInfo;
+use crate::{cpu, print, println, serial, tsc};
+use core::arch::asm;
+
+pub const EXIT_MEMCHECK: u32 = 3;
+pub const EXIT_TIMEOUT: u32 = 4;
+pub const EXIT_RESET_FAILED: u32 = 5;
+pub const EXIT_TRIPLE_FAULT_FAILED: u32 = 6;
+
+/// Bound on polling loops that wait for the host or the user.
+const POLL_TIMEOUT_NS: u64 = 60_000_000_000;
+
+/// Runs every word; returns the exit status (`exit=N`, default 0). Words
+/// that fail fatally end the VM themselves.
+pub fn run(info: &BootInfo) -> u32 {
+    let mut exit_code = 0;
+    for word in info.cmdline().split_ascii_whitespace() {
+        let (name, arg) = match word.split_once('=') {
+            Some((n, a)) => (n, Some(a)),
+            None => (word, None),
+        };
+        match (name, arg) {
+            ("banner", None) => banner(info),
+            ("echo", None) => echo(),
+            ("cpus", None) => cpus(),
+            ("memcheck", None) => memcheck(info),
+            ("mmio-loop", Some(a)) => match parse_pair(a) {
+                Some((addr, count)) => mmio_loop(addr, count),
+                None => println!("mmio-loop: bad argument {} (want ADDR,COUNT)", a),
+            },
+            ("watch", Some(a)) => match parse_pair(a) {
+                Some((addr, n)) => watch(addr, n),
+                None => println!("watch: bad argument {} (want ADDR,N)", a),
+            },
+            ("tsc", None) => {
+                let f = tsc::freq();
+                println!("tsc: {} kHz from {}", f.khz, f.source.describe());
+            }
+            ("exit", Some(a)) => match parse_num(a) {
+                Some(n) if n <= u32::MAX as u64 => exit_code = n as u32,
+                _ => println!("exit: bad argument {}", a),
+            },
+            ("reset", None) => reset(),
+            ("triple-fault", None) => triple_fault(),
+            // Exception-path checks: #BP returns, #UD ends the VM with 0x7f.
+            ("int3", None) => {
+                unsafe { asm!("int3", options(nomem, nostack)) };
+                println!("int3: returned");
+            }
+            ("ud2", None) => unsafe { asm!("ud2", options(nomem, nostack)) },
+            _ => println!("testguest: unknown word {}", word),
+        }
+    }
+    exit_code
+}
+
+/// Hex with a `0x` prefix, or decimal.
+pub fn parse_num(s: &str) -> Option<u64> {
+    match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(h) => u64::from_str_radix(h, 16).ok(),
+        None => s.parse().ok(),
+    }
+}
+
+fn parse_pair(s: &str) -> Option<(u64, u64)> {
+    let (a, b) = s.split_once(',')?;
+    Some((parse_num(a)?, parse_num(b)?))
+}
+
+fn rflags() -> u64 {
+    let f: u64;
+    unsafe { asm!("pushfq", "pop {}", out(reg) f, options(nomem, preserves_flags)) };
+    f
+}
+
+fn banner(info: &BootInfo) {
+    let iopl = (rflags() >> 12) & 3;
+    let image_start = core::ptr::addr_of!(crate::entry::__image_start) as u64;
+    let image_end = core::ptr::addr_of!(crate::entry::__image_end) as u64;
+    print!("testguest ready: cpl={} iopl={} ", io::cpl(), iopl);
+    if info.has_memmap {
+        print!("mem={}MiB memmap={} ", info.ram_bytes() >> 20, info.memmap().len());
+    } else {
+        print!("mem=? memmap=none ");
+    }
+    println!(
+        "start_info=0x{:x} version={} image=0x{:x}-0x{:x}",
+        info.start_info, info.version, image_start, image_end
+    );
+}
+
+/// Reads one line from COM1 (up to '\n' or '\r'; a '\n' right after a
+/// '\r' is skipped so CRLF input gives one line) and prints it back.
+fn echo() {
+    static AFTER_CR: crate::Global<bool> = crate::Global::new(false);
+    let mut buf = [0u8; 256];
+    let mut len = 0;
+    let deadline = tsc::Deadline::after_ns(POLL_TIMEOUT_NS);
+    loop {
+        let Some(b) = serial::try_read_byte() else {
+            if deadline.expired() {
+                println!("echo: timeout");
+                io::exit(EXIT_TIMEOUT);
+            }
+            continue;
+        };
+        let after_cr = unsafe { core::mem::replace(&mut *AFTER_CR.get(), b == b'\r') };
+        match b {
+            b'\n' if after_cr && len == 0 => continue,
+            b'\n' | b'\r' => break,
+            _ if len < buf.len() => {
+                buf[len] = b;
+                len += 1;
+            }
+            _ => {} // overlong line: keep the first 256 bytes
+        }
+    }
+    let line = core::str::from_utf8(&buf[..len]).unwrap_or("<not utf-8>");
+    println!("echo: {}", line);
+}
+
+fn cpus() {
+    match mptable::probe() {
+        MpInfo::Table { cpus, .. } => println!("cpus: {}", cpus),
+        MpInfo::Default { config_type, .. } => {
+            println!("cpus: 2 (MP default configuration {})", config_type)
+        }
+        MpInfo::NotFound => println!("cpus: no MP table"),
+    }
+}
+
+fn memcheck(info: &BootInfo) {
+    let t0 = rdtsc();
+    match memmap::memcheck(info) {
+        MemcheckResult::Ok { bytes, ranges, skipped_high } => {
+            let ms = tsc::ticks_to_ns(rdtsc() - t0) / 1_000_000;
+            print!("memcheck: ok {} MiB in {} ranges", bytes >> 20, ranges);
+            if skipped_high != 0 {
+                print!(" ({} MiB above 4 GiB not checked)", skipped_high >> 20);
+            }
+            println!(" from 0x{:x}, {} ms", memmap::check_floor(), ms);
+        }
+        MemcheckResult::Fail { addr, wrote, read } => {
+            println!("memcheck: FAIL at 0x{:x}: wrote 0x{:x}, read 0x{:x}", addr, wrote, read);
+            io::exit(EXIT_MEMCHECK);
+        }
+        MemcheckResult::NoMemmap => {
+            println!("memcheck: no memmap");
+            io::exit(EXIT_MEMCHECK);
+        }
+    }
+}
+
+fn mmio_loop(addr: u64, count: u64) {
+    let p = addr as *const u32;
+    let mut last = 0u32;
+    let t0 = rdtsc();
+    for _ in 0..count {
+        last = unsafe { core::ptr::read_volatile(p) };
+    }
+    let ns = tsc::ticks_to_ns(rdtsc() - t0);
+    let tenths = if count == 0 { 0 } else { ns * 10 / count };
+    println!(
+        "mmio-loop: {} reads of 0x{:x} in {} ns = {}.{} ns/read, last=0x{:x}",
+        count,
+        addr,
+        ns,
+        tenths / 10,
+        tenths % 10,
+        last
+    );
+}
+
+/// Polls the u64 at `addr`, printing the first value and every change until
+/// `n` values were printed. The host maps and unmaps memory there meanwhile
+/// (unmapped reads are MMIO exits returning all-ones).
+fn watch(addr: u64, n: u64) {
+    let p = addr as *const u64;
+    let deadline = tsc::Deadline::after_ns(POLL_TIMEOUT_NS);
+    let mut v = unsafe { core::ptr::read_volatile(p) };
+    println!("watch: 0x{:x} = 0x{:x}", addr, v);
+    let mut printed = 1;
+    while printed < n {
+        let now = unsafe { core::ptr::read_volatile(p) };
+        if now != v {
+            v = now;
+            println!("watch: 0x{:x} = 0x{:x}", addr, v);
+            printed += 1;
+        } else if deadline.expired() {
+            println!("watch: timeout");
+            io::exit(EXIT_TIMEOUT);
+        } else {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+fn reset() {
+    println!("reset: now");
+    // i8042 "pulse output line 0": CPU reset.
+    io::outb(0x64, 0xfe);
+    // Spin a bounded number of TSC ticks (no calibration needed: ~0.1-0.2 s
+    // on any plausible TSC) to give the VMM time to act.
+    let t0 = rdtsc();
+    while rdtsc().wrapping_sub(t0) < 400_000_000 {
+        core::hint::spin_loop();
+    }
+    println!("reset: still running");
+    io::exit(EXIT_RESET_FAILED);
+}
+
+fn triple_fault() {
+    println!("triple-fault: now");
+    // The DPL-3 gate's handler (CPL0) loads an empty IDT and raises #UD.
+    unsafe { asm!("int {v}", v = const cpu::TRIPLE_FAULT_VECTOR, options(nomem, nostack)) };
+    println!("triple-fault: still running");
+    io::exit(EXIT_TRIPLE_FAULT_FAILED);
+}

@@ -1,0 +1,59 @@
+//! wbvmm test guest: a freestanding PVH ELF that sets up long mode at CPL0
+//! with as few instructions as possible (CPL0 is emulated on nested PVM KVM
+//! hosts) and then does all of its work at CPL3, where it runs natively.
+//!
+//! Boot: `entry` (32-bit PVH entry, static page tables/GDT, long mode) →
+//! `cpu::cpl0_main` (IDT, TSS) → `iretq` to `user_main` at CPL3 with IOPL 3
+//! and IF 0. Work is driven by the kernel command line (`commands`).
+
+#![no_std]
+#![no_main]
+
+mod commands;
+mod cpu;
+mod entry;
+mod io;
+mod memmap;
+mod mptable;
+mod pvh;
+mod serial;
+mod tsc;
+
+use core::cell::UnsafeCell;
+
+/// A global for a single-CPU guest without interrupts: nothing runs
+/// concurrently with its user, so plain interior mutability is enough.
+pub struct Global<T>(UnsafeCell<T>);
+
+// SAFETY: one vCPU, interrupts disabled; exception handlers only touch their
+// own state.
+unsafe impl<T> Sync for Global<T> {}
+
+impl<T> Global<T> {
+    pub const fn new(v: T) -> Self {
+        Global(UnsafeCell::new(v))
+    }
+    pub fn get(&self) -> *mut T {
+        self.0.get()
+    }
+}
+
+/// First CPL3 code. `start_info` is the PVH `hvm_start_info` address.
+pub extern "C" fn user_main(start_info: u64) -> ! {
+    let info = pvh::BootInfo::read(start_info);
+    let code = commands::run(&info);
+    io::exit(code)
+}
+
+/// Exit status after a Rust panic.
+const PANIC_EXIT: u32 = 0x7e;
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo) -> ! {
+    println!("testguest: panic: {}", info);
+    io::exit(PANIC_EXIT)
+}
+
+/// The precompiled `core` references this symbol even with panic=abort.
+#[no_mangle]
+pub extern "C" fn rust_eh_personality() {}

@@ -1,0 +1,95 @@
+//! Intel MultiProcessor Specification 1.4 table: count enabled processors.
+
+/// Result of looking for an MP table.
+pub enum MpInfo {
+    /// Enabled processor entries in the configuration table.
+    Table { cpus: u32, floating: u64, config: u64 },
+    /// Floating pointer without a table: one of the default configurations
+    /// (always two processors).
+    Default { config_type: u8, floating: u64 },
+    NotFound,
+}
+
+fn read8(addr: u64) -> u8 {
+    unsafe { core::ptr::read_volatile(addr as *const u8) }
+}
+
+fn read16(addr: u64) -> u16 {
+    unsafe { core::ptr::read_volatile(addr as *const u16) }
+}
+
+fn read32(addr: u64) -> u32 {
+    unsafe { core::ptr::read_volatile(addr as *const u32) }
+}
+
+fn checksum_ok(addr: u64, len: u64) -> bool {
+    (0..len).fold(0u8, |s, i| s.wrapping_add(read8(addr + i))) == 0
+}
+
+/// "_MP_" on a 16-byte boundary with a valid checksum over `length * 16`.
+fn scan(start: u64, end: u64) -> Option<u64> {
+    let mut a = start & !15;
+    while a + 16 <= end {
+        if read32(a) == u32::from_le_bytes(*b"_MP_") {
+            let len = read8(a + 8) as u64 * 16;
+            if len >= 16 && checksum_ok(a, len) {
+                return Some(a);
+            }
+        }
+        a += 16;
+    }
+    None
+}
+
+fn find_floating() -> Option<u64> {
+    // Where the spec says to look: the first KiB of the EBDA (segment at BDA
+    // 0x40e), the last KiB of base memory, then the BIOS ROM area.
+    let ebda = (read16(0x40e) as u64) << 4;
+    if (0x80000..0xa0000).contains(&ebda) {
+        if let Some(a) = scan(ebda, ebda + 1024) {
+            return Some(a);
+        }
+    }
+    scan(0x9fc00, 0xa0000).or_else(|| scan(0xf0000, 0x100000))
+}
+
+pub fn probe() -> MpInfo {
+    let Some(fp) = find_floating() else {
+        return MpInfo::NotFound;
+    };
+    let config = read32(fp + 4) as u64;
+    let feature1 = read8(fp + 11);
+    if config == 0 {
+        return if feature1 != 0 {
+            MpInfo::Default { config_type: feature1, floating: fp }
+        } else {
+            MpInfo::NotFound
+        };
+    }
+    if read32(config) != u32::from_le_bytes(*b"PCMP") {
+        return MpInfo::NotFound;
+    }
+    let base_len = read16(config + 4) as u64;
+    let count = read16(config + 34) as u32;
+    let end = config + base_len;
+    // Entries follow the 44-byte header; processors (type 0) are 20 bytes,
+    // every other base entry type is 8 bytes.
+    let mut p = config + 44;
+    let mut cpus = 0;
+    for _ in 0..count {
+        if p >= end {
+            break;
+        }
+        match read8(p) {
+            0 => {
+                if read8(p + 3) & 1 != 0 {
+                    cpus += 1;
+                }
+                p += 20;
+            }
+            1..=4 => p += 8,
+            _ => break, // unknown type: its length is unknown too
+        }
+    }
+    MpInfo::Table { cpus, floating: fp, config }
+}
