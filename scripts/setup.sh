@@ -118,8 +118,10 @@ step_build() {
     (cd "$REPO" && "$CARGO" build --release) ||
         wb_die "cargo build --release failed" \
             "read the compiler errors above; fix them (or update your checkout), then rerun scripts/setup.sh"
-    if [ -x "$REPO/target/release/wbvmm" ]; then
-        WBVMM_BIN="$REPO/target/release/wbvmm"
+    local tdir="${CARGO_TARGET_DIR:-$REPO/target}"
+    case "$tdir" in /*) ;; *) tdir="$REPO/$tdir" ;; esac
+    if [ -x "$tdir/release/wbvmm" ]; then
+        WBVMM_BIN="$tdir/release/wbvmm"
         SUMMARY+=("wbvmm: $WBVMM_BIN ($(step_time "$t0"))")
     else
         SUMMARY+=("wbvmm: workspace built, but no target/release/wbvmm binary ($(step_time "$t0"))")
