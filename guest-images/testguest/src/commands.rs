@@ -222,8 +222,8 @@ fn reset() {
 
 fn triple_fault() {
     println!("triple-fault: now");
-    // The DPL-3 gate's handler (CPL0) loads an empty IDT and raises #UD.
-    unsafe { asm!("int {v}", v = const cpu::TRIPLE_FAULT_VECTOR, options(nomem, nostack)) };
+    // At CPL0: empty IDT, then #UD -> #GP -> #DF -> shutdown.
+    cpu::cpl0_call(cpu::Cpl0Request::TripleFault);
     println!("triple-fault: still running");
     io::exit(EXIT_TRIPLE_FAULT_FAILED);
 }

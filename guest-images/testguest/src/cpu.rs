@@ -1,7 +1,7 @@
 //! CPL0 setup (IDT, TSS) and the exception handler.
 //!
 //! `cpl0_main` is the only Rust code that runs at CPL0 in normal operation,
-//! and CPL0 is emulated (~1000x slower), so it fills just the 33 gates it
+//! and CPL0 is emulated (~1000x slower), so it fills just the 32 gates it
 //! needs and drops to CPL3. Exception handlers also run at CPL0 (on the IST1
 //! stack); they print and end the VM, except #BP which returns.
 
@@ -11,8 +11,23 @@ use crate::Global;
 use core::arch::asm;
 use core::ptr::addr_of;
 
-/// Vector of the DPL-3 gate that triple-faults the VM (`triple-fault` word).
-pub const TRIPLE_FAULT_VECTOR: u8 = 0x80;
+/// Services CPL3 code can ask of CPL0 through `cpl0_call`.
+#[repr(u64)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cpl0Request {
+    /// Does nothing; returns 0. Shows the round trip works.
+    Nop = 0,
+    /// Loads an empty IDT and faults: the VM triple-faults (shuts down).
+    TripleFault = 1,
+}
+
+/// Returned by `cpl0_call` for an unknown request.
+pub const CPL0_UNKNOWN: u64 = u64::MAX;
+
+/// Runs `req` at CPL0 (through a #UD at a known RIP, see `entry`).
+pub fn cpl0_call(req: Cpl0Request) -> u64 {
+    unsafe { entry::cpl0_call(req as u64) }
+}
 
 /// Exit status for an unexpected exception.
 pub const EXCEPTION_EXIT: u32 = 0x7f;
@@ -98,10 +113,6 @@ extern "C" fn cpl0_main(start_info: u64) -> ! {
             idt[2 * v] = g[0];
             idt[2 * v + 1] = g[1];
         }
-        let g = gate(entry::isr_triple_fault as *const () as u64, 3, 1);
-        let v = TRIPLE_FAULT_VECTOR as usize;
-        idt[2 * v] = g[0];
-        idt[2 * v + 1] = g[1];
 
         let t = TSS.get();
         (*t).tss.rsp[0] = addr_of!(entry::kstack_top) as u64;
@@ -192,11 +203,21 @@ fn vector_name(v: u64) -> &'static str {
     }
 }
 
-/// Runs at CPL0 on the IST1 stack. Prints the vector, error code and RIP;
-/// returns only for #BP, otherwise ends the VM with status 0x7f.
+/// Runs at CPL0 on the IST1 stack. Serves `cpl0_call`s; otherwise prints
+/// the vector, error code and RIP, and returns only for #BP; anything else
+/// ends the VM with status 0x7f.
 #[no_mangle]
 extern "C" fn exception_handler(frame: &mut Frame) {
     let v = frame.vector;
+    if v == 6 && frame.rip == addr_of!(entry::cpl0_call_ud2) as u64 {
+        frame.rax = match frame.rax {
+            r if r == Cpl0Request::Nop as u64 => 0,
+            r if r == Cpl0Request::TripleFault as u64 => unsafe { entry::triple_fault_now() },
+            _ => CPL0_UNKNOWN,
+        };
+        frame.rip += 2; // past the ud2
+        return;
+    }
     if v == 3 {
         // RIP already points past the int3.
         crate::println!(

@@ -22,8 +22,12 @@ extern "C" {
     pub static mut gdt_tss: [u64; 2];
     /// Addresses of the 32 exception stubs.
     pub static isr_table: [u64; 32];
-    /// Stub for the DPL-3 `int 0x80` gate: loads an empty IDT and faults.
-    pub fn isr_triple_fault();
+    /// CPL3 -> CPL0 service call (see `cpu::Cpl0Request`); returns RAX.
+    pub fn cpl0_call(request: u64) -> u64;
+    /// The `ud2` inside `cpl0_call`.
+    pub static cpl0_call_ud2: u8;
+    /// At CPL0: empty IDT, then a fault: triple fault.
+    pub fn triple_fault_now() -> !;
     /// Top of the CPL0 stack (also TSS.RSP0).
     pub static kstack_top: u8;
     /// Top of the IST1 stack used by all exception handlers.
@@ -198,15 +202,26 @@ isr_common:
     add $16, %rsp               # vector and error code
     iretq
 
-    # int 0x80 from CPL3 (gate DPL 3): the only way back to CPL0 the guest
-    # needs. An empty IDT turns the following #UD into #GP, #DF and then a
-    # triple fault (shutdown). ud2 rather than int3: the CPL0 emulator fails
-    # on int3 instead of raising the exception.
-    .global isr_triple_fault
-isr_triple_fault:
+    # cpl0_call(request: rdi) -> rax: the guest's way from CPL3 back to
+    # CPL0. Not a software interrupt: on PVM hosts `int n` from CPL3 (other
+    # than int3) is emulated as #UD, since KVM's emulator cannot do
+    # protected-mode `int n`. A real #UD at this known RIP works everywhere;
+    # cpu::exception_handler recognises it, serves RAX and skips the ud2.
+    .global cpl0_call, cpl0_call_ud2
+cpl0_call:
+    mov %rdi, %rax
+cpl0_call_ud2:
+    ud2
+    ret
+
+    # At CPL0: load an empty IDT and fault. #UD cannot be delivered, nor
+    # the #GP, nor the #DF: a triple fault (shutdown). ud2 rather than int3:
+    # the CPL0 emulator fails on int3 instead of raising the exception.
+    .global triple_fault_now
+triple_fault_now:
     lidt empty_idtr(%rip)
     ud2
-    jmp isr_triple_fault
+    jmp triple_fault_now
 
     .section .rodata.isr, "a"
     .p2align 3

@@ -70,16 +70,14 @@ pub fn probe() -> MpInfo {
         return MpInfo::NotFound;
     }
     let base_len = read16(config + 4) as u64;
-    let count = read16(config + 34) as u32;
     let end = config + base_len;
     // Entries follow the 44-byte header; processors (type 0) are 20 bytes,
-    // every other base entry type is 8 bytes.
+    // every other base entry type is 8 bytes. Walk by the table length, not
+    // the entry count at offset 34, like Linux does: qboot (QEMU microvm's
+    // firmware) leaves the count at 0.
     let mut p = config + 44;
     let mut cpus = 0;
-    for _ in 0..count {
-        if p >= end {
-            break;
-        }
+    while p < end {
         match read8(p) {
             0 => {
                 if read8(p + 3) & 1 != 0 {
