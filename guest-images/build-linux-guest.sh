@@ -110,6 +110,7 @@ versions_current() {
         return 0
     fi
     declare -A cand=()
+    # shellcheck disable=SC2046 # one word per package name
     while read -r pkg ver; do cand[$pkg]="$ver"; done < <(candidates $(awk '$1 == "busybox" || $1 == "netperf" || $1 == "lib" { print $2 }' "$OUT/VERSIONS"))
     while read -r role pkg ver _; do
         case "$role" in
@@ -243,7 +244,7 @@ declare -A MODFILE=() STATE=()
 ORDER=()
 add_module() {
     local name="$1" p ko dep
-    [ "${STATE[$name]:-}" = done ] && return 0
+    [ "${STATE[$name]:-}" = "done" ] && return 0
     [ "${STATE[$name]:-}" = busy ] && fail "module dependency cycle at $name" "report it"
     STATE[$name]=busy
     p="$(module_path "$name")"
@@ -259,7 +260,7 @@ add_module() {
     done
     MODFILE[$name]="$ko"
     ORDER+=("${ko#"$WORK/k/lib/modules/$KVER/"}")
-    STATE[$name]=done
+    STATE[$name]="done"
 }
 for m in "${MODULES[@]}"; do add_module "$m"; done
 
