@@ -10,7 +10,7 @@ use crate::io::{self, rdtsc};
 use crate::memmap::{self, MemcheckResult};
 use crate::mptable::{self, MpInfo};
 use crate::pvh::BootInfo;
-use crate::{cpu, print, println, serial, tsc};
+use crate::{cpu, paging, print, println, serial, tsc};
 use core::arch::asm;
 
 pub const EXIT_MEMCHECK: u32 = 3;
@@ -132,8 +132,8 @@ fn echo() {
 
 fn cpus() {
     match mptable::probe() {
-        MpInfo::Table { cpus, .. } => println!("cpus: {}", cpus),
-        MpInfo::Default { config_type, .. } => {
+        MpInfo::Table { cpus } => println!("cpus: {}", cpus),
+        MpInfo::Default { config_type } => {
             println!("cpus: 2 (MP default configuration {})", config_type)
         }
         MpInfo::NotFound => println!("cpus: no MP table"),
@@ -147,7 +147,7 @@ fn memcheck(info: &BootInfo) {
             let ms = tsc::ticks_to_ns(rdtsc() - t0) / 1_000_000;
             print!("memcheck: ok {} MiB in {} ranges", bytes >> 20, ranges);
             if skipped_high != 0 {
-                print!(" ({} MiB above 4 GiB not checked)", skipped_high >> 20);
+                print!(" ({} MiB above 64 GiB not checked)", skipped_high >> 20);
             }
             println!(" from 0x{:x}, {} ms", memmap::check_floor(), ms);
         }
@@ -163,6 +163,11 @@ fn memcheck(info: &BootInfo) {
 }
 
 fn mmio_loop(addr: u64, count: u64) {
+    // Device memory: a GiB mapped here for the first time is uncached.
+    if !paging::ensure_identity_mapped(addr, addr + 4, true) {
+        println!("mmio-loop: 0x{:x} is beyond the mappable {} GiB", addr, paging::LIMIT >> 30);
+        return;
+    }
     let p = addr as *const u32;
     let mut last = 0u32;
     let t0 = rdtsc();
@@ -186,6 +191,11 @@ fn mmio_loop(addr: u64, count: u64) {
 /// `n` values were printed. The host maps and unmaps memory there meanwhile
 /// (unmapped reads are MMIO exits returning all-ones).
 fn watch(addr: u64, n: u64) {
+    // Usually RAM the host plugs in: write-back if newly mapped.
+    if !paging::ensure_identity_mapped(addr, addr + 8, false) {
+        println!("watch: 0x{:x} is beyond the mappable {} GiB", addr, paging::LIMIT >> 30);
+        return;
+    }
     let p = addr as *const u64;
     let deadline = tsc::Deadline::after_ns(POLL_TIMEOUT_NS);
     let mut v = unsafe { core::ptr::read_volatile(p) };

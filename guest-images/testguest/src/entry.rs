@@ -248,6 +248,7 @@ global_asm!(
 pml4:
     .quad pdpt + 0x7
     .fill 511, 8, 0
+    .global pdpt                # extended above 4 GiB by `paging` at CPL3
 pdpt:
     .quad pd + 0x0007
     .quad pd + 0x1007

@@ -12,9 +12,13 @@
 mod commands;
 mod cpu;
 mod entry;
+// Port I/O helpers the current commands do not all use yet (the PCI
+// enumerator and NIC driver will).
+#[allow(dead_code)]
 mod io;
 mod memmap;
 mod mptable;
+mod paging;
 mod pvh;
 mod serial;
 mod tsc;

@@ -6,10 +6,11 @@
 //! also catches aliasing (two guest-physical ranges backed by one host page).
 
 use crate::entry;
+use crate::paging;
 use crate::pvh::{BootInfo, MEMMAP_RAM};
 
-/// Only the first 4 GiB is mapped (see `entry`).
-const MAPPED_LIMIT: u64 = 1 << 32;
+/// Highest address memcheck can map (see `paging`).
+const MAPPED_LIMIT: u64 = paging::LIMIT;
 
 pub enum MemcheckResult {
     Ok { bytes: u64, ranges: u32, skipped_high: u64 },
@@ -19,9 +20,10 @@ pub enum MemcheckResult {
 
 #[inline(always)]
 fn pattern(addr: u64) -> u64 {
-    // Unique per address for addresses below 4 GiB, neither 0 nor all-ones
-    // (what missing memory reads as).
-    (addr | addr.rotate_left(32)) ^ 0xa5a5_5a5a_a5a5_5a5a
+    // Multiplying by an odd constant is a bijection on u64, so every
+    // address gets its own pattern (aliased ranges cannot agree), and
+    // neighbouring words differ in many bits.
+    addr.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ 0xa5a5_5a5a_a5a5_5a5a
 }
 
 /// Lowest address memcheck may overwrite: 2 MiB, or above the image (code,
@@ -45,6 +47,8 @@ fn ranges(info: &BootInfo, mut f: impl FnMut(u64, u64)) -> u64 {
         let start = (r.addr.max(floor) + 7) & !7;
         let end = end.min(MAPPED_LIMIT) & !7;
         if start < end {
+            // RAM: write-back. Maps only what lies above the boot tables.
+            paging::ensure_identity_mapped(start, end, false);
             f(start, end);
         }
     }

@@ -3,10 +3,10 @@
 /// Result of looking for an MP table.
 pub enum MpInfo {
     /// Enabled processor entries in the configuration table.
-    Table { cpus: u32, floating: u64, config: u64 },
+    Table { cpus: u32 },
     /// Floating pointer without a table: one of the default configurations
     /// (always two processors).
-    Default { config_type: u8, floating: u64 },
+    Default { config_type: u8 },
     NotFound,
 }
 
@@ -61,7 +61,7 @@ pub fn probe() -> MpInfo {
     let feature1 = read8(fp + 11);
     if config == 0 {
         return if feature1 != 0 {
-            MpInfo::Default { config_type: feature1, floating: fp }
+            MpInfo::Default { config_type: feature1 }
         } else {
             MpInfo::NotFound
         };
@@ -89,5 +89,5 @@ pub fn probe() -> MpInfo {
             _ => break, // unknown type: its length is unknown too
         }
     }
-    MpInfo::Table { cpus, floating: fp, config }
+    MpInfo::Table { cpus }
 }
