@@ -45,7 +45,13 @@ pub fn run(info: &BootInfo) -> u32 {
             },
             ("tsc", None) => {
                 let f = tsc::freq();
-                println!("tsc: {} kHz from {}", f.khz, f.source.describe());
+                let cpl0_us = tsc::ticks_to_ns(unsafe { *crate::CPL0_TICKS.get() }) / 1000;
+                println!(
+                    "tsc: {} kHz from {} (boot at CPL0: {} us)",
+                    f.khz,
+                    f.source.describe(),
+                    cpl0_us
+                );
             }
             ("exit", Some(a)) => match parse_num(a) {
                 Some(n) if n <= u32::MAX as u64 => exit_code = n as u32,

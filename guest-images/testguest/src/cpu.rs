@@ -35,6 +35,8 @@ pub const EXCEPTION_EXIT: u32 = 0x7f;
 #[repr(C, align(16))]
 struct Idt([u64; 512]);
 
+// `.bss.cpu` is outside the range `user_main` zeroes (see link.ld).
+#[link_section = ".bss.cpu"]
 static IDT: Global<Idt> = Global::new(Idt([0; 512]));
 
 /// 64-bit TSS. Packed layout as the CPU reads it; 104 bytes.
@@ -69,6 +71,7 @@ struct TssWithIoBitmap {
 
 // All zero, so it lives in .bss; the bitmap's final 0xff is stored at run
 // time.
+#[link_section = ".bss.cpu"]
 static TSS: Global<TssWithIoBitmap> = Global::new(TssWithIoBitmap {
     tss: Tss {
         _reserved0: 0,

@@ -34,6 +34,11 @@ extern "C" {
     pub static ist_stack_top: u8;
     /// Top of the CPL3 stack.
     pub static ustack_top: u8;
+    /// TSC at the first instruction of `_start32`.
+    pub static boot_tsc: u64;
+    /// The part of .bss `user_main` zeroes (linker script).
+    pub static mut __bss_zero_start: u8;
+    pub static mut __bss_zero_end: u8;
     /// First byte after the loaded image including .bss (linker script).
     pub static __image_end: u8;
     pub static __image_start: u8;
@@ -69,6 +74,9 @@ _start32:
     cli
     cld
     mov %ebx, %esi              # hvm_start_info, kept in ESI into long mode
+    rdtsc                       # boot timestamp (tsc word reports CPL0 time)
+    mov %eax, boot_tsc
+    mov %edx, boot_tsc + 4
 
     # SSE before any Rust code: the precompiled core uses it.
     # CR0: set MP (bit 1), clear EM (bit 2).
@@ -265,6 +273,12 @@ pd:
     .quad (pde_i << 21) | 0x9f
     .set pde_i, pde_i + 1
     .endr
+
+    .section .data.boot, "aw"
+    .p2align 3
+    .global boot_tsc
+boot_tsc:
+    .quad 0
 
     .section .data.gdt, "aw"
     .p2align 4

@@ -16,6 +16,7 @@ mod entry;
 // enumerator and NIC driver will).
 #[allow(dead_code)]
 mod io;
+mod mem;
 mod memmap;
 mod mptable;
 mod paging;
@@ -42,8 +43,21 @@ impl<T> Global<T> {
     }
 }
 
+/// TSC ticks from `_start32` to the first CPL3 instruction (`tsc` word).
+pub static CPL0_TICKS: Global<u64> = Global::new(0);
+
 /// First CPL3 code. `start_info` is the PVH `hvm_start_info` address.
 pub extern "C" fn user_main(start_info: u64) -> ! {
+    let t = io::rdtsc();
+    // Zero .bss except stacks and CPU tables: loaders zero-fill it on the
+    // first boot (fresh RAM), but not necessarily after a reset. Natively
+    // at CPL3 this takes microseconds; at CPL0 it would take many ms.
+    unsafe {
+        let start = core::ptr::addr_of_mut!(entry::__bss_zero_start);
+        let end = core::ptr::addr_of_mut!(entry::__bss_zero_end);
+        core::ptr::write_bytes(start, 0, end as usize - start as usize);
+        *CPL0_TICKS.get() = t.wrapping_sub(core::ptr::read_volatile(core::ptr::addr_of!(entry::boot_tsc)));
+    }
     let info = pvh::BootInfo::read(start_info);
     let code = commands::run(&info);
     io::exit(code)
