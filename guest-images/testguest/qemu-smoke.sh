@@ -66,5 +66,28 @@ for m in "${machines[@]}"; do
     else
         check "$m: reset ends the VM" 0 '^reset: now$'
     fi
+    # watch: the host (here gdb through QEMU's gdbstub) changes the word.
+    if command -v gdb >/dev/null; then
+        port=$((20000 + RANDOM % 20000))
+        timeout 120 qemu-system-x86_64 -enable-kvm -cpu qemu64,-cx16 -machine "$m" -m 256M \
+            -display none -serial stdio -no-reboot -kernel "$elf" -append "watch=0x300000,3 exit=9" \
+            -device isa-debug-exit,iobase=0xf4,iosize=4 -gdb tcp:127.0.0.1:$port </dev/null 2>/dev/null \
+            >"$out.raw" &
+        qpid=$!
+        # The first value must be read before the first write: give firmware
+        # (SeaBIOS on pc takes ~2 s here) and the guest time to get there.
+        if [ "$m" = pc ]; then sleep 5; else sleep 2; fi
+        for v in 0x1111 0xffffffffffffffff; do
+            gdb -q -batch -ex 'set architecture i386:x86-64' -ex "target remote 127.0.0.1:$port" \
+                -ex "set {unsigned long long}0x300000 = $v" -ex detach >/dev/null 2>&1
+            sleep 0.5
+        done
+        wait $qpid
+        rc=$?
+        tr -d '\r' <"$out.raw" >"$out"
+        rm -f "$out.raw"
+        check "$m: watch sees host writes" 19 '^watch: 0x300000 = 0x0$' \
+            '^watch: 0x300000 = 0x1111$' '^watch: 0x300000 = 0xffffffffffffffff$'
+    fi
 done
 exit $((fails > 0))
