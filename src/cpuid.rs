@@ -18,10 +18,11 @@ pub enum Feature {
     Pdpe1gb,
     Rdrand,
     Rdseed,
+    Popcnt,
 }
 
 pub const KNOWN_FEATURES: &str =
-    "cx16, xsave, avx, avx2, x2apic, tsc-deadline, pdpe1gb, rdrand, rdseed";
+    "cx16, xsave, avx, avx2, x2apic, tsc-deadline, pdpe1gb, rdrand, rdseed, popcnt";
 
 impl FromStr for Feature {
     type Err = ();
@@ -36,6 +37,7 @@ impl FromStr for Feature {
             "pdpe1gb" => Feature::Pdpe1gb,
             "rdrand" => Feature::Rdrand,
             "rdseed" => Feature::Rdseed,
+            "popcnt" => Feature::Popcnt,
             _ => return Err(()),
         })
     }
@@ -79,6 +81,7 @@ fn bits(f: Feature) -> &'static [(u32, u32, Reg, u32)] {
         Feature::Pdpe1gb => &[(0x8000_0001, 0, Edx, 26)],
         Feature::Rdrand => &[(1, 0, Ecx, 30)],
         Feature::Rdseed => &[(7, 0, Ebx, 18)],
+        Feature::Popcnt => &[(1, 0, Ecx, 23)],
     }
 }
 
@@ -216,10 +219,15 @@ pub fn hide(cpuid: &mut CpuId, f: Feature) {
 }
 
 /// Is this host's KVM the nested, paravirtual kind whose CPL0 emulator cannot run
-/// cmpxchg16b and xsave/xrstor? Then CX16 and XSAVE are hidden unless asked for.
+/// cmpxchg16b, xsave/xrstor or popcnt? Then those are hidden unless asked for.
 pub fn host_needs_feature_hiding() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
 }
+
+/// Instructions KVM's emulator (all guest kernel code on a PVM host) cannot run,
+/// found by booting the Debian kernel: hiding them makes the kernel take its
+/// fallbacks.
+pub const HOST_EMULATOR_GAPS: [Feature; 3] = [Feature::Cx16, Feature::Xsave, Feature::Popcnt];
 
 /// The features to hide: the user's `-name` edits, plus the host-driven ones the
 /// user did not re-enable with `+name`.
@@ -229,7 +237,7 @@ pub fn hidden_features(
 ) -> Vec<Feature> {
     let mut hidden = edits.hide.clone();
     if host_needs_hiding {
-        for f in [Feature::Cx16, Feature::Xsave] {
+        for f in HOST_EMULATOR_GAPS {
             if !edits.show.contains(&f) && !hidden.contains(&f) {
                 hidden.push(f);
             }
@@ -347,7 +355,7 @@ mod tests {
     fn host_hiding_respects_user_reenable() {
         let edits: crate::config::CpuFeatureEdits = "+xsave,-rdrand".parse().unwrap();
         let h = hidden_features(&edits, true);
-        assert_eq!(h, vec![Feature::Rdrand, Feature::Cx16]);
+        assert_eq!(h, vec![Feature::Rdrand, Feature::Cx16, Feature::Popcnt]);
         assert_eq!(hidden_features(&edits, false), vec![Feature::Rdrand]);
     }
 }

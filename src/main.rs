@@ -55,7 +55,7 @@ struct Cli {
 
     /// Hide (-name) or keep (+name) CPU features, e.g. -cx16,-xsave. On a nested PVM
     /// host, cx16 and xsave are hidden automatically unless given as +cx16/+xsave.
-    #[arg(long, value_name = "LIST", default_value = "", value_parser = parse_cpu_features)]
+    #[arg(long, value_name = "LIST", default_value = "", allow_hyphen_values = true, value_parser = parse_cpu_features)]
     cpu_features: CpuFeatureEdits,
 }
 

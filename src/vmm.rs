@@ -46,6 +46,8 @@ pub enum VmmError {
         size: u64,
         source: vm_memory::mmap::MmapRegionError,
     },
+    #[error("--memory {requested} bytes is more than this host's {host} bytes of RAM; use a smaller --memory")]
+    MemoryExceedsHost { requested: u64, host: u64 },
     #[error("guest memory layout is invalid: {0}")]
     GuestMemoryLayout(String),
     #[error(transparent)]
@@ -113,6 +115,20 @@ impl IrqLine for IrqFdLine {
     fn trigger(&self) {
         // EAGAIN means the counter is saturated: the interrupt is already pending.
         let _ = self.evt.write(1);
+    }
+}
+
+/// The host's physical RAM: guest memory is mapped without reservation, so a size
+/// beyond this would only fail later, inside the guest.
+pub fn host_ram_bytes() -> u64 {
+    // SAFETY: sysinfo fills the struct we pass.
+    unsafe {
+        let mut si: libc::sysinfo = std::mem::zeroed();
+        if libc::sysinfo(&mut si) == 0 {
+            (si.totalram as u64).saturating_mul(u64::from(si.mem_unit))
+        } else {
+            u64::MAX
+        }
     }
 }
 
@@ -285,6 +301,13 @@ impl Vmm {
             return Err(VmmError::TooManyCpus {
                 requested: config.cpus,
                 max,
+            });
+        }
+        let host = host_ram_bytes();
+        if config.mem_size > host {
+            return Err(VmmError::MemoryExceedsHost {
+                requested: config.mem_size,
+                host,
             });
         }
         let vm = create_vm(&kvm)?;

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# wbvmm: run every test — unit, property and integration (guests booted under /dev/kvm).
+#
+#   scripts/test.sh [extra cargo test args...]
+#
+# Calls scripts/setup.sh first (apt packages, release build, guest images; fast when
+# done already). Integration tests boot the project's test guest and the Debian
+# kernel; they need /dev/kvm. Without it they are SKIPPED with a loud line each, and
+# this script says so at the end: a skipped test proves nothing.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$REPO"
+
+"$REPO/scripts/setup.sh"
+
+KVM_OK=1
+if ! [ -r /dev/kvm ] || ! [ -w /dev/kvm ]; then
+    KVM_OK=0
+    export WBVMM_ALLOW_NO_KVM=1
+    echo "!!! /dev/kvm is missing or not accessible: every test that boots a guest will be SKIPPED !!!" >&2
+fi
+
+echo "== wbvmm probe =="
+if [ "$KVM_OK" = 1 ]; then ./target/release/wbvmm probe || true; fi
+
+echo "== cargo test (release profile, whole workspace) =="
+# Release: the binary the user runs, and no second (debug) build of every dependency.
+cargo test --release --workspace "$@"
+
+if [ "$KVM_OK" = 0 ]; then
+    echo "!!! REMINDER: /dev/kvm was unavailable; the guest-booting integration tests were SKIPPED, not passed !!!" >&2
+fi

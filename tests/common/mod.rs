@@ -1,0 +1,189 @@
+//! Helpers for integration tests that boot real guests under /dev/kvm.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The test guest ELF; built by `guest-images/build-testguest.sh` (scripts/test.sh
+/// runs it first).
+pub fn testguest() -> PathBuf {
+    let p = repo_root().join("guest-images/out/testguest.elf");
+    assert!(
+        p.exists(),
+        "{} is missing: run guest-images/build-testguest.sh (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// True when /dev/kvm can be used. Without it the test fails, unless
+/// WBVMM_ALLOW_NO_KVM=1 is set, in which case it prints a loud SKIPPED line.
+pub fn kvm_available(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        if std::env::var("WBVMM_ALLOW_NO_KVM").as_deref() == Ok("1") {
+            eprintln!("\n!!! SKIPPED {test}: /dev/kvm is missing or not accessible; nothing was tested !!!\n");
+            return false;
+        }
+        panic!("{test}: /dev/kvm is missing or not accessible (set WBVMM_ALLOW_NO_KVM=1 to skip loudly)");
+    }
+    true
+}
+
+pub struct Output {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Output {
+    pub fn show(&self) -> String {
+        format!(
+            "exit={:?}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+            self.code, self.stdout, self.stderr
+        )
+    }
+}
+
+/// Run wbvmm with `args`, feeding `stdin`, killing it after `timeout`.
+pub fn wbvmm(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wbvmm"))
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn wbvmm");
+    if let Some(input) = stdin {
+        let mut s = child.stdin.take().expect("stdin");
+        s.write_all(input).expect("write stdin");
+        // Keep stdin open briefly is unnecessary: EOF is fine, the guest reads the FIFO.
+    }
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let code = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st.code();
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        code,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+        elapsed: start.elapsed(),
+    }
+}
+
+/// Boot the test guest with `cmdline` and extra wbvmm args.
+pub fn boot_testguest(cmdline: &str, extra: &[&str], stdin: Option<&[u8]>) -> Output {
+    let kernel = testguest();
+    let kernel = kernel.to_str().expect("utf-8 path");
+    let mut args = vec![
+        "--kernel",
+        kernel,
+        "--cmdline",
+        cmdline,
+        "--serial",
+        "stdio",
+    ];
+    args.extend_from_slice(extra);
+    wbvmm(&args, stdin, Duration::from_secs(60))
+}
+
+/// Start wbvmm and watch its stdout until `needle` appears (true) or `timeout`
+/// passes (false); the VM is killed either way. Returns what was printed.
+pub fn boot_until(args: &[&str], needle: &str, timeout: Duration) -> (bool, String, Duration) {
+    use std::io::BufRead;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_wbvmm"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn wbvmm");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let mut r = std::io::BufReader::new(out);
+        let mut line = Vec::new();
+        while let Ok(n) = r.read_until(b'\n', &mut line) {
+            if n == 0
+                || tx
+                    .send(String::from_utf8_lossy(&line).into_owned())
+                    .is_err()
+            {
+                break;
+            }
+            line.clear();
+        }
+    });
+    let start = Instant::now();
+    let mut seen = String::new();
+    let mut found = false;
+    while start.elapsed() < timeout {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(l) => {
+                seen.push_str(&l);
+                if seen.contains(needle) {
+                    found = true;
+                    break;
+                }
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(_) => break,
+        }
+    }
+    let elapsed = start.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    (found, seen, elapsed)
+}
+
+/// Does guest kernel mode run natively here (per `wbvmm probe`)?
+pub fn kernel_mode_native() -> bool {
+    let o = wbvmm(&["probe", "--json"], None, Duration::from_secs(120));
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).expect("probe JSON");
+    v["kernel_mode_native"].as_bool().unwrap_or(false)
+}
+
+pub fn linux_image(name: &str) -> PathBuf {
+    let p = repo_root().join("guest-images/out/linux").join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: run guest-images/build-linux-guest.sh (scripts/setup.sh does)",
+        p.display()
+    );
+    p
+}
