@@ -3,7 +3,8 @@
 //! `cpl0_main` is the only Rust code that runs at CPL0 in normal operation,
 //! and CPL0 is emulated (~1000x slower), so it fills just the 32 gates it
 //! needs and drops to CPL3. Exception handlers also run at CPL0 (on the IST1
-//! stack); they print and end the VM, except #BP which returns.
+//! stack); they print and end the VM, except #BP, which returns, and the #UD
+//! of `cpl0_call`, which serves the request and returns.
 
 use crate::entry;
 use crate::io;
