@@ -79,10 +79,11 @@ _start32:
     mov %edx, boot_tsc + 4
 
     # SSE before any Rust code: the precompiled core uses it.
-    # CR0: set MP (bit 1), clear EM (bit 2).
+    # CR0: set MP (bit 1) and NE (bit 5), clear EM (bit 2) and TS (bit 3);
+    # PVH promises only PE.
     mov %cr0, %eax
-    and $~0x4, %eax
-    or $0x2, %eax
+    and $~0xc, %eax
+    or $0x22, %eax
     mov %eax, %cr0
     # CR4: PAE (5), OSFXSR (9), OSXMMEXCPT (10).
     mov %cr4, %eax
