@@ -85,6 +85,7 @@ fn parse_cpu_features(s: &str) -> Result<CpuFeatureEdits, String> {
 }
 
 fn main() -> ExitCode {
+    let _ = vmm::PROCESS_START.set(std::time::Instant::now());
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     match cli.command {
@@ -119,6 +120,11 @@ fn main() -> ExitCode {
             vmm::install_termination_handlers();
             match vmm::run(&cfg) {
                 Ok(report) => {
+                    log::info!(
+                        "setup {} us (process start to first KVM_RUN), resident overhead {} KiB beyond guest RAM",
+                        report.setup_time.as_micros(),
+                        report.rss_overhead_bytes / 1024
+                    );
                     if let Some(line) = report.outcome.failure_line() {
                         eprintln!("wbvmm: {line}");
                     }

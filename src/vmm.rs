@@ -132,11 +132,11 @@ pub fn host_ram_bytes() -> u64 {
     }
 }
 
-/// Allocate guest RAM (one anonymous mapping per RAM range, not reserved up front)
-/// and register it with KVM.
-pub fn create_guest_memory(vm: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, VmmError> {
+/// Allocate guest RAM: one anonymous mapping per RAM range, not reserved up front
+/// (pages are only backed when the guest touches them).
+pub fn allocate_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, VmmError> {
     let mut regions = Vec::new();
-    for (slot, (gpa, size)) in ram_ranges(mem_size).into_iter().enumerate() {
+    for (gpa, size) in ram_ranges(mem_size) {
         let map = MmapRegion::build(
             None,
             size as usize,
@@ -144,16 +144,6 @@ pub fn create_guest_memory(vm: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, 
             libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE,
         )
         .map_err(|source| VmmError::GuestMemoryAlloc { size, source })?;
-        let region = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: gpa,
-            memory_size: size,
-            userspace_addr: map.as_ptr() as u64,
-            flags: 0,
-        };
-        // SAFETY: the mapping lives in the returned GuestMemoryMmap, which the VM
-        // keeps for as long as the VM fd exists.
-        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
         regions.push(
             GuestRegionMmap::new(map, GuestAddress(gpa))
                 .ok_or_else(|| VmmError::GuestMemoryLayout(format!("region at {gpa:#x} wraps")))?,
@@ -162,7 +152,28 @@ pub fn create_guest_memory(vm: &VmFd, mem_size: u64) -> Result<GuestMemoryMmap, 
     GuestMemoryMmap::from_regions(regions).map_err(|e| VmmError::GuestMemoryLayout(e.to_string()))
 }
 
-/// Create the VM with the in-kernel irqchip and PIT, TSS and identity map set.
+/// Register guest RAM with KVM, one memslot per region.
+pub fn register_guest_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    for (slot, r) in mem.iter().enumerate() {
+        let host = r
+            .get_host_address(vm_memory::MemoryRegionAddress(0))
+            .map_err(|e| VmmError::GuestMemoryLayout(e.to_string()))?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            guest_phys_addr: r.start_addr().0,
+            memory_size: r.len(),
+            userspace_addr: host as u64,
+            flags: 0,
+        };
+        // SAFETY: the mapping lives in the VM's GuestMemoryMmap, which outlives the
+        // VM fd.
+        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
+    }
+    Ok(())
+}
+
+/// Create the VM with the TSS and identity map set.
 pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
     for (cap, name) in [
         (Cap::Irqchip, "the in-kernel irqchip (KVM_CAP_IRQCHIP)"),
@@ -180,6 +191,11 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
         .map_err(kvm_err("set the identity map address"))?;
     vm.set_tss_address(KVM_TSS_START as usize)
         .map_err(kvm_err("set the TSS address"))?;
+    Ok(vm)
+}
+
+/// The in-kernel PIC/IOAPIC/LAPICs and PIT; before any vCPU exists.
+pub fn create_irqchip_and_pit(vm: &VmFd) -> Result<(), VmmError> {
     vm.create_irq_chip()
         .map_err(kvm_err("create the in-kernel irqchip"))?;
     let pit = kvm_pit_config {
@@ -187,8 +203,7 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
         ..Default::default()
     };
     vm.create_pit2(pit)
-        .map_err(kvm_err("create the in-kernel PIT"))?;
-    Ok(vm)
+        .map_err(kvm_err("create the in-kernel PIT"))
 }
 
 /// Per-vCPU architectural setup: CPUID, MSRs, FPU, LINT0/LINT1. Registers are set
@@ -311,18 +326,36 @@ impl Vmm {
             });
         }
         let vm = create_vm(&kvm)?;
-        let mem = create_guest_memory(&vm, config.mem_size)?;
+        let mem = allocate_guest_memory(config.mem_size)?;
 
-        let boot = boot::load(
-            &mem,
-            &boot::KernelSpec {
-                kernel: &config.kernel,
-                initramfs: config.initramfs.as_deref(),
-                cmdline: &config.cmdline,
-                mem_size: config.mem_size,
-            },
-        )?;
-        boot::write_mptable(&mem, config.cpus, &[])?;
+        // Registering RAM and creating the in-kernel irqchip each cost milliseconds
+        // inside KVM, under different locks: do them at the same time, and load the
+        // kernel meanwhile.
+        let boot = std::thread::scope(|s| {
+            let registration = s.spawn(|| register_guest_memory(&vm, &mem));
+            let rest = (|| {
+                create_irqchip_and_pit(&vm)?;
+                let boot = boot::load(
+                    &mem,
+                    &boot::KernelSpec {
+                        kernel: &config.kernel,
+                        initramfs: config.initramfs.as_deref(),
+                        cmdline: &config.cmdline,
+                        mem_size: config.mem_size,
+                    },
+                )?;
+                boot::write_mptable(&mem, config.cpus, &[])?;
+                Ok::<_, VmmError>(boot)
+            })();
+            let registered = registration.join().unwrap_or_else(|_| {
+                Err(VmmError::GuestMemoryLayout(
+                    "memory registration panicked".into(),
+                ))
+            });
+            let boot = rest?;
+            registered?;
+            Ok::<_, VmmError>(boot)
+        })?;
 
         let exit = Arc::new(ExitState::default());
         let pio = Arc::new(Bus::new());
@@ -406,6 +439,7 @@ impl Vmm {
             self.exit.clone(),
             self.serial_mode == SerialMode::Stdio,
         )?;
+        let setup_time = PROCESS_START.get().map(|t| t.elapsed()).unwrap_or_default();
         let mut threads = Vec::new();
         let mut tids = Vec::new();
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
@@ -432,6 +466,7 @@ impl Vmm {
             threads,
             tids,
             io: Some(io),
+            setup_time,
         })
     }
 }
@@ -451,6 +486,7 @@ pub struct RunningVm {
     threads: Vec<JoinHandle<ExitCounters>>,
     pub tids: Vec<i32>,
     io: Option<IoThread>,
+    setup_time: std::time::Duration,
 }
 
 /// Set by SIGINT/SIGTERM: wbvmm stops the guest and restores the terminal.
@@ -475,10 +511,51 @@ pub fn install_termination_handlers() {
     }
 }
 
+/// When the process started (set first thing in `main`), for setup timing.
+pub static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 /// The result of a run.
 pub struct RunReport {
     pub outcome: VmOutcome,
     pub exits: ExitCounters,
+    /// Process start to the vCPU threads' start (just before the first KVM_RUN).
+    pub setup_time: std::time::Duration,
+    /// wbvmm's resident memory beyond the guest RAM pages that are resident.
+    pub rss_overhead_bytes: u64,
+}
+
+/// Resident bytes of the guest RAM mappings (mincore), so that they can be taken
+/// out of the process's RSS.
+fn guest_resident_bytes(mem: &GuestMemoryMmap) -> u64 {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    let page = 4096usize;
+    let mut total = 0u64;
+    for r in mem.iter() {
+        let Ok(host) = r.get_host_address(vm_memory::MemoryRegionAddress(0)) else {
+            continue;
+        };
+        let len = r.len() as usize;
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: [host, host+len) is a mapping we own; mincore only fills `vec`.
+        if unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) } == 0 {
+            total += vec.iter().filter(|b| *b & 1 != 0).count() as u64 * page as u64;
+        }
+    }
+    let _ = mem.num_regions();
+    total
+}
+
+fn process_rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
 }
 
 impl RunningVm {
@@ -496,7 +573,14 @@ impl RunningVm {
             io.stop();
         }
         self.vmm.serial.flush_output();
-        RunReport { outcome, exits }
+        let rss_overhead_bytes =
+            process_rss_bytes().saturating_sub(guest_resident_bytes(&self.vmm.mem));
+        RunReport {
+            outcome,
+            exits,
+            setup_time: self.setup_time,
+            rss_overhead_bytes,
+        }
     }
 
     /// Kick every vCPU out of KVM_RUN until all have seen the stop flag. Kicks
