@@ -61,7 +61,8 @@ pub fn run(info: &BootInfo) -> u32 {
             ("triple-fault", None) => triple_fault(),
             // Exception-path checks: #BP returns, #UD ends the VM with 0x7f.
             ("int3", None) => {
-                unsafe { asm!("int3", options(nomem, nostack)) };
+                // Not `nomem`: the handler prints, which touches the serial state.
+                unsafe { asm!("int3", options(nostack)) };
                 println!("int3: returned");
             }
             ("ud2", None) => unsafe { asm!("ud2", options(nomem, nostack)) },
@@ -170,7 +171,7 @@ fn memcheck(info: &BootInfo) {
 
 fn mmio_loop(addr: u64, count: u64) {
     // Device memory: a GiB mapped here for the first time is uncached.
-    if !paging::ensure_identity_mapped(addr, addr + 4, true) {
+    if !paging::ensure_identity_mapped(addr, addr.saturating_add(4), true) {
         println!("mmio-loop: 0x{:x} is beyond the mappable {} GiB", addr, paging::LIMIT >> 30);
         return;
     }
@@ -198,7 +199,7 @@ fn mmio_loop(addr: u64, count: u64) {
 /// (unmapped reads are MMIO exits returning all-ones).
 fn watch(addr: u64, n: u64) {
     // Usually RAM the host plugs in: write-back if newly mapped.
-    if !paging::ensure_identity_mapped(addr, addr + 8, false) {
+    if !paging::ensure_identity_mapped(addr, addr.saturating_add(8), false) {
         println!("watch: 0x{:x} is beyond the mappable {} GiB", addr, paging::LIMIT >> 30);
         return;
     }
