@@ -97,7 +97,11 @@ fn banner(info: &BootInfo) {
     let image_end = core::ptr::addr_of!(crate::entry::__image_end) as u64;
     print!("testguest ready: cpl={} iopl={} ", io::cpl(), iopl);
     if info.has_memmap {
-        print!("mem={}MiB memmap={} ", info.ram_bytes() >> 20, info.memmap().len());
+        print!(
+            "mem={}MiB memmap={} ",
+            info.ram_bytes() >> 20,
+            info.memmap().len()
+        );
     } else {
         print!("mem=? memmap=none ");
     }
@@ -150,7 +154,11 @@ fn cpus() {
 fn memcheck(info: &BootInfo) {
     let t0 = rdtsc();
     match memmap::memcheck(info) {
-        MemcheckResult::Ok { bytes, ranges, skipped_high } => {
+        MemcheckResult::Ok {
+            bytes,
+            ranges,
+            skipped_high,
+        } => {
             let ms = tsc::ticks_to_ns(rdtsc() - t0) / 1_000_000;
             print!("memcheck: ok {} MiB in {} ranges", bytes >> 20, ranges);
             if skipped_high != 0 {
@@ -159,7 +167,10 @@ fn memcheck(info: &BootInfo) {
             println!(" from 0x{:x}, {} ms", memmap::check_floor(), ms);
         }
         MemcheckResult::Fail { addr, wrote, read } => {
-            println!("memcheck: FAIL at 0x{:x}: wrote 0x{:x}, read 0x{:x}", addr, wrote, read);
+            println!(
+                "memcheck: FAIL at 0x{:x}: wrote 0x{:x}, read 0x{:x}",
+                addr, wrote, read
+            );
             io::exit(EXIT_MEMCHECK);
         }
         MemcheckResult::NoMemmap => {
@@ -172,7 +183,11 @@ fn memcheck(info: &BootInfo) {
 fn mmio_loop(addr: u64, count: u64) {
     // Device memory: a GiB mapped here for the first time is uncached.
     if !paging::ensure_identity_mapped(addr, addr.saturating_add(4), true) {
-        println!("mmio-loop: 0x{:x} is beyond the mappable {} GiB", addr, paging::LIMIT >> 30);
+        println!(
+            "mmio-loop: 0x{:x} is beyond the mappable {} GiB",
+            addr,
+            paging::LIMIT >> 30
+        );
         return;
     }
     let p = addr as *const u32;
@@ -182,7 +197,7 @@ fn mmio_loop(addr: u64, count: u64) {
         last = unsafe { core::ptr::read_volatile(p) };
     }
     let ns = tsc::ticks_to_ns(rdtsc() - t0);
-    let tenths = if count == 0 { 0 } else { ns * 10 / count };
+    let tenths = (ns * 10).checked_div(count).unwrap_or(0);
     println!(
         "mmio-loop: {} reads of 0x{:x} in {} ns = {}.{} ns/read, last=0x{:x}",
         count,
@@ -200,7 +215,11 @@ fn mmio_loop(addr: u64, count: u64) {
 fn watch(addr: u64, n: u64) {
     // Usually RAM the host plugs in: write-back if newly mapped.
     if !paging::ensure_identity_mapped(addr, addr.saturating_add(8), false) {
-        println!("watch: 0x{:x} is beyond the mappable {} GiB", addr, paging::LIMIT >> 30);
+        println!(
+            "watch: 0x{:x} is beyond the mappable {} GiB",
+            addr,
+            paging::LIMIT >> 30
+        );
         return;
     }
     let p = addr as *const u64;

@@ -136,7 +136,10 @@ extern "C" fn cpl0_main(start_info: u64) -> ! {
             | (((base >> 24) & 0xff) << 56);
         gdt_tss[1] = base >> 32;
 
-        let idtr = DescriptorPtr { limit: (512 * 8 - 1) as u16, base: idt.as_ptr() as u64 };
+        let idtr = DescriptorPtr {
+            limit: (512 * 8 - 1) as u16,
+            base: idt.as_ptr() as u64,
+        };
         asm!("lidt [{}]", in(reg) &idtr, options(readonly, nostack, preserves_flags));
         asm!("ltr {0:x}", in(reg) entry::TSS_SEL, options(nomem, nostack, preserves_flags));
 

@@ -10,37 +10,49 @@ use core::arch::asm;
 
 #[inline]
 pub fn outb(port: u16, val: u8) {
-    unsafe { asm!("out dx, al", in("dx") port, in("al") val, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") val, options(nomem, nostack, preserves_flags))
+    }
 }
 
 #[inline]
 pub fn inb(port: u16) -> u8 {
     let v: u8;
-    unsafe { asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
     v
 }
 
 #[inline]
 pub fn outw(port: u16, val: u16) {
-    unsafe { asm!("out dx, ax", in("dx") port, in("ax") val, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") val, options(nomem, nostack, preserves_flags))
+    }
 }
 
 #[inline]
 pub fn inw(port: u16) -> u16 {
     let v: u16;
-    unsafe { asm!("in ax, dx", out("ax") v, in("dx") port, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in ax, dx", out("ax") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
     v
 }
 
 #[inline]
 pub fn outl(port: u16, val: u32) {
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") val, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") val, options(nomem, nostack, preserves_flags))
+    }
 }
 
 #[inline]
 pub fn inl(port: u16) -> u32 {
     let v: u32;
-    unsafe { asm!("in eax, dx", out("eax") v, in("dx") port, options(nomem, nostack, preserves_flags)) }
+    unsafe {
+        asm!("in eax, dx", out("eax") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    }
     v
 }
 
@@ -62,7 +74,12 @@ pub struct Cpuid {
 #[inline]
 pub fn cpuid(leaf: u32, subleaf: u32) -> Cpuid {
     let r = core::arch::x86_64::__cpuid_count(leaf, subleaf);
-    Cpuid { eax: r.eax, ebx: r.ebx, ecx: r.ecx, edx: r.edx }
+    Cpuid {
+        eax: r.eax,
+        ebx: r.ebx,
+        ecx: r.ecx,
+        edx: r.edx,
+    }
 }
 
 /// Current privilege level (low two bits of CS).
@@ -82,7 +99,11 @@ pub fn exit(code: u32) -> ! {
     outl(DEBUG_EXIT_PORT, code);
     // Only reached without a debug-exit device. Say so once, then spin
     // (no hlt: it would #GP at CPL3).
-    crate::println!("testguest: debug-exit port 0x{:x} did not stop the VM (code {})", DEBUG_EXIT_PORT, code);
+    crate::println!(
+        "testguest: debug-exit port 0x{:x} did not stop the VM (code {})",
+        DEBUG_EXIT_PORT,
+        code
+    );
     loop {
         core::hint::spin_loop();
     }

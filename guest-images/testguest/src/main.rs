@@ -56,10 +56,12 @@ pub extern "C" fn user_main(start_info: u64) -> ! {
         let start = core::ptr::addr_of_mut!(entry::__bss_zero_start);
         let end = core::ptr::addr_of_mut!(entry::__bss_zero_end);
         core::ptr::write_bytes(start, 0, end as usize - start as usize);
-        *CPL0_TICKS.get() = t.wrapping_sub(core::ptr::read_volatile(core::ptr::addr_of!(entry::boot_tsc)));
+        *CPL0_TICKS.get() = t.wrapping_sub(core::ptr::read_volatile(core::ptr::addr_of!(
+            entry::boot_tsc
+        )));
     }
     let info = pvh::BootInfo::read(start_info);
-    let code = commands::run(&info);
+    let code = commands::run(info);
     io::exit(code)
 }
 

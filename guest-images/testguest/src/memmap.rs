@@ -13,8 +13,16 @@ use crate::pvh::{BootInfo, MEMMAP_RAM};
 const MAPPED_LIMIT: u64 = paging::LIMIT;
 
 pub enum MemcheckResult {
-    Ok { bytes: u64, ranges: u32, skipped_high: u64 },
-    Fail { addr: u64, wrote: u64, read: u64 },
+    Ok {
+        bytes: u64,
+        ranges: u32,
+        skipped_high: u64,
+    },
+    Fail {
+        addr: u64,
+        wrote: u64,
+        read: u64,
+    },
     NoMemmap,
 }
 
@@ -86,7 +94,15 @@ pub fn memcheck(info: &BootInfo) -> MemcheckResult {
         }
     });
     match fail {
-        Some((addr, read)) => MemcheckResult::Fail { addr, wrote: pattern(addr), read },
-        None => MemcheckResult::Ok { bytes, ranges: count, skipped_high },
+        Some((addr, read)) => MemcheckResult::Fail {
+            addr,
+            wrote: pattern(addr),
+            read,
+        },
+        None => MemcheckResult::Ok {
+            bytes,
+            ranges: count,
+            skipped_high,
+        },
     }
 }

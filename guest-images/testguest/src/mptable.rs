@@ -3,10 +3,14 @@
 /// Result of looking for an MP table.
 pub enum MpInfo {
     /// Enabled processor entries in the configuration table.
-    Table { cpus: u32 },
+    Table {
+        cpus: u32,
+    },
     /// Floating pointer without a table: one of the default configurations
     /// (always two processors).
-    Default { config_type: u8 },
+    Default {
+        config_type: u8,
+    },
     NotFound,
 }
 
@@ -61,7 +65,9 @@ pub fn probe() -> MpInfo {
     let feature1 = read8(fp + 11);
     if config == 0 {
         return if feature1 != 0 {
-            MpInfo::Default { config_type: feature1 }
+            MpInfo::Default {
+                config_type: feature1,
+            }
         } else {
             MpInfo::NotFound
         };

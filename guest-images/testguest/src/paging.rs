@@ -43,6 +43,7 @@ pub fn ensure_identity_mapped(start: u64, end: u64, uncached: bool) -> bool {
     if end > LIMIT {
         return false;
     }
+    #[allow(clippy::needless_range_loop)] // gib is an address, not just an index
     for gib in (start / GIB) as usize..=((end - 1) / GIB) as usize {
         if gib < LOW_GIBS {
             continue;

@@ -64,7 +64,11 @@ static BOOT_INFO: crate::Global<BootInfo> = crate::Global::new(BootInfo {
     cmdline: [0; MAX_CMDLINE],
     cmdline_len: 0,
     cmdline_truncated: false,
-    memmap: [MemRange { addr: 0, size: 0, kind: 0 }; MAX_MEMMAP],
+    memmap: [MemRange {
+        addr: 0,
+        size: 0,
+        kind: 0,
+    }; MAX_MEMMAP],
     memmap_len: 0,
     memmap_truncated: false,
     has_memmap: false,
@@ -95,7 +99,8 @@ impl BootInfo {
         if si.cmdline_paddr != 0 && si.cmdline_paddr < 1 << 32 {
             let mut n = 0;
             while n < MAX_CMDLINE {
-                let b = unsafe { core::ptr::read_volatile((si.cmdline_paddr + n as u64) as *const u8) };
+                let b =
+                    unsafe { core::ptr::read_volatile((si.cmdline_paddr + n as u64) as *const u8) };
                 if b == 0 {
                     break;
                 }
@@ -114,7 +119,11 @@ impl BootInfo {
                 let p = (si.memmap_paddr + (i * core::mem::size_of::<MemmapEntry>()) as u64)
                     as *const MemmapEntry;
                 let e = unsafe { core::ptr::read_volatile(p) };
-                bi.memmap[i] = MemRange { addr: e.addr, size: e.size, kind: e.kind };
+                bi.memmap[i] = MemRange {
+                    addr: e.addr,
+                    size: e.size,
+                    kind: e.kind,
+                };
             }
             bi.memmap_len = n;
         }
@@ -132,6 +141,10 @@ impl BootInfo {
 
     /// Total RAM in the memory map, in bytes.
     pub fn ram_bytes(&self) -> u64 {
-        self.memmap().iter().filter(|r| r.kind == MEMMAP_RAM).map(|r| r.size).sum()
+        self.memmap()
+            .iter()
+            .filter(|r| r.kind == MEMMAP_RAM)
+            .map(|r| r.size)
+            .sum()
     }
 }

@@ -26,7 +26,10 @@ struct TxState {
     credit: u8,
 }
 
-static TX: Global<TxState> = Global::new(TxState { burst: 0, credit: 0 });
+static TX: Global<TxState> = Global::new(TxState {
+    burst: 0,
+    credit: 0,
+});
 
 pub fn write_byte(b: u8) {
     // SAFETY: one CPU; an exception handler printing in the middle of this

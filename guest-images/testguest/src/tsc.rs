@@ -56,14 +56,23 @@ pub fn freq() -> TscFreq {
 
 fn detect() -> TscFreq {
     if let Some(khz) = hypervisor_leaf_khz() {
-        return TscFreq { khz, source: Source::HypervisorLeaf };
+        return TscFreq {
+            khz,
+            source: Source::HypervisorLeaf,
+        };
     }
     if let Some(f) = cpuid_15_16() {
         return f;
     }
     match pit_calibrate_khz() {
-        Some(khz) => TscFreq { khz, source: Source::Pit },
-        None => TscFreq { khz: FALLBACK_KHZ, source: Source::Fallback },
+        Some(khz) => TscFreq {
+            khz,
+            source: Source::Pit,
+        },
+        None => TscFreq {
+            khz: FALLBACK_KHZ,
+            source: Source::Fallback,
+        },
     }
 }
 
@@ -88,7 +97,10 @@ fn cpuid_15_16() -> Option<TscFreq> {
         // TSC Hz = crystal Hz * EBX / EAX; ECX (crystal Hz) may be 0.
         if l.eax != 0 && l.ebx != 0 && l.ecx != 0 {
             let hz = l.ecx as u64 * l.ebx as u64 / l.eax as u64;
-            return Some(TscFreq { khz: hz / 1000, source: Source::Cpuid15 });
+            return Some(TscFreq {
+                khz: hz / 1000,
+                source: Source::Cpuid15,
+            });
         }
     }
     if max >= 0x16 {
@@ -96,7 +108,10 @@ fn cpuid_15_16() -> Option<TscFreq> {
         // the leaf but leave the crystal frequency out of 0x15.
         let mhz = cpuid(0x16, 0).eax & 0xffff;
         if mhz != 0 {
-            return Some(TscFreq { khz: mhz as u64 * 1000, source: Source::Cpuid16 });
+            return Some(TscFreq {
+                khz: mhz as u64 * 1000,
+                source: Source::Cpuid16,
+            });
         }
     }
     None
