@@ -10,7 +10,7 @@ use crate::io::{self, rdtsc};
 use crate::memmap::{self, MemcheckResult};
 use crate::mptable::{self, MpInfo};
 use crate::pvh::BootInfo;
-use crate::{cpu, paging, print, println, serial, tsc};
+use crate::{cpu, net, paging, print, println, serial, tsc};
 use core::arch::asm;
 
 pub const EXIT_MEMCHECK: u32 = 3;
@@ -25,6 +25,16 @@ const POLL_TIMEOUT_NS: u64 = 60_000_000_000;
 /// that fail fatally end the VM themselves.
 pub fn run(info: &BootInfo) -> u32 {
     let mut exit_code = 0;
+    // Network settings (ip=, peer=, nic=, ...) apply wherever they appear
+    // on the line: collect them all before running any word.
+    let mut net_args = net::NetArgs::new();
+    for word in info.cmdline().split_ascii_whitespace() {
+        if let Some((n, v)) = word.split_once('=') {
+            if let Err(e) = net_args.set(n, v) {
+                println!("net: {}: {}", word, e);
+            }
+        }
+    }
     for word in info.cmdline().split_ascii_whitespace() {
         let (name, arg) = match word.split_once('=') {
             Some((n, a)) => (n, Some(a)),
@@ -66,6 +76,23 @@ pub fn run(info: &BootInfo) -> u32 {
                 println!("int3: returned");
             }
             ("ud2", None) => unsafe { asm!("ud2", options(nomem, nostack)) },
+            ("cpuid", None) => cpuid_word(),
+            ("net", Some(a)) => {
+                let status = match a {
+                    "up" => net::up(&net_args),
+                    "ping" => net::ping(&net_args),
+                    "rr" => net::rr(&net_args),
+                    _ => {
+                        println!("net: unknown action {} (up, ping, rr)", a);
+                        net::EXIT_NET_SETUP
+                    }
+                };
+                if status != 0 {
+                    io::exit(status);
+                }
+            }
+            // Network settings: already taken before the first word.
+            ("ip" | "peer" | "count" | "port" | "secs" | "nic" | "nicio", Some(_)) => {}
             _ => println!("testguest: unknown word {}", word),
         }
     }
@@ -83,6 +110,36 @@ pub fn parse_num(s: &str) -> Option<u64> {
 fn parse_pair(s: &str) -> Option<(u64, u64)> {
     let (a, b) = s.split_once(',')?;
     Some((parse_num(a)?, parse_num(b)?))
+}
+
+/// `cpuid`: the feature words the VMM may hide (CX16, XSAVE, ...).
+fn cpuid_word() {
+    let max = io::cpuid(0, 0).eax;
+    let l1 = io::cpuid(1, 0);
+    let l7 = if max >= 7 {
+        io::cpuid(7, 0)
+    } else {
+        io::Cpuid {
+            eax: 0,
+            ebx: 0,
+            ecx: 0,
+            edx: 0,
+        }
+    };
+    let ld = if max >= 0xd {
+        io::cpuid(0xd, 0)
+    } else {
+        io::Cpuid {
+            eax: 0,
+            ebx: 0,
+            ecx: 0,
+            edx: 0,
+        }
+    };
+    println!(
+        "cpuid: 1.ecx=0x{:08x} 1.edx=0x{:08x} 7.ebx=0x{:08x} 7.ecx=0x{:08x} 0xd.eax=0x{:08x}",
+        l1.ecx, l1.edx, l7.ebx, l7.ecx, ld.eax
+    );
 }
 
 fn rflags() -> u64 {

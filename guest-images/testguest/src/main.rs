@@ -19,8 +19,11 @@ mod io;
 mod mem;
 mod memmap;
 mod mptable;
+mod net;
 mod paging;
+mod pci;
 mod pvh;
+mod rtl8139;
 mod serial;
 mod tsc;
 

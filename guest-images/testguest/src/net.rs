@@ -1,0 +1,580 @@
+//! Networking words: PCI discovery of the RTL8139, driver bring-up, smoltcp
+//! over the driver, `net=up`, `net=ping` and `net=rr`.
+//!
+//! Everything polls; time is the TSC. Every wait is bounded.
+
+use crate::commands::parse_num;
+use crate::io::rdtsc;
+use crate::pci::{self, Bdf};
+use crate::rtl8139::{self, Bus, Mode, Nic};
+use crate::{paging, println, tsc, Global};
+use smoltcp::iface::{Config, Interface, SocketSet, SocketStorage};
+use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::socket::{icmp, tcp};
+use smoltcp::time::Instant;
+use smoltcp::wire::{
+    EthernetAddress, HardwareAddress, Icmpv4Packet, Icmpv4Repr, IpAddress, IpCidr, Ipv4Address,
+};
+
+pub const EXIT_NET_SETUP: u32 = 8;
+pub const EXIT_PING: u32 = 9;
+pub const EXIT_RR: u32 = 10;
+
+/// Where the driver puts BARs that firmware left unassigned.
+const DEFAULT_IO_BASE: u64 = 0xc000;
+const DEFAULT_MMIO_BASE: u64 = 0xfebf_0000;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum NicSel {
+    Auto,
+    C,
+    CPlus,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum IoSel {
+    Pio,
+    Mmio,
+}
+
+/// Settings collected from the whole command line before any word runs.
+pub struct NetArgs {
+    pub ip: Option<(Ipv4Address, u8)>,
+    pub peer: Option<Ipv4Address>,
+    pub count: u32,
+    pub port: u16,
+    pub secs: u32,
+    pub nic: NicSel,
+    pub io: IoSel,
+}
+
+impl NetArgs {
+    pub const fn new() -> Self {
+        NetArgs {
+            ip: None,
+            peer: None,
+            count: 3,
+            port: 7777,
+            secs: 3,
+            nic: NicSel::Auto,
+            io: IoSel::Pio,
+        }
+    }
+
+    /// Takes a `name=value` setting; Ok(false) if `name` is not one,
+    /// Err(message) if the value is bad.
+    pub fn set(&mut self, name: &str, v: &str) -> Result<bool, &'static str> {
+        match name {
+            "ip" => {
+                let (a, p) = v.split_once('/').unwrap_or((v, "24"));
+                let addr: Ipv4Address = a.parse().map_err(|_| "bad ip address")?;
+                let prefix: u8 = p.parse().map_err(|_| "bad prefix")?;
+                if prefix > 32 {
+                    return Err("bad prefix");
+                }
+                self.ip = Some((addr, prefix));
+            }
+            "peer" => self.peer = Some(v.parse().map_err(|_| "bad peer address")?),
+            "count" => {
+                self.count = match parse_num(v) {
+                    Some(n) if (1..=1000).contains(&n) => n as u32,
+                    _ => return Err("bad count (1..1000)"),
+                }
+            }
+            "port" => {
+                self.port = match parse_num(v) {
+                    Some(n) if (1..=65535).contains(&n) => n as u16,
+                    _ => return Err("bad port"),
+                }
+            }
+            "secs" => {
+                self.secs = match parse_num(v) {
+                    Some(n) if (1..=600).contains(&n) => n as u32,
+                    _ => return Err("bad secs (1..600)"),
+                }
+            }
+            "nic" => {
+                self.nic = match v {
+                    "auto" => NicSel::Auto,
+                    "c" => NicSel::C,
+                    "cplus" => NicSel::CPlus,
+                    _ => return Err("bad nic (c, cplus, auto)"),
+                }
+            }
+            "nicio" => {
+                self.io = match v {
+                    "pio" => IoSel::Pio,
+                    "mmio" => IoSel::Mmio,
+                    _ => return Err("bad nicio (pio, mmio)"),
+                }
+            }
+            _ => return Ok(false),
+        }
+        Ok(true)
+    }
+}
+
+fn now() -> Instant {
+    Instant::from_micros((tsc::ticks_to_ns(rdtsc()) / 1000) as i64)
+}
+
+fn mac_str(m: &[u8; 6]) -> MacFmt<'_> {
+    MacFmt(m)
+}
+
+struct MacFmt<'a>(&'a [u8; 6]);
+
+impl core::fmt::Display for MacFmt<'_> {
+    fn fmt(&self, f: &mut core::fmt::Formatter) -> core::fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+/// Finds the RTL8139, assigns BARs if needed, enables decoding and bus
+/// mastering, and brings the chip up. Prints the `pci:` and `net:` lines.
+pub fn bring_up(args: &NetArgs) -> Result<Nic, ()> {
+    let Some(f) = pci::find(0x10ec, 0x8139) else {
+        println!("net: no RTL8139 (10ec:8139) on PCI bus 0");
+        return Err(());
+    };
+    let bdf: Bdf = f.bdf;
+    // Decoding off while sizing/assigning BARs.
+    let cmd = (bdf.read32(0x04) & 0xffff) as u16;
+    bdf.write32(0x04, (cmd & !(pci::CMD_IO | pci::CMD_MEMORY)) as u32);
+    let mut bar0 = pci::read_bar(bdf, 0);
+    let mut bar1 = pci::read_bar(bdf, 1);
+    if bar0.io && bar0.base == 0 {
+        pci::write_bar(bdf, 0, DEFAULT_IO_BASE);
+        bar0.base = DEFAULT_IO_BASE;
+    }
+    if !bar1.io && bar1.base == 0 {
+        pci::write_bar(bdf, 1, DEFAULT_MMIO_BASE);
+        bar1.base = DEFAULT_MMIO_BASE;
+    }
+    bdf.set_command_bits(pci::CMD_IO | pci::CMD_MEMORY | pci::CMD_BUS_MASTER);
+    println!(
+        "pci: {:02x}:{:02x}.{} {:04x}:{:04x} rev 0x{:02x} io=0x{:04x} mmio=0x{:08x}",
+        bdf.bus, bdf.dev, bdf.func, f.vendor, f.device, f.revision, bar0.base, bar1.base
+    );
+    if !bar0.io || bar1.io {
+        println!("net: unexpected BAR layout (BAR0 must be I/O, BAR1 memory)");
+        return Err(());
+    }
+    let mode = match args.nic {
+        NicSel::C => Mode::C,
+        NicSel::CPlus => Mode::CPlus,
+        // As Linux: 8139cp for revision >= 0x20, else 8139too.
+        NicSel::Auto if f.revision >= 0x20 => Mode::CPlus,
+        NicSel::Auto => Mode::C,
+    };
+    let bus = match args.io {
+        IoSel::Pio => {
+            if bar0.base > 0xffff - 0xff {
+                println!("net: I/O BAR 0x{:x} out of port range", bar0.base);
+                return Err(());
+            }
+            Bus::Pio(bar0.base as u16)
+        }
+        IoSel::Mmio => {
+            if !paging::ensure_identity_mapped(bar1.base, bar1.base + 0x100, true) {
+                println!("net: MMIO BAR 0x{:x} not mappable", bar1.base);
+                return Err(());
+            }
+            Bus::Mmio(bar1.base)
+        }
+    };
+    let nic = match Nic::init(bus, mode) {
+        Ok(n) => n,
+        Err(e) => {
+            println!("net: init failed: {:?}", e);
+            return Err(());
+        }
+    };
+    println!(
+        "net: eeprom mac={} idr mac={}",
+        mac_str(&nic.eeprom_mac),
+        mac_str(&nic.idr_mac)
+    );
+    println!(
+        "net: link {} mac={} mode={} io={}",
+        if nic.link_up { "up" } else { "down" },
+        mac_str(&nic.mac),
+        mode.name(),
+        bus.name()
+    );
+    Ok(nic)
+}
+
+// ---- smoltcp device ----
+
+pub struct RxTok(*mut Nic);
+pub struct TxTok(*mut Nic);
+
+impl phy::RxToken for RxTok {
+    fn consume<R, F: FnOnce(&[u8]) -> R>(self, f: F) -> R {
+        // SAFETY: the tokens come from `&mut Nic` and are used while that
+        // borrow lasts. No reference to the Nic is held while `f` runs (it
+        // may transmit through the paired TxTok): the frame is DMA memory.
+        unsafe {
+            let frame = (*self.0).rx_frame();
+            let r = f(frame);
+            (*self.0).rx_release();
+            r
+        }
+    }
+}
+
+impl phy::TxToken for TxTok {
+    fn consume<R, F: FnOnce(&mut [u8]) -> R>(self, len: usize, f: F) -> R {
+        unsafe { (*self.0).transmit(len, f) }
+    }
+}
+
+impl Device for Nic {
+    type RxToken<'a> = RxTok;
+    type TxToken<'a> = TxTok;
+
+    fn receive(&mut self, _t: Instant) -> Option<(RxTok, TxTok)> {
+        if self.rx_peek() {
+            let p = self as *mut Nic;
+            Some((RxTok(p), TxTok(p)))
+        } else {
+            None
+        }
+    }
+
+    fn transmit(&mut self, _t: Instant) -> Option<TxTok> {
+        // Called only when smoltcp has a frame to send; `transmit` waits
+        // (bounded) for a buffer, so always hand out a token.
+        Some(TxTok(self as *mut Nic))
+    }
+
+    fn capabilities(&self) -> DeviceCapabilities {
+        let mut caps = DeviceCapabilities::default();
+        caps.medium = Medium::Ethernet;
+        caps.max_transmission_unit = rtl8139::MAX_FRAME;
+        caps.max_burst_size = Some(1);
+        caps
+    }
+}
+
+// Socket memory (no allocator).
+static SOCKETS: Global<[SocketStorage<'static>; 2]> = Global::new([SocketStorage::EMPTY; 2]);
+static ICMP_RX_META: Global<[icmp::PacketMetadata; 8]> =
+    Global::new([icmp::PacketMetadata::EMPTY; 8]);
+static ICMP_TX_META: Global<[icmp::PacketMetadata; 8]> =
+    Global::new([icmp::PacketMetadata::EMPTY; 8]);
+static ICMP_RX: Global<[u8; 2048]> = Global::new([0; 2048]);
+static ICMP_TX: Global<[u8; 2048]> = Global::new([0; 2048]);
+static TCP_RX: Global<[u8; 4096]> = Global::new([0; 4096]);
+static TCP_TX: Global<[u8; 4096]> = Global::new([0; 4096]);
+
+/// A static buffer as a slice. Each is taken by one socket of one net
+/// word (one CPU, words run one after another).
+#[allow(clippy::mut_from_ref)]
+fn buf<T, const N: usize>(g: &'static Global<[T; N]>) -> &'static mut [T] {
+    // SAFETY: see above; no other reference to the buffer is live.
+    unsafe { &mut *g.get() }
+}
+
+fn make_iface(nic: &mut Nic, args: &NetArgs, cmd: &str) -> Result<Interface, ()> {
+    let Some((ip, prefix)) = args.ip else {
+        println!("{}: need ip=ADDR/PREFIX", cmd);
+        return Err(());
+    };
+    let mut cfg = Config::new(HardwareAddress::Ethernet(EthernetAddress(nic.mac)));
+    cfg.random_seed = rdtsc();
+    let mut iface = Interface::new(cfg, nic, now());
+    iface.update_ip_addrs(|a| {
+        let _ = a.push(IpCidr::new(IpAddress::Ipv4(ip), prefix));
+    });
+    Ok(iface)
+}
+
+fn take_sockets() -> SocketSet<'static> {
+    let storage = buf(&SOCKETS);
+    storage.fill_with(|| SocketStorage::EMPTY);
+    SocketSet::new(storage)
+}
+
+/// `net=up`: bring the NIC up and print the lines; nothing else.
+pub fn up(args: &NetArgs) -> u32 {
+    match bring_up(args) {
+        Ok(_) => 0,
+        Err(()) => EXIT_NET_SETUP,
+    }
+}
+
+/// `net=ping`: ICMP echo to `peer`, `count` times, ~1 s apart at most.
+pub fn ping(args: &NetArgs) -> u32 {
+    let Some(peer) = args.peer else {
+        println!("ping: need peer=IP");
+        return EXIT_NET_SETUP;
+    };
+    let Ok(mut nic) = bring_up(args) else {
+        return EXIT_NET_SETUP;
+    };
+    let Ok(mut iface) = make_iface(&mut nic, args, "ping") else {
+        return EXIT_NET_SETUP;
+    };
+    let mut sockets = take_sockets();
+    let sock = icmp::Socket::new(
+        icmp::PacketBuffer::new(buf(&ICMP_RX_META), buf(&ICMP_RX)),
+        icmp::PacketBuffer::new(buf(&ICMP_TX_META), buf(&ICMP_TX)),
+    );
+    let h = sockets.add(sock);
+    let ident: u16 = 0x7762; // "wb"
+    sockets
+        .get_mut::<icmp::Socket>(h)
+        .bind(icmp::Endpoint::Ident(ident))
+        .ok();
+    let caps = nic.capabilities();
+    let payload = *b"wbvmm testguest ping payload....";
+    let total = tsc::Deadline::after_ns(10_000_000_000);
+    let (mut sent, mut received) = (0u32, 0u32);
+    let (mut min_us, mut max_us, mut sum_us) = (u64::MAX, 0u64, 0u64);
+    let mut seq: u16 = 0;
+    'outer: while (seq as u32) < args.count {
+        // Send one echo request.
+        let t_send = rdtsc();
+        {
+            let s = sockets.get_mut::<icmp::Socket>(h);
+            let repr = Icmpv4Repr::EchoRequest {
+                ident,
+                seq_no: seq,
+                data: &payload,
+            };
+            match s.send(repr.buffer_len(), IpAddress::Ipv4(peer)) {
+                Ok(buf) => {
+                    let mut pkt = Icmpv4Packet::new_unchecked(buf);
+                    repr.emit(&mut pkt, &caps.checksum);
+                }
+                Err(_) => {
+                    println!("ping: socket send failed");
+                    break;
+                }
+            }
+        }
+        sent += 1;
+        // Wait up to 2 s for its reply (the first includes ARP).
+        let wait = tsc::Deadline::after_ns(2_000_000_000);
+        loop {
+            iface.poll(now(), &mut nic, &mut sockets);
+            let s = sockets.get_mut::<icmp::Socket>(h);
+            let mut got = false;
+            while let Ok((data, from)) = s.recv() {
+                let Ok(pkt) = Icmpv4Packet::new_checked(data) else {
+                    continue;
+                };
+                if let Ok(Icmpv4Repr::EchoReply {
+                    ident: id, seq_no, ..
+                }) = Icmpv4Repr::parse(&pkt, &caps.checksum)
+                {
+                    if id == ident && seq_no == seq && from == IpAddress::Ipv4(peer) {
+                        let us = tsc::ticks_to_ns(rdtsc() - t_send) / 1000;
+                        println!("ping: reply from {} seq={} time={} us", peer, seq, us);
+                        received += 1;
+                        min_us = min_us.min(us);
+                        max_us = max_us.max(us);
+                        sum_us += us;
+                        got = true;
+                    }
+                }
+            }
+            if got {
+                break;
+            }
+            if total.expired() {
+                println!("ping: timeout (10 s)");
+                break 'outer;
+            }
+            if wait.expired() {
+                println!("ping: no reply from {} seq={}", peer, seq);
+                break;
+            }
+        }
+        seq += 1;
+    }
+    if received > 0 {
+        println!(
+            "ping: {} sent, {} received, time min/avg/max = {}/{}/{} us",
+            sent,
+            received,
+            min_us,
+            sum_us / received as u64,
+            max_us
+        );
+    } else {
+        println!("ping: {} sent, 0 received", sent);
+    }
+    print_nic_stats(&nic, "ping");
+    if received > 0 {
+        0
+    } else {
+        EXIT_PING
+    }
+}
+
+fn print_nic_stats(nic: &Nic, who: &str) {
+    let s = &nic.stats;
+    println!(
+        "{}: nic tx={} rx={} reg_reads={} reg_writes={} rx_cbr_reads={} tx_dropped={} rx_resets={}",
+        who,
+        s.tx_frames,
+        s.rx_frames,
+        nic.regs.reads,
+        nic.regs.writes,
+        s.rx_cbr_reads,
+        s.tx_dropped,
+        s.rx_resets
+    );
+}
+
+/// `net=rr`: TCP connect to `peer:port`, then 1-byte request/response
+/// transactions for `secs` seconds.
+pub fn rr(args: &NetArgs) -> u32 {
+    let Some(peer) = args.peer else {
+        println!("rr: need peer=IP");
+        return EXIT_NET_SETUP;
+    };
+    let Ok(mut nic) = bring_up(args) else {
+        return EXIT_NET_SETUP;
+    };
+    let Ok(mut iface) = make_iface(&mut nic, args, "rr") else {
+        return EXIT_NET_SETUP;
+    };
+    let mut sockets = take_sockets();
+    let mut sock = tcp::Socket::new(
+        tcp::SocketBuffer::new(buf(&TCP_RX)),
+        tcp::SocketBuffer::new(buf(&TCP_TX)),
+    );
+    sock.set_nagle_enabled(false);
+    let h = sockets.add(sock);
+    let local_port = 49152 + (rdtsc() % 16384) as u16;
+    let remote = (IpAddress::Ipv4(peer), args.port);
+    if let Err(e) = sockets
+        .get_mut::<tcp::Socket>(h)
+        .connect(iface.context(), remote, local_port)
+    {
+        println!("rr: connect to {}:{} failed: {:?}", peer, args.port, e);
+        return EXIT_RR;
+    }
+    // Connect, bounded: 5 s (the first SYN waits for ARP).
+    let t_connect = rdtsc();
+    let deadline = tsc::Deadline::after_ns(5_000_000_000);
+    loop {
+        iface.poll(now(), &mut nic, &mut sockets);
+        let s = sockets.get_mut::<tcp::Socket>(h);
+        match s.state() {
+            tcp::State::Established => break,
+            tcp::State::Closed => {
+                println!(
+                    "rr: connect to {}:{} failed: refused or reset",
+                    peer, args.port
+                );
+                return EXIT_RR;
+            }
+            _ => {}
+        }
+        if deadline.expired() {
+            println!(
+                "rr: connect to {}:{} failed: timeout (5 s)",
+                peer, args.port
+            );
+            return EXIT_RR;
+        }
+    }
+    println!(
+        "rr: connected to {}:{} from port {} in {} us",
+        peer,
+        args.port,
+        local_port,
+        tsc::ticks_to_ns(rdtsc() - t_connect) / 1000
+    );
+
+    let (reads0, writes0) = (nic.regs.reads, nic.regs.writes);
+    let (tx0, rx0) = (nic.stats.tx_frames, nic.stats.rx_frames);
+    let t0 = rdtsc();
+    let end = t0 + tsc::ns_to_ticks(args.secs as u64 * 1_000_000_000);
+    let stall = tsc::ns_to_ticks(2_000_000_000);
+    let mut last_progress = t0;
+    let mut count: u64 = 0;
+    let mut outstanding = false;
+    let mut failure: Option<&str> = None;
+    loop {
+        let t = rdtsc();
+        if !outstanding && t >= end {
+            break;
+        }
+        iface.poll(now(), &mut nic, &mut sockets);
+        let s = sockets.get_mut::<tcp::Socket>(h);
+        if outstanding && s.can_recv() {
+            let mut b = [0u8; 64];
+            if let Ok(n) = s.recv_slice(&mut b) {
+                if n > 0 {
+                    count += n as u64;
+                    outstanding = false;
+                    last_progress = t;
+                }
+            }
+        }
+        if !outstanding && t < end && s.can_send() && s.send_slice(b"x") == Ok(1) {
+            outstanding = true;
+        }
+        if s.state() != tcp::State::Established {
+            failure = Some("connection closed by peer");
+            break;
+        }
+        if t.wrapping_sub(last_progress) > stall {
+            failure = Some("no reply for 2 s");
+            break;
+        }
+    }
+    let ns = tsc::ticks_to_ns(rdtsc() - t0).max(1);
+    let (reads, writes) = (nic.regs.reads - reads0, nic.regs.writes - writes0);
+    let (txf, rxf) = (nic.stats.tx_frames - tx0, nic.stats.rx_frames - rx0);
+
+    // Close politely, bounded (500 ms).
+    sockets.get_mut::<tcp::Socket>(h).close();
+    let deadline = tsc::Deadline::after_ns(500_000_000);
+    while !deadline.expired() {
+        iface.poll(now(), &mut nic, &mut sockets);
+        let st = sockets.get_mut::<tcp::Socket>(h).state();
+        if matches!(st, tcp::State::Closed | tcp::State::TimeWait) {
+            break;
+        }
+    }
+
+    if let Some(why) = failure {
+        println!("rr: failed after {} transactions: {}", count, why);
+        print_nic_stats(&nic, "rr");
+        return EXIT_RR;
+    }
+    let per_s_x10 = count as u128 * 10_000_000_000 / ns as u128;
+    let c = count.max(1);
+    println!(
+        "rr: per transaction: {}.{:02} register reads, {}.{:02} register writes, {}.{:02} tx frames, {}.{:02} rx frames",
+        reads / c,
+        reads * 100 / c % 100,
+        writes / c,
+        writes * 100 / c % 100,
+        txf / c,
+        txf * 100 / c % 100,
+        rxf / c,
+        rxf * 100 / c % 100
+    );
+    print_nic_stats(&nic, "rr");
+    println!(
+        "rr: {} transactions in {} s = {}.{} trans/s",
+        count,
+        args.secs,
+        per_s_x10 / 10,
+        per_s_x10 % 10
+    );
+    0
+}

@@ -1,0 +1,161 @@
+#!/bin/bash
+# Oracle run: the test guest's RTL8139 driver against QEMU's own rtl8139
+# model (an independent implementation), in C+ and C mode, over port I/O
+# and MMIO: `net=ping` and `net=rr` against a host peer.
+#
+#   scripts/oracle-qemu.sh [--elf PATH] [--secs N] [--keep-going]
+#
+# Network: everything stays inside a network namespace this script creates
+# (wbvmm-oracle-PID) with a tap at 169.254.10.1/24; the guest is
+# 169.254.10.2. The echo peer is socat in that namespace. No other backend
+# (never -netdev user). On exit (any exit) the script kills the processes
+# it started, by PID, and deletes the namespace.
+#
+# Prints "ok"/"FAIL" per case, then "N passed, M failed"; exits non-zero on
+# any failure. Needs root, /dev/kvm, qemu-system-x86, socat, iproute2.
+set -u
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/.." && pwd)
+# shellcheck source=lib/common.sh
+. "$here/lib/common.sh"
+
+elf=""
+secs=3
+while [ $# -gt 0 ]; do
+    case $1 in
+        --elf) elf=${2:?--elf needs a path}; shift 2 ;;
+        --secs) secs=${2:?--secs needs a number}; shift 2 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        *) wb_die "unknown option $1" "see $0 --help" ;;
+    esac
+done
+case $secs in ''|*[!0-9]*) wb_die "--secs wants a whole number of seconds, got '$secs'" ;; esac
+[ "$secs" -ge 1 ] && [ "$secs" -le 60 ] || wb_die "--secs must be 1..60"
+
+[ "$(id -u)" -eq 0 ] || wb_die "needs root (network namespace, tap)" "run as root"
+wb_need_cmd qemu-system-x86_64 qemu-system-x86
+wb_need_cmd socat socat
+wb_need_cmd ip iproute2
+[ -c /dev/kvm ] || wb_die "/dev/kvm missing" "run on a host with KVM"
+if [ -z "$elf" ]; then
+    elf=$("$root/guest-images/build-testguest.sh" | tail -1) || wb_die "building the test guest failed"
+fi
+[ -f "$elf" ] || wb_die "no guest ELF at $elf" "build it: guest-images/build-testguest.sh"
+
+ns=wbvmm-oracle-$$
+tap=wbor$$
+host_ip=169.254.10.1
+guest_ip=169.254.10.2
+port=7777
+closed_port=7778
+work=$(mktemp -d)
+peer_pid=""
+qemu_pid=""
+
+# Kill one PID we started, and its direct children (socat forks one per
+# connection), by PID only.
+kill_tree() {
+    local pid=$1 kids
+    [ -n "$pid" ] || return 0
+    kids=$(ps -o pid= --ppid "$pid" 2>/dev/null)
+    kill "$pid" 2>/dev/null
+    # shellcheck disable=SC2086
+    [ -n "$kids" ] && kill $kids 2>/dev/null
+    wait "$pid" 2>/dev/null
+    return 0
+}
+cleanup() {
+    kill_tree "$qemu_pid"
+    kill_tree "$peer_pid"
+    ip netns del "$ns" 2>/dev/null
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+ip netns add "$ns" || wb_die "cannot create network namespace $ns"
+ip netns exec "$ns" ip link set lo up
+ip netns exec "$ns" ip tuntap add "$tap" mode tap || wb_die "cannot create tap $tap in $ns"
+ip netns exec "$ns" ip addr add "$host_ip/24" dev "$tap"
+ip netns exec "$ns" ip link set "$tap" up
+# Echo peer: every connection echoes what it reads (PIPE). -T: a child
+# idle for 20 s goes away by itself.
+ip netns exec "$ns" socat -T 20 TCP-LISTEN:$port,bind=$host_ip,reuseaddr,fork PIPE \
+    </dev/null >"$work/socat.log" 2>&1 &
+peer_pid=$!
+# Wait (bounded) until it listens.
+for _ in $(seq 50); do
+    ip netns exec "$ns" ss -ltn 2>/dev/null | grep -q ":$port " && break
+    sleep 0.1
+done
+
+pass=0
+fail=0
+out=$work/out
+
+# run CMDLINE: boots the guest in the namespace on QEMU's rtl8139; sets rc
+# (QEMU's exit status) and $out (serial output).
+run() {
+    ip netns exec "$ns" timeout --kill-after=5 $((secs + 60)) qemu-system-x86_64 \
+        -enable-kvm -cpu qemu64,-cx16 -machine pc -m 256M -display none \
+        -serial "file:$out.raw" -no-reboot -kernel "$elf" -append "$1" \
+        -device isa-debug-exit,iobase=0xf4,iosize=4 \
+        -netdev tap,id=n0,ifname="$tap",script=no,downscript=no \
+        -device rtl8139,netdev=n0 </dev/null >"$work/qemu.out" 2>&1 &
+    qemu_pid=$!
+    wait "$qemu_pid"
+    rc=$?
+    qemu_pid=""
+    tr -d '\r' <"$out.raw" >"$out" 2>/dev/null
+    rm -f "$out.raw"
+}
+
+# check NAME WANT_RC EXTRA PATTERN...: EXTRA is printed after "ok".
+check() {
+    local name=$1 want=$2 extra=$3 ok=1 p
+    shift 3
+    [ "$rc" = "$want" ] || ok=0
+    for p in "$@"; do grep -Eq -- "$p" "$out" || ok=0; done
+    if [ $ok = 1 ]; then
+        printf 'ok   %-34s %s\n' "$name" "$extra"
+        pass=$((pass + 1))
+    else
+        printf 'FAIL %-34s (status %s, want %s); output:\n' "$name" "$rc" "$want"
+        sed 's/^/     | /' "$out"
+        [ -s "$work/qemu.out" ] && sed 's/^/     qemu| /' "$work/qemu.out"
+        fail=$((fail + 1))
+    fi
+}
+
+base="ip=$guest_ip/24 peer=$host_ip"
+mac='([0-9a-f]{2}:){5}[0-9a-f]{2}'
+pci='^pci: 00:[0-9a-f]{2}\.[0-7] 10ec:8139 rev 0x20 io=0x[0-9a-f]{4} mmio=0x[0-9a-f]{8}$'
+# QEMU isa-debug-exit: status N -> (N << 1) | 1.
+for mode in cplus c; do
+    for io in pio mmio; do
+        run "net=ping $base count=3 nic=$mode nicio=$io"
+        check "ping nic=$mode nicio=$io" 1 "" "$pci" \
+            "^net: link up mac=$mac mode=$mode io=$io\$" \
+            "^ping: reply from $host_ip seq=0 time=[0-9]+ us\$" \
+            "^ping: reply from $host_ip seq=2 time=[0-9]+ us\$" \
+            '^ping: 3 sent, 3 received'
+        run "net=rr $base port=$port secs=$secs nic=$mode nicio=$io"
+        line=$(grep -E '^rr: [0-9]+ transactions in [0-9]+ s = [0-9.]+ trans/s$' "$out" | tail -1)
+        per=$(grep -E '^rr: per transaction:' "$out" | sed 's/^rr: per transaction: //')
+        check "rr nic=$mode nicio=$io" 1 "${line#rr: } [$per]" \
+            "^net: link up mac=$mac mode=$mode io=$io\$" \
+            "^rr: [1-9][0-9]* transactions in $secs s = [0-9.]+ trans/s\$"
+    done
+done
+# Default mode: QEMU presents revision 0x20, so auto picks C+ (as Linux).
+run "net=ping $base count=1"
+check "ping nic=auto (rev 0x20 -> cplus)" 1 "" "^net: link up mac=$mac mode=cplus io=pio\$" \
+    '^ping: 1 sent, 1 received'
+# Failure paths end with a clear line and a non-zero status.
+run "net=rr $base port=$closed_port secs=1 nic=c"
+check "rr to a closed port fails (exit 10)" 21 "" "^rr: connect to $host_ip:$closed_port failed"
+run "cpuid"
+check "cpuid word" 1 "" '^cpuid: 1\.ecx=0x[0-9a-f]{8} 1\.edx=0x[0-9a-f]{8} 7\.ebx=0x[0-9a-f]{8} 7\.ecx=0x[0-9a-f]{8} 0xd\.eax=0x[0-9a-f]{8}$'
+
+echo "$pass passed, $fail failed"
+[ "$fail" -eq 0 ]
