@@ -3,7 +3,11 @@
 # model (an independent implementation), in C+ and C mode, over port I/O
 # and MMIO: `net=ping` and `net=rr` against a host peer.
 #
-#   scripts/oracle-qemu.sh [--elf PATH] [--secs N] [--keep-going]
+#   scripts/oracle-qemu.sh [--elf PATH] [--secs N] [--verbose]
+#
+#   --elf PATH   guest ELF (default: build guest-images/out/testguest.elf)
+#   --secs N     length of each net=rr run (default 3)
+#   --verbose    print the guest's serial output of every case
 #
 # Network: everything stays inside a network namespace this script creates
 # (wbvmm-oracle-PID) with a tap at 169.254.10.1/24; the guest is
@@ -21,11 +25,13 @@ root=$(cd "$here/.." && pwd)
 
 elf=""
 secs=3
+verbose=0
 while [ $# -gt 0 ]; do
     case $1 in
         --elf) elf=${2:?--elf needs a path}; shift 2 ;;
         --secs) secs=${2:?--secs needs a number}; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        --verbose) verbose=1; shift ;;
+        -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
         *) wb_die "unknown option $1" "see $0 --help" ;;
     esac
 done
@@ -118,6 +124,7 @@ check() {
     for p in "$@"; do grep -Eq -- "$p" "$out" || ok=0; done
     if [ $ok = 1 ]; then
         printf 'ok   %-34s %s\n' "$name" "$extra"
+        [ $verbose = 1 ] && sed 's/^/     | /' "$out"
         pass=$((pass + 1))
     else
         printf 'FAIL %-34s (status %s, want %s); output:\n' "$name" "$rc" "$want"
@@ -151,6 +158,14 @@ done
 run "net=ping $base count=1"
 check "ping nic=auto (rev 0x20 -> cplus)" 1 "" "^net: link up mac=$mac mode=cplus io=pio\$" \
     '^ping: 1 sent, 1 received'
+# BAR sizing/assignment (firmware assigned them; reassign at our defaults)
+# and C mode's CBR-confirmed RX path (used where no valid CRC is appended).
+run "net=rr $base port=$port secs=1 nic=c nicio=mmio nicbars=assign nicrx=cbr"
+line=$(grep -E '^rr: [0-9]+ transactions in [0-9]+ s = [0-9.]+ trans/s$' "$out" | tail -1)
+check "rr nic=c nicbars=assign nicrx=cbr" 1 "${line#rr: }" \
+    '^pci: 00:[0-9a-f]{2}\.[0-7] 10ec:8139 rev 0x20 io=0xc000 mmio=0xfebf0000$' \
+    "^net: link up mac=$mac mode=c io=mmio\$" \
+    '^rr: [1-9][0-9]* transactions in 1 s = ' '^rr: nic .* rx_cbr_reads=[1-9]'
 # Failure paths end with a clear line and a non-zero status.
 run "net=rr $base port=$closed_port secs=1 nic=c"
 check "rr to a closed port fails (exit 10)" 21 "" "^rr: connect to $host_ip:$closed_port failed"

@@ -58,6 +58,10 @@ for m in "${machines[@]}"; do
     run "$m" "int3 ud2"
     check "$m: int3 returns, ud2 exits 0x7f" 255 \
         '^exception: vector=3 ' '^int3: returned$' '^exception: vector=6 \(#UD\) error=0x0 rip=0x'
+    run "$m" "cpuid net=up ip=169.254.10.2/24"
+    check "$m: cpuid; net=up without a NIC exits 8" 17 \
+        '^cpuid: 1\.ecx=0x[0-9a-f]{8} 1\.edx=0x[0-9a-f]{8} 7\.ebx=0x[0-9a-f]{8} 7\.ecx=0x[0-9a-f]{8} 0xd\.eax=0x[0-9a-f]{8}$' \
+        '^net: no RTL8139 \(10ec:8139\) on PCI bus 0$'
     run "$m" "triple-fault"
     check "$m: triple-fault ends the VM" 0 '^triple-fault: now$'
     run "$m" "reset"

@@ -92,7 +92,10 @@ pub fn run(info: &BootInfo) -> u32 {
                 }
             }
             // Network settings: already taken before the first word.
-            ("ip" | "peer" | "count" | "port" | "secs" | "nic" | "nicio", Some(_)) => {}
+            (
+                "ip" | "peer" | "count" | "port" | "secs" | "nic" | "nicio" | "nicbars" | "nicrx",
+                Some(_),
+            ) => {}
             _ => println!("testguest: unknown word {}", word),
         }
     }

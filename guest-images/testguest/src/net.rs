@@ -46,6 +46,12 @@ pub struct NetArgs {
     pub secs: u32,
     pub nic: NicSel,
     pub io: IoSel,
+    /// `nicbars=assign`: program our own BAR addresses even when firmware
+    /// assigned some (exercises the sizing/assignment path).
+    pub force_bars: bool,
+    /// `nicrx=cbr`: C mode confirms every RX record with a CBR read
+    /// instead of checking the CRC in memory first.
+    pub rx_cbr_only: bool,
 }
 
 impl NetArgs {
@@ -58,6 +64,8 @@ impl NetArgs {
             secs: 3,
             nic: NicSel::Auto,
             io: IoSel::Pio,
+            force_bars: false,
+            rx_cbr_only: false,
         }
     }
 
@@ -108,6 +116,20 @@ impl NetArgs {
                     _ => return Err("bad nicio (pio, mmio)"),
                 }
             }
+            "nicbars" => {
+                self.force_bars = match v {
+                    "firmware" => false,
+                    "assign" => true,
+                    _ => return Err("bad nicbars (firmware, assign)"),
+                }
+            }
+            "nicrx" => {
+                self.rx_cbr_only = match v {
+                    "crc" => false,
+                    "cbr" => true,
+                    _ => return Err("bad nicrx (crc, cbr)"),
+                }
+            }
             _ => return Ok(false),
         }
         Ok(true)
@@ -148,11 +170,11 @@ pub fn bring_up(args: &NetArgs) -> Result<Nic, ()> {
     bdf.write32(0x04, (cmd & !(pci::CMD_IO | pci::CMD_MEMORY)) as u32);
     let mut bar0 = pci::read_bar(bdf, 0);
     let mut bar1 = pci::read_bar(bdf, 1);
-    if bar0.io && bar0.base == 0 {
+    if bar0.io && (bar0.base == 0 || args.force_bars) {
         pci::write_bar(bdf, 0, DEFAULT_IO_BASE);
         bar0.base = DEFAULT_IO_BASE;
     }
-    if !bar1.io && bar1.base == 0 {
+    if !bar1.io && (bar1.base == 0 || args.force_bars) {
         pci::write_bar(bdf, 1, DEFAULT_MMIO_BASE);
         bar1.base = DEFAULT_MMIO_BASE;
     }
@@ -188,7 +210,7 @@ pub fn bring_up(args: &NetArgs) -> Result<Nic, ()> {
             Bus::Mmio(bar1.base)
         }
     };
-    let nic = match Nic::init(bus, mode) {
+    let nic = match Nic::init(bus, mode, args.rx_cbr_only) {
         Ok(n) => n,
         Err(e) => {
             println!("net: init failed: {:?}", e);
