@@ -166,6 +166,14 @@ check "rr nic=c nicbars=assign nicrx=cbr" 1 "${line#rr: }" \
     '^pci: 00:[0-9a-f]{2}\.[0-7] 10ec:8139 rev 0x20 io=0xc000 mmio=0xfebf0000$' \
     "^net: link up mac=$mac mode=c io=mmio\$" \
     '^rr: [1-9][0-9]* transactions in 1 s = ' '^rr: nic .* rx_cbr_reads=[1-9]'
+# RCR.WRAP = 0: records crossing the ring end continue at its start (the
+# driver copes, for devices that ignore WRAP); with and without the CRC.
+for rx in nowrap cbr,nowrap; do
+    run "net=rr $base port=$port secs=2 nic=c nicrx=$rx"
+    line=$(grep -E '^rr: [0-9]+ transactions in [0-9]+ s = [0-9.]+ trans/s$' "$out" | tail -1)
+    check "rr nic=c nicrx=$rx" 1 "${line#rr: }" \
+        '^rr: [1-9][0-9]* transactions in 2 s = ' '^rr: nic .* rx_resets=0 rx_split=[1-9]'
+done
 # Failure paths end with a clear line and a non-zero status.
 run "net=rr $base port=$closed_port secs=1 nic=c"
 check "rr to a closed port fails (exit 10)" 21 "" "^rr: connect to $host_ip:$closed_port failed"

@@ -49,9 +49,8 @@ pub struct NetArgs {
     /// `nicbars=assign`: program our own BAR addresses even when firmware
     /// assigned some (exercises the sizing/assignment path).
     pub force_bars: bool,
-    /// `nicrx=cbr`: C mode confirms every RX record with a CBR read
-    /// instead of checking the CRC in memory first.
-    pub rx_cbr_only: bool,
+    /// `nicrx=cbr|nowrap`: C-mode RX variants (`rtl8139::RxOpts`).
+    pub rx: rtl8139::RxOpts,
 }
 
 impl NetArgs {
@@ -65,7 +64,10 @@ impl NetArgs {
             nic: NicSel::Auto,
             io: IoSel::Pio,
             force_bars: false,
-            rx_cbr_only: false,
+            rx: rtl8139::RxOpts {
+                cbr_only: false,
+                no_wrap: false,
+            },
         }
     }
 
@@ -124,11 +126,16 @@ impl NetArgs {
                 }
             }
             "nicrx" => {
-                self.rx_cbr_only = match v {
-                    "crc" => false,
-                    "cbr" => true,
-                    _ => return Err("bad nicrx (crc, cbr)"),
+                let mut o = rtl8139::RxOpts::default();
+                for part in v.split(',') {
+                    match part {
+                        "crc" | "wrap" => {}
+                        "cbr" => o.cbr_only = true,
+                        "nowrap" => o.no_wrap = true,
+                        _ => return Err("bad nicrx (crc or cbr, wrap or nowrap)"),
+                    }
                 }
+                self.rx = o;
             }
             _ => return Ok(false),
         }
@@ -210,7 +217,7 @@ pub fn bring_up(args: &NetArgs) -> Result<Nic, ()> {
             Bus::Mmio(bar1.base)
         }
     };
-    let nic = match Nic::init(bus, mode, args.rx_cbr_only) {
+    let nic = match Nic::init(bus, mode, args.rx) {
         Ok(n) => n,
         Err(e) => {
             println!("net: init failed: {:?}", e);
@@ -445,7 +452,7 @@ pub fn ping(args: &NetArgs) -> u32 {
 fn print_nic_stats(nic: &Nic, who: &str) {
     let s = &nic.stats;
     println!(
-        "{}: nic tx={} rx={} reg_reads={} reg_writes={} rx_cbr_reads={} tx_dropped={} rx_resets={}",
+        "{}: nic tx={} rx={} reg_reads={} reg_writes={} rx_cbr_reads={} tx_dropped={} rx_resets={} rx_split={}",
         who,
         s.tx_frames,
         s.rx_frames,
@@ -453,7 +460,8 @@ fn print_nic_stats(nic: &Nic, who: &str) {
         nic.regs.writes,
         s.rx_cbr_reads,
         s.tx_dropped,
-        s.rx_resets
+        s.rx_resets,
+        s.rx_split
     );
 }
 

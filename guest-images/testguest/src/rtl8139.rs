@@ -69,6 +69,7 @@ const RX_ROK: u32 = 1;
 /// 8139too's values: RXFTH none (7), 32K ring, MXDMA unlimited, WRAP,
 /// accept broadcast and own MAC.
 const RCR_C: u32 = 0x0000_f78a;
+const RCR_WRAP: u32 = 1 << 7;
 /// 8139cp's: RXFTH 5, MXDMA 4, accept broadcast and own MAC.
 const RCR_CPLUS: u32 = 0x0000_a40a;
 /// IFG 9.6 µs, MXDMA 6 (1024 B), TXRR 8 (8139too) / no TXRR (8139cp).
@@ -243,6 +244,9 @@ pub struct Stats {
     pub tx_dropped: u64,
     /// C mode: bad RX headers that forced an RX reset.
     pub rx_resets: u64,
+    /// C mode: records that crossed the ring end and continued at its start
+    /// (WRAP = 0 or a device ignoring WRAP).
+    pub rx_split: u64,
 }
 
 pub struct Nic {
@@ -266,14 +270,23 @@ pub struct Nic {
     /// index, length without CRC).
     pending: Option<(usize, usize)>,
     rx_cbr_only: bool,
+    rcr_c: u32,
+}
+
+/// C-mode RX variants, for testing the driver's paths against a model.
+#[derive(Clone, Copy, Default)]
+pub struct RxOpts {
+    /// Skip the in-memory CRC check: confirm every record with a CBR read
+    /// (what a device that appends no valid CRC costs).
+    pub cbr_only: bool,
+    /// RCR.WRAP = 0: records crossing the ring end continue at its start.
+    pub no_wrap: bool,
 }
 
 impl Nic {
     /// Reset and bring the chip up in `mode` (Linux 8139too / 8139cp order).
-    /// `rx_cbr_only`: C mode skips the in-memory CRC check and confirms
-    /// every record with a CBR read (for devices that write no CRC, and to
-    /// test that path).
-    pub fn init(bus: Bus, mode: Mode, rx_cbr_only: bool) -> Result<Nic, InitError> {
+    /// `opts`: C-mode RX test knobs (see `RxOpts`).
+    pub fn init(bus: Bus, mode: Mode, opts: RxOpts) -> Result<Nic, InitError> {
         let mut nic = Nic {
             regs: Regs {
                 bus,
@@ -293,7 +306,12 @@ impl Nic {
             cp_tx: 0,
             cp_rx: 0,
             pending: None,
-            rx_cbr_only,
+            rx_cbr_only: opts.cbr_only,
+            rcr_c: if opts.no_wrap {
+                RCR_C & !RCR_WRAP
+            } else {
+                RCR_C
+            },
         };
         // Fresh DMA memory (also after a warm restart of the words).
         unsafe { core::ptr::write_bytes(dma() as *mut u8, 0, core::mem::size_of::<Dma>()) };
@@ -349,7 +367,7 @@ impl Nic {
                 // setting transfer thresholds!"; TCR writes are ignored
                 // while TE = 0).
                 r.w8(CR, CR_RE | CR_TE);
-                r.w32(RCR, RCR_C);
+                r.w32(RCR, nic.rcr_c);
                 r.w32(TCR, TCR_C);
                 r.w8(CFG9346, CFG9346_LOCK);
                 for i in 0..C_TX_DESCS {
@@ -524,6 +542,9 @@ impl Nic {
         let status = hdr & 0xffff;
         let len = (hdr >> 16) as usize; // frame + 4-byte CRC
         let plausible = status & RX_ROK != 0 && (8..=MAX_FRAME + 4 + 4).contains(&len);
+        if plausible {
+            Self::c_rx_linearize(ring, off, len);
+        }
         if plausible && !self.rx_cbr_only {
             let frame = len - 4;
             let crc = crc32_volatile(unsafe { ring.add(off + 4) }, frame);
@@ -548,8 +569,30 @@ impl Nic {
             self.c_rx_reset();
             return false;
         }
+        Self::c_rx_linearize(ring, off, len);
         self.pending = Some((off, len - 4));
         true
+    }
+
+    /// A record that runs past the ring end lands in the slack with WRAP = 1
+    /// (as asked), or at the ring start on a device that ignores WRAP.
+    /// Both places are zero unless written (the ring is zeroed behind the
+    /// reader), so OR-ing the ring start into the slack yields the record
+    /// in one piece either way. Idempotent while the write is in progress.
+    fn c_rx_linearize(ring: *mut u8, off: usize, len: usize) {
+        let end = off + 4 + len; // header + frame + CRC
+        if end <= RX_RING {
+            return;
+        }
+        for i in 0..end - RX_RING {
+            unsafe {
+                let b = read_volatile(ring.add(i));
+                if b != 0 {
+                    let p = ring.add(RX_RING + i);
+                    write_volatile(p, read_volatile(p) | b);
+                }
+            }
+        }
     }
 
     /// 8139too's RX reset after a bad header: RE off and on, RCR again
@@ -567,7 +610,7 @@ impl Nic {
         };
         compiler_fence(Ordering::SeqCst);
         self.regs.w8(CR, cr | CR_RE);
-        self.regs.w32(RCR, RCR_C);
+        self.regs.w32(RCR, self.rcr_c);
         self.rx_off = 0;
         self.rx_unreported = 0;
     }
@@ -638,10 +681,20 @@ impl Nic {
                 // Zero the record (header, frame, CRC, padding), which may
                 // run into the slack past the ring end (WRAP = 1), so that
                 // a non-zero header always means a new record.
+                // A record past the ring end may also have its tail at the
+                // ring start (device ignoring WRAP, see c_rx_linearize):
+                // zero that too; with WRAP it is zero already.
                 let rec = (4 + len + 4 + 3) & !3;
                 unsafe {
                     let ring = core::ptr::addr_of_mut!((*dma()).rx_ring) as *mut u8;
                     core::ptr::write_bytes(ring.add(pos), 0, rec);
+                    if pos + rec > RX_RING {
+                        let tail = pos + rec - RX_RING;
+                        if (0..tail).any(|i| read_volatile(ring.add(i)) != 0) {
+                            self.stats.rx_split += 1;
+                        }
+                        core::ptr::write_bytes(ring, 0, tail);
+                    }
                 }
                 compiler_fence(Ordering::SeqCst);
                 self.rx_off = (pos + rec) % RX_RING;
