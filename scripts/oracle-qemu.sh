@@ -20,7 +20,7 @@
 set -u
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
-# shellcheck source=lib/common.sh
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
 . "$here/lib/common.sh"
 
 elf=""
@@ -36,7 +36,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 case $secs in ''|*[!0-9]*) wb_die "--secs wants a whole number of seconds, got '$secs'" ;; esac
-[ "$secs" -ge 1 ] && [ "$secs" -le 60 ] || wb_die "--secs must be 1..60"
+if [ "$secs" -lt 1 ] || [ "$secs" -gt 60 ]; then wb_die "--secs must be 1..60"; fi
 
 [ "$(id -u)" -eq 0 ] || wb_die "needs root (network namespace, tap)" "run as root"
 wb_need_cmd qemu-system-x86_64 qemu-system-x86

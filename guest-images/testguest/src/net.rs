@@ -185,7 +185,11 @@ pub fn bring_up(args: &NetArgs) -> Result<Nic, ()> {
         pci::write_bar(bdf, 1, DEFAULT_MMIO_BASE);
         bar1.base = DEFAULT_MMIO_BASE;
     }
-    bdf.set_command_bits(pci::CMD_IO | pci::CMD_MEMORY | pci::CMD_BUS_MASTER);
+    // INTx off as well: the driver polls, and on PVM hosts CPL3 runs with
+    // interrupts effectively enabled (IMR = 0 also keeps the chip quiet).
+    bdf.set_command_bits(
+        pci::CMD_IO | pci::CMD_MEMORY | pci::CMD_BUS_MASTER | pci::CMD_INTX_DISABLE,
+    );
     println!(
         "pci: {:02x}:{:02x}.{} {:04x}:{:04x} rev 0x{:02x} io=0x{:04x} mmio=0x{:08x}",
         bdf.bus, bdf.dev, bdf.func, f.vendor, f.device, f.revision, bar0.base, bar1.base

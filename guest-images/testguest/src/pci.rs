@@ -14,6 +14,7 @@ const CONFIG_DATA: u16 = 0xcfc;
 pub const CMD_IO: u16 = 1 << 0;
 pub const CMD_MEMORY: u16 = 1 << 1;
 pub const CMD_BUS_MASTER: u16 = 1 << 2;
+pub const CMD_INTX_DISABLE: u16 = 1 << 10;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Bdf {
