@@ -25,7 +25,7 @@ if [ "$KVM_OK" = 1 ]; then ./target/release/wbvmm probe || true; fi
 
 echo "== cargo test (release profile, whole workspace) =="
 # Release: the binary the user runs, and no second (debug) build of every dependency.
-cargo test --release --workspace "$@"
+cargo test --release --workspace --no-fail-fast "$@"
 
 if [ "$KVM_OK" = 0 ]; then
     echo "!!! REMINDER: /dev/kvm was unavailable; the guest-booting integration tests were SKIPPED, not passed !!!" >&2

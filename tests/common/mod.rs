@@ -108,6 +108,16 @@ pub fn wbvmm(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Output {
 
 /// Boot the test guest with `cmdline` and extra wbvmm args.
 pub fn boot_testguest(cmdline: &str, extra: &[&str], stdin: Option<&[u8]>) -> Output {
+    boot_testguest_timeout(cmdline, extra, stdin, Duration::from_secs(60))
+}
+
+/// [`boot_testguest`] with a timeout of its own, for guests with long work.
+pub fn boot_testguest_timeout(
+    cmdline: &str,
+    extra: &[&str],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+) -> Output {
     let kernel = testguest();
     let kernel = kernel.to_str().expect("utf-8 path");
     let mut args = vec![
@@ -119,7 +129,7 @@ pub fn boot_testguest(cmdline: &str, extra: &[&str], stdin: Option<&[u8]>) -> Ou
         "stdio",
     ];
     args.extend_from_slice(extra);
-    wbvmm(&args, stdin, Duration::from_secs(60))
+    wbvmm(&args, stdin, timeout)
 }
 
 /// Start wbvmm and watch its stdout until `needle` appears (true) or `timeout`
