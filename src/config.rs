@@ -17,7 +17,7 @@ pub enum ConfigError {
     MemoryUnaligned(u64),
     #[error("'{0}' is not a serial mode: use stdio, null or file=PATH")]
     BadSerial(String),
-    #[error("'{0}' is not a CPU feature edit: use a comma-separated list like -cx16,-xsave,+xsave (known: {known})", known = crate::cpuid::KNOWN_FEATURES)]
+    #[error("'{0}' is not a CPU feature edit: use a comma-separated list like -cx16,-xsave (known: {known})", known = crate::cpuid::KNOWN_FEATURES)]
     BadCpuFeature(String),
     #[error("--cpus must be at least 1")]
     ZeroCpus,
@@ -75,11 +75,10 @@ impl FromStr for SerialMode {
     }
 }
 
-/// `+name` / `-name` edits of the CPUID features shown to the guest.
+/// `-name` edits: CPUID features hidden from the guest.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct CpuFeatureEdits {
     pub hide: Vec<crate::cpuid::Feature>,
-    pub show: Vec<crate::cpuid::Feature>,
 }
 
 impl FromStr for CpuFeatureEdits {
@@ -90,11 +89,10 @@ impl FromStr for CpuFeatureEdits {
             let bad = || ConfigError::BadCpuFeature(word.to_string());
             let (sign, name) = word.split_at(1);
             let f: crate::cpuid::Feature = name.parse().map_err(|_| bad())?;
-            match sign {
-                "-" => edits.hide.push(f),
-                "+" => edits.show.push(f),
-                _ => return Err(bad()),
+            if sign != "-" {
+                return Err(bad());
             }
+            edits.hide.push(f);
         }
         Ok(edits)
     }
@@ -145,9 +143,9 @@ mod tests {
     #[test]
     fn cpu_features() {
         use crate::cpuid::Feature;
-        let e: CpuFeatureEdits = "-cx16,-xsave,+x2apic".parse().unwrap();
-        assert_eq!(e.hide, vec![Feature::Cx16, Feature::Xsave]);
-        assert_eq!(e.show, vec![Feature::X2apic]);
+        let e: CpuFeatureEdits = "-cx16,-xsave,-x2apic".parse().unwrap();
+        assert_eq!(e.hide, vec![Feature::Cx16, Feature::Xsave, Feature::X2apic]);
+        assert!("+x2apic".parse::<CpuFeatureEdits>().is_err());
         assert!("cx16".parse::<CpuFeatureEdits>().is_err());
         assert!("-nosuch".parse::<CpuFeatureEdits>().is_err());
     }

@@ -218,32 +218,11 @@ pub fn hide(cpuid: &mut CpuId, f: Feature) {
     }
 }
 
-/// Is this host's KVM the nested, paravirtual kind whose CPL0 emulator cannot run
-/// cmpxchg16b, xsave/xrstor or popcnt? Then those are hidden unless asked for.
-pub fn host_needs_feature_hiding() -> bool {
+/// Is this host's KVM the nested, paravirtual kind (PVM)? Measured there with the
+/// testguest's `cpuid` word: guest CPUID is answered by the outer hypervisor, not
+/// from the table KVM_SET_CPUID2 installs, so hiding features has no effect.
+pub fn pvm_host() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
-}
-
-/// Instructions KVM's emulator (all guest kernel code on a PVM host) cannot run,
-/// found by booting the Debian kernel: hiding them makes the kernel take its
-/// fallbacks.
-pub const HOST_EMULATOR_GAPS: [Feature; 3] = [Feature::Cx16, Feature::Xsave, Feature::Popcnt];
-
-/// The features to hide: the user's `-name` edits, plus the host-driven ones the
-/// user did not re-enable with `+name`.
-pub fn hidden_features(
-    edits: &crate::config::CpuFeatureEdits,
-    host_needs_hiding: bool,
-) -> Vec<Feature> {
-    let mut hidden = edits.hide.clone();
-    if host_needs_hiding {
-        for f in HOST_EMULATOR_GAPS {
-            if !edits.show.contains(&f) && !hidden.contains(&f) {
-                hidden.push(f);
-            }
-        }
-    }
-    hidden
 }
 
 #[cfg(test)]
@@ -349,13 +328,5 @@ mod tests {
         let l1 = *find(&mut c, 1, 0).unwrap();
         assert_eq!(l1.ecx & ((1 << 26) | (1 << 28) | (1 << 13)), 0);
         assert_eq!(find(&mut c, 0xd, 0).unwrap().eax, 0);
-    }
-
-    #[test]
-    fn host_hiding_respects_user_reenable() {
-        let edits: crate::config::CpuFeatureEdits = "+xsave,-rdrand".parse().unwrap();
-        let h = hidden_features(&edits, true);
-        assert_eq!(h, vec![Feature::Rdrand, Feature::Cx16, Feature::Popcnt]);
-        assert_eq!(hidden_features(&edits, false), vec![Feature::Rdrand]);
     }
 }

@@ -53,8 +53,8 @@ struct Cli {
     #[arg(long, value_name = "MODE", default_value = "stdio", value_parser = parse_serial)]
     serial: SerialMode,
 
-    /// Hide (-name) or keep (+name) CPU features, e.g. -cx16,-xsave. On a nested PVM
-    /// host, cx16 and xsave are hidden automatically unless given as +cx16/+xsave.
+    /// Hide CPU features from the guest's CPUID, e.g. -cx16,-xsave (known: cx16, xsave,
+    /// avx, avx2, x2apic, tsc-deadline, pdpe1gb, rdrand, rdseed, popcnt).
     #[arg(long, value_name = "LIST", default_value = "", allow_hyphen_values = true, value_parser = parse_cpu_features)]
     cpu_features: CpuFeatureEdits,
 }

@@ -392,8 +392,12 @@ impl Vmm {
         // POST codes and io_delay: no behaviour, and not worth a log line each.
         pio.insert(Arc::new(IgnoredPort { read_value: 0xff }), 0x80, 1)?;
 
-        let hidden_features =
-            cpuid::hidden_features(&config.cpu_features, cpuid::host_needs_feature_hiding());
+        let hidden_features = config.cpu_features.hide.clone();
+        if !hidden_features.is_empty() && cpuid::pvm_host() {
+            log::warn!(
+                "this host's KVM (kvm_pvm) answers guest CPUID itself: hiding {hidden_features:?} has no effect here"
+            );
+        }
         let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
         let mut vcpus = Vec::new();
         for id in 0..config.cpus {
@@ -743,12 +747,6 @@ impl IoThread {
 /// Build, run and tear down a VM; the whole life of `wbvmm --kernel ...`.
 pub fn run(config: &VmConfig) -> Result<RunReport, VmmError> {
     let vmm = Vmm::new(config)?;
-    if !vmm.hidden_features.is_empty() {
-        log::info!(
-            "hiding CPU features from the guest: {:?}",
-            vmm.hidden_features
-        );
-    }
     let running = vmm.start()?;
     Ok(running.wait())
 }
