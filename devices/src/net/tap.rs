@@ -163,7 +163,13 @@ impl Tap {
     /// TUNSETOFFLOAD: which offloaded frames the kernel may give us.
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
         // SAFETY: TUNSETOFFLOAD takes an unsigned long by value.
-        let r = unsafe { libc::ioctl(self.file.as_raw_fd(), TUNSETOFFLOAD as _, flags as libc::c_ulong) };
+        let r = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                TUNSETOFFLOAD as _,
+                flags as libc::c_ulong,
+            )
+        };
         if r < 0 {
             return Err(TapError::Ioctl {
                 name: self.name.clone(),

@@ -218,7 +218,11 @@ impl PciRoot {
     /// Add a device: validates its BARs, maps them at `placement.bar_addresses` on
     /// the PIO/MMIO buses, and starts with I/O + memory decoding enabled (as a BIOS
     /// leaves it; bus mastering stays off until the driver sets it).
-    pub fn add_device<D>(&self, dev: Arc<D>, placement: PciPlacement) -> Result<PciSlotInfo, PciError>
+    pub fn add_device<D>(
+        &self,
+        dev: Arc<D>,
+        placement: PciPlacement,
+    ) -> Result<PciSlotInfo, PciError>
     where
         D: PciDevice + BusDevice + 'static,
     {
@@ -373,7 +377,7 @@ impl PciRoot {
             // BIST 0, header type 0 (single function), latency, cache line.
             0x0C => f.cache_line as u32 | (f.latency as u32) << 8,
             0x10..=0x24 => {
-                let idx = ((reg - 0x10) / 4) as u8;
+                let idx = (reg - 0x10) / 4;
                 match f.bars.iter().find(|b| b.spec.index == idx) {
                     Some(b) => match b.spec.kind {
                         BarKind::Io => (b.addr as u32) | 1,
@@ -427,18 +431,16 @@ impl PciRoot {
                 return;
             };
             match reg {
-                0x04 => {
-                    // Low half: command. High half: status, whose error bits are
-                    // write-1-to-clear and which we never set, so it is ignored.
-                    if mask & 0xFFFF != 0 {
-                        let new = (merged as u16) & COMMAND_WRITABLE;
-                        if new != f.command {
-                            f.command = new;
-                            self.sync_bars(f);
-                        }
-                        if let Some(d) = &f.dev {
-                            notify = Some((d.clone(), new));
-                        }
+                // Low half: command. High half: status, whose error bits are
+                // write-1-to-clear and which we never set, so it is ignored.
+                0x04 if mask & 0xFFFF != 0 => {
+                    let new = (merged as u16) & COMMAND_WRITABLE;
+                    if new != f.command {
+                        f.command = new;
+                        self.sync_bars(f);
+                    }
+                    if let Some(d) = &f.dev {
+                        notify = Some((d.clone(), new));
                     }
                 }
                 0x0C => {
@@ -446,7 +448,7 @@ impl PciRoot {
                     f.latency = (merged >> 8) as u8;
                 }
                 0x10..=0x24 => {
-                    let idx = ((reg - 0x10) / 4) as u8;
+                    let idx = (reg - 0x10) / 4;
                     if let Some(pos) = f.bars.iter().position(|b| b.spec.index == idx) {
                         let b = &mut f.bars[pos];
                         let low_mask: u32 = match b.spec.kind {

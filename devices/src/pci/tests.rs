@@ -157,7 +157,10 @@ fn bar_sizing_and_moving() {
     assert_eq!(b[0], 0x10 ^ 0xA5);
     assert!(mmio.read(0xe000_00ff, &mut b));
     assert!(!mmio.read(0xe000_0100, &mut b));
-    assert_eq!(root.bar_mapping(1, 1), Some((0xe000_0000, Some(0xe000_0000))));
+    assert_eq!(
+        root.bar_mapping(1, 1),
+        Some((0xe000_0000, Some(0xe000_0000)))
+    );
     // Moving while enabled relocates directly.
     cfg_write32(&pio, 1, 0x14, 0xe000_1000);
     assert!(!mmio.read(0xe000_0000, &mut b));
@@ -184,7 +187,10 @@ fn conflicting_bar_is_unmapped_not_shadowing() {
     cfg_write32(&pio, 1, 0x14, 0xa000_0000);
     assert_eq!(root.bar_mapping(1, 1), Some((0xa000_0000, None)));
     cfg_write32(&pio, 1, 0x14, 0xb000_0000);
-    assert_eq!(root.bar_mapping(1, 1), Some((0xb000_0000, Some(0xb000_0000))));
+    assert_eq!(
+        root.bar_mapping(1, 1),
+        Some((0xb000_0000, Some(0xb000_0000)))
+    );
 }
 
 #[test]

@@ -3,7 +3,7 @@
 use super::regs::*;
 use super::{State, MAX_FRAME};
 use crate::net::csum;
-use crate::net::{ether_crc_be, crc32_ieee, RxResult};
+use crate::net::{crc32_ieee, ether_crc_be, RxResult};
 
 /// Frames shorter than this are padded (as they would be on the wire).
 const MIN_FRAME: usize = 60;

@@ -192,7 +192,9 @@ impl State {
                 csum::fix_ip_checksum(&mut f, &ip);
             }
             let l4_ok = match ip.proto {
-                csum::IPPROTO_TCP => want & TXD_TCPCS != 0 && csum::tcp_header_len(&f, &ip).is_some(),
+                csum::IPPROTO_TCP => {
+                    want & TXD_TCPCS != 0 && csum::tcp_header_len(&f, &ip).is_some()
+                }
                 csum::IPPROTO_UDP => want & TXD_UDPCS != 0,
                 _ => false,
             };
@@ -226,7 +228,12 @@ impl State {
         }
 
         let tcp = ETH_HLEN + ip.ihl;
-        let seq0 = u32::from_be_bytes([frame[tcp + 4], frame[tcp + 5], frame[tcp + 6], frame[tcp + 7]]);
+        let seq0 = u32::from_be_bytes([
+            frame[tcp + 4],
+            frame[tcp + 5],
+            frame[tcp + 6],
+            frame[tcp + 7],
+        ]);
         let id0 = u16::from_be_bytes([frame[ETH_HLEN + 4], frame[ETH_HLEN + 5]]);
         let flags0 = frame[tcp + 13];
         let nseg = payload_len.div_ceil(mss).max(1);
