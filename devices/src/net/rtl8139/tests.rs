@@ -533,7 +533,7 @@ fn c_rx_wrap_modes() {
         assert_eq!(h.r16(0x3a) as usize, 8064);
         let g = frame_to(MAC, 300);
         assert_eq!(h.dev.receive(&g), RxResult::Accepted);
-        let rec_end = 8064 + 4 + 300 + 4;
+        let rec_end: usize = 8064 + 4 + 300 + 4;
         if wrap {
             // Linear past the end.
             assert_eq!(h.peek(RING + 8064 + 4, 300), g);
