@@ -30,6 +30,8 @@
 //! a TxPoll walks at most 64 descriptors; nothing here panics on guest input.
 
 mod eeprom;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod regs;
 mod rx;
 #[cfg(test)]
@@ -666,7 +668,17 @@ impl State {
                     self.tcr = self.hwver() | (merged & TCR_WRITABLE);
                 }
             }
-            RCR => self.rcr = merged & RCR_WRITABLE,
+            RCR => {
+                let old_len = self.rcr & (3 << 11);
+                self.rcr = merged & RCR_WRITABLE;
+                if self.rcr & (3 << 11) != old_len {
+                    // A new ring geometry makes the old offsets meaningless (and
+                    // possibly beyond the new end): restart the ring. Other RCR
+                    // writes (8139too's RX-mode changes) keep the pointers.
+                    self.rx_read = 0;
+                    self.rx_write = 0;
+                }
+            }
             TCTR => {
                 self.tctr_base = Instant::now();
                 self.timer_fired = 0;

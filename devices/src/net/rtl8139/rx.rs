@@ -30,14 +30,17 @@ impl State {
     }
 
     pub(crate) fn rx_ring_empty(&self) -> bool {
-        (self.rx_read as usize % self.c_ring_size()) == self.rx_write
+        let size = self.c_ring_size();
+        (self.rx_read as usize % size) == self.rx_write % size
     }
 
     /// Free bytes in the C-mode ring; equal read/write offsets mean "empty".
     fn c_ring_free(&self) -> usize {
         let size = self.c_ring_size();
         let read = self.rx_read as usize % size;
-        let free = (size + read - self.rx_write) % size;
+        // `rx_write` is kept < size, but reduce anyway: the size comes from RCR,
+        // which the guest may change at any time.
+        let free = (size + read - self.rx_write % size) % size;
         if free == 0 {
             size
         } else {
@@ -166,7 +169,7 @@ impl State {
         self.rxbuf[0..2].copy_from_slice(&status.to_le_bytes());
         self.rxbuf[2..4].copy_from_slice(&rlen.to_le_bytes());
 
-        let w = self.rx_write;
+        let w = self.rx_write % size;
         let base = self.rbstart as u64;
         // WRAP=1 (8139too's "RxNoWrap"): write past the end into the driver's slack;
         // only the next offset wraps. No effect with the 64K ring.
