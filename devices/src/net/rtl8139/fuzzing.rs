@@ -42,7 +42,12 @@ impl Input<'_> {
         Some(u16::from_le_bytes([self.u8()?, self.u8()?]))
     }
     fn u32(&mut self) -> Option<u32> {
-        Some(u32::from_le_bytes([self.u8()?, self.u8()?, self.u8()?, self.u8()?]))
+        Some(u32::from_le_bytes([
+            self.u8()?,
+            self.u8()?,
+            self.u8()?,
+            self.u8()?,
+        ]))
     }
     fn bytes(&mut self, n: usize) -> &[u8] {
         let n = n.min(self.data.len());
@@ -144,8 +149,15 @@ pub fn run(data: &[u8]) {
                 Some(1) => dev.poll_timer(),
                 Some(2) => dev.set_link(op & 0x10 != 0),
                 Some(_) => {
-                    let cmd = if op & 0x10 != 0 { PCI_COMMAND_MASTER } else { 0 }
-                        | if op & 0x20 != 0 { PCI_COMMAND_INTX_DISABLE } else { 0 };
+                    let cmd = if op & 0x10 != 0 {
+                        PCI_COMMAND_MASTER
+                    } else {
+                        0
+                    } | if op & 0x20 != 0 {
+                        PCI_COMMAND_INTX_DISABLE
+                    } else {
+                        0
+                    };
                     dev.command_written(PCI_COMMAND_IO | cmd);
                 }
                 None => break,

@@ -35,6 +35,8 @@ pub mod fuzzing;
 pub mod regs;
 mod rx;
 #[cfg(test)]
+mod rx_prop;
+#[cfg(test)]
 mod tests;
 mod tx;
 
