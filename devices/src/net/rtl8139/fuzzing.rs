@@ -170,7 +170,7 @@ pub fn run(data: &[u8]) {
                 let w32 = |o: u64, v: u32| dev.write(0, o, &v.to_le_bytes());
                 if which & 1 == 0 {
                     w8(0x37, 0x0c);
-                    w32(0x40, 0x0300_0680 | ((which as u32 & 2) << 16) * 3);
+                    w32(0x40, 0x0300_0680 | (((which as u32 & 2) << 16) * 3));
                     w32(0x44, 0x8f | ((which as u32 >> 2) & 3) << 11);
                     w32(0x30, 0x4000);
                     w16(0x3c, 0xffff);
@@ -183,7 +183,7 @@ pub fn run(data: &[u8]) {
                     w32(0xe4, 0x2000);
                     w32(0xe8, 0);
                     w8(0x37, 0x0c);
-                    w32(0x40, 0x0300_0600 | ((which as u32 & 2) << 16) * 3);
+                    w32(0x40, 0x0300_0600 | (((which as u32 & 2) << 16) * 3));
                     w32(0x44, 0xa40f);
                     w16(0x3c, 0xffff);
                 }
