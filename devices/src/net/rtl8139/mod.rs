@@ -939,6 +939,10 @@ impl PciDevice for Rtl8139 {
         st.pci_command = command;
         if st.bus_master() && !was_master {
             st.wake_rx();
+            if !st.cplus {
+                // C-mode descriptors handed over while mastering was off.
+                st.c_tx();
+            }
         }
         self.finish(st);
     }

@@ -186,23 +186,60 @@ impl State {
         let mut f = std::mem::take(&mut self.segbuf);
         f.clear();
         f.extend_from_slice(frame);
+        let mut host_csum = None;
         // On any inconsistency the frame goes out as the guest built it.
         if let Some(ip) = csum::parse_ipv4(&f) {
             if want & TXD_IPCS != 0 {
                 csum::fix_ip_checksum(&mut f, &ip);
             }
-            let l4_ok = match ip.proto {
-                csum::IPPROTO_TCP => {
-                    want & TXD_TCPCS != 0 && csum::tcp_header_len(&f, &ip).is_some()
-                }
-                csum::IPPROTO_UDP => want & TXD_UDPCS != 0,
-                _ => false,
-            };
+            let l4_ok = !ip.fragment
+                && match ip.proto {
+                    csum::IPPROTO_TCP => {
+                        want & TXD_TCPCS != 0 && csum::tcp_header_len(&f, &ip).is_some()
+                    }
+                    csum::IPPROTO_UDP => want & TXD_UDPCS != 0 && ip.l4_len() >= 8,
+                    _ => false,
+                };
             if l4_ok {
-                csum::fix_l4_checksum(&mut f, &ip);
+                match csum::l4_csum_field(ip.proto) {
+                    Some(field) if self.sink.supports_offload() && !self.loopback_mode() => {
+                        // Leave the sum over the payload to the host kernel: the
+                        // field gets the pseudo-header sum (virtio semantics).
+                        let ps = csum::fold(csum::pseudo_sum(
+                            ip.src(&f),
+                            ip.dst(&f),
+                            ip.proto,
+                            ip.l4_len(),
+                        ));
+                        let at = ip.l4_off() + field;
+                        f[at..at + 2].copy_from_slice(&ps.to_be_bytes());
+                        host_csum = Some((ip.l4_off(), field));
+                    }
+                    _ => {
+                        csum::fix_l4_checksum(&mut f, &ip);
+                    }
+                }
             }
         }
-        self.emit(&f, vlan);
+        match host_csum {
+            Some((start, field)) => {
+                // Trailing padding beyond ip_len is left alone: the host sums
+                // from csum_start to the end of the frame, so cut it off.
+                if let Some(ip) = csum::parse_ipv4(&f) {
+                    f.truncate(ETH_HLEN + ip.ip_len);
+                }
+                let shift = if vlan.is_some() { 4 } else { 0 };
+                let off = TxOffload {
+                    csum: Some(((start + shift) as u16, field as u16)),
+                    tso4: None,
+                };
+                let out = self.with_vlan(&f, vlan);
+                let sent = self.sink.send_offload(&out, &off);
+                self.count_tx(sent, out.len());
+                self.vlanbuf = out;
+            }
+            None => self.emit(&f, vlan),
+        }
         self.segbuf = f;
         Ok(())
     }

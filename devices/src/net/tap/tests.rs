@@ -109,10 +109,27 @@ fn is_arp_reply(f: &[u8]) -> bool {
     f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] && f[28..32] == HOST_IP
 }
 
+/// ARP for the host until it answers. Retried because the host side only starts
+/// transmitting once linkwatch has activated the tap's qdisc after the attach
+/// (asynchronous, up to ~1 s); until then replies are dropped.
+fn arp_until_reply(tap: &Tap) -> Option<Vec<u8>> {
+    for _ in 0..25 {
+        tap.write_frame(&arp_request()).ok()?;
+        if let Some(r) = wait_frame_ms(tap, 200, is_arp_reply) {
+            return Some(r);
+        }
+    }
+    None
+}
+
 /// Read frames for up to `secs` until `pred` matches one.
 fn wait_frame(tap: &Tap, secs: u64, pred: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
+    wait_frame_ms(tap, secs * 1000, pred)
+}
+
+fn wait_frame_ms(tap: &Tap, ms: u64, pred: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
     let mut buf = vec![0u8; MAX_TAP_FRAME];
-    let deadline = Instant::now() + Duration::from_secs(secs);
+    let deadline = Instant::now() + Duration::from_millis(ms);
     while Instant::now() < deadline {
         let mut pfd = libc::pollfd {
             fd: tap.as_raw_fd(),
@@ -169,8 +186,7 @@ fn real_tap_busy_arp_and_nic_roundtrip() {
         );
 
         // Plain frame I/O: ARP for the host side, which answers.
-        assert!(tap.write_frame(&arp_request()).unwrap());
-        let reply = wait_frame(&tap, 5, is_arp_reply).expect("ARP reply from the host");
+        let reply = arp_until_reply(&tap).expect("ARP reply from the host");
         assert_eq!(reply[..6], GUEST_MAC);
 
         // The NIC end to end: guest C-mode TX of the ARP request through the tap,
@@ -224,8 +240,7 @@ fn vnet_hdr_offload_reaches_the_host_stack() {
         assert!(tap.vnet_hdr());
         assert!(FrameSink::supports_offload(&tap));
         // Learn the host MAC by ARP (frames come back with the header stripped).
-        tap.write_frame(&arp_request()).unwrap();
-        let reply = wait_frame(&tap, 5, is_arp_reply).expect("ARP reply");
+        let reply = arp_until_reply(&tap).expect("ARP reply");
         let host_mac: [u8; 6] = reply[6..12].try_into().unwrap();
 
         // UDP with the checksum left to the host (NEEDS_CSUM): a socket bound
