@@ -588,5 +588,7 @@ impl BusDevice for PciRoot {
     }
 }
 
+#[doc(hidden)]
+pub mod fuzzing;
 #[cfg(test)]
 mod tests;

@@ -229,3 +229,33 @@ fn add_device_errors() {
     assert!(!pio.read(0xc100, &mut b));
     assert_eq!(root.devices().len(), 2);
 }
+
+#[test]
+fn fuzz_regressions_and_corpus_replay() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    for dir in ["regressions-pci", "corpus/pci"] {
+        let Ok(rd) = std::fs::read_dir(root.join(dir)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            super::fuzzing::run(&std::fs::read(e.path()).unwrap());
+        }
+    }
+    // A few fixed inputs: sizing, moving onto another device, disabling.
+    let mut seq = Vec::new();
+    for (port, v) in [
+        (0u8, 0x10u32),
+        (4, 0xffff_ffff),
+        (0, 0x14),
+        (4, 0xfec0_0000),
+        (0, 0x04),
+        (4, 0),
+        (4, 3),
+    ] {
+        seq.push(4);
+        seq.push(port);
+        seq.extend_from_slice(&v.to_le_bytes());
+        seq.push(0);
+    }
+    super::fuzzing::run(&seq);
+}
