@@ -376,6 +376,12 @@ impl State {
 
     /// Put one finished frame on the wire, or on the loopback queue.
     pub(crate) fn emit(&mut self, frame: &[u8], vlan: Option<u16>) {
+        if vlan.is_none() && !self.loopback_mode() {
+            // The common case: straight from the TX buffer to the sink, no copy.
+            let sent = self.sink.send(frame);
+            self.count_tx(sent, frame.len());
+            return;
+        }
         let out = self.with_vlan(frame, vlan);
         if self.loopback_mode() {
             // Delivered by `drain_loopback` after this TX walk returns: never
