@@ -409,6 +409,19 @@ impl Rtl8139 {
         self.finish(st);
     }
 
+    /// Device reset (VM reset / PCI reset): the chip's power-on state. The MAC comes
+    /// back from the EEPROM; counters in [`Rtl8139::stats`] are kept.
+    pub fn reset(&self) {
+        let mut st = self.lock();
+        st.reset();
+        st.rcr = 0;
+        st.mar = [0; 8];
+        st.tsad = [0; 4];
+        st.mpc = 0;
+        st.pci_command = 0;
+        self.finish(st);
+    }
+
     pub fn stats(&self) -> Rtl8139Stats {
         self.lock().stats
     }
