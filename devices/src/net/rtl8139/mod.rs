@@ -410,7 +410,8 @@ impl Rtl8139 {
     }
 
     /// Device reset (VM reset / PCI reset): the chip's power-on state. The MAC comes
-    /// back from the EEPROM; counters in [`Rtl8139::stats`] are kept.
+    /// back from the EEPROM; counters in [`Rtl8139::stats`] are kept. The PCI command
+    /// register is the root's and stays as it is.
     pub fn reset(&self) {
         let mut st = self.lock();
         st.reset();
@@ -418,7 +419,6 @@ impl Rtl8139 {
         st.mar = [0; 8];
         st.tsad = [0; 4];
         st.mpc = 0;
-        st.pci_command = 0;
         self.finish(st);
     }
 
