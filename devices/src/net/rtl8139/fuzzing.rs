@@ -74,12 +74,13 @@ pub fn run(data: &[u8]) {
             revision,
         },
         mem.clone(),
-        irq,
+        irq.clone(),
         Arc::new(CheckSink),
     ) else {
         return;
     };
     dev.command_written(PCI_COMMAND_IO | PCI_COMMAND_MASTER);
+    let mut intx_disabled = false;
     let mut inp = Input { data };
     let mut frame = Vec::with_capacity(2048);
     // Bounded by the input length: every op consumes at least one byte.
@@ -158,6 +159,7 @@ pub fn run(data: &[u8]) {
                     } else {
                         0
                     };
+                    intx_disabled = cmd & PCI_COMMAND_INTX_DISABLE != 0;
                     dev.command_written(PCI_COMMAND_IO | cmd);
                 }
                 None => break,
@@ -188,7 +190,7 @@ pub fn run(data: &[u8]) {
                     w16(0x3c, 0xffff);
                 }
             }
-            _ => {
+            8 => {
                 // TxPoll / TSD doorbells directly.
                 let Some(v) = inp.u8() else { break };
                 if v & 0x80 != 0 {
@@ -199,7 +201,19 @@ pub fn run(data: &[u8]) {
                     dev.write(0, 0x10 + 4 * n, &size.to_le_bytes());
                 }
             }
+            _ => unreachable!(),
         }
+        // The line follows ISR & IMR (level semantics) after every operation.
+        let mut isr = [0u8; 2];
+        let mut imr = [0u8; 2];
+        dev.read(0, 0x3e, &mut isr);
+        dev.read(0, 0x3c, &mut imr);
+        let want = u16::from_le_bytes(isr) & u16::from_le_bytes(imr) != 0 && !intx_disabled;
+        assert_eq!(
+            irq.level.load(std::sync::atomic::Ordering::SeqCst),
+            want,
+            "IRQ level out of step with ISR & IMR"
+        );
     }
     // The device must still answer and its ids must be intact.
     let _ = dev.ids();
