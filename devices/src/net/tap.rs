@@ -30,8 +30,8 @@ const VIRTIO_NET_HDR_F_NEEDS_CSUM: u8 = 1;
 const VIRTIO_NET_HDR_GSO_NONE: u8 = 0;
 const VIRTIO_NET_HDR_GSO_TCPV4: u8 = 1;
 
-/// Largest frame read from the tap (with the vnet header).
-pub const MAX_TAP_FRAME: usize = 65536 + VNET_HDR_LEN;
+/// Buffer size for [`Tap::read_frame`]: the largest frame a tap can hand over.
+pub const MAX_TAP_FRAME: usize = 65536;
 
 #[derive(Debug, Error)]
 pub enum TapError {
@@ -195,10 +195,28 @@ impl Tap {
     }
 
     /// Read one frame into `buf` (the vnet header, if any, is stripped). `Ok(None)`
-    /// when nothing is queued. `buf` should hold [`MAX_TAP_FRAME`] bytes.
+    /// when nothing is queued. `buf` should hold [`MAX_TAP_FRAME`] bytes (a longer
+    /// frame is truncated by the kernel).
     pub fn read_frame(&self, buf: &mut [u8]) -> Result<Option<usize>, TapError> {
-        // SAFETY: reading into a valid, writable slice.
-        let n = unsafe { libc::read(self.file.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        let mut hdr = [0u8; VNET_HDR_LEN];
+        // The vnet header (if any) lands in its own buffer: no memmove of the frame.
+        let iov = [
+            libc::iovec {
+                iov_base: hdr.as_mut_ptr().cast(),
+                iov_len: hdr.len(),
+            },
+            libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            },
+        ];
+        let (ptr, cnt) = if self.vnet_hdr {
+            (iov.as_ptr(), 2)
+        } else {
+            (iov[1..].as_ptr(), 1)
+        };
+        // SAFETY: the iovecs point at live, writable buffers for the call.
+        let n = unsafe { libc::readv(self.file.as_raw_fd(), ptr, cnt) };
         if n < 0 {
             let e = io::Error::last_os_error();
             if e.kind() == io::ErrorKind::WouldBlock {
@@ -211,11 +229,7 @@ impl Tap {
         }
         let n = n as usize;
         if self.vnet_hdr {
-            if n < VNET_HDR_LEN {
-                return Ok(Some(0));
-            }
-            buf.copy_within(VNET_HDR_LEN..n, 0);
-            return Ok(Some(n - VNET_HDR_LEN));
+            return Ok(Some(n.saturating_sub(VNET_HDR_LEN)));
         }
         Ok(Some(n))
     }
