@@ -85,7 +85,7 @@ pub fn run(data: &[u8]) {
     let mut frame = Vec::with_capacity(2048);
     // Bounded by the input length: every op consumes at least one byte.
     while let Some(op) = inp.u8() {
-        match op % 9 {
+        match op % 10 {
             0 => {
                 let (Some(sz), Some(off), Some(v)) = (inp.u8(), inp.u8(), inp.u32()) else {
                     break;
@@ -200,6 +200,46 @@ pub fn run(data: &[u8]) {
                     let size = (v as u32 >> 2) * 64;
                     dev.write(0, 0x10 + 4 * n, &size.to_le_bytes());
                 }
+            }
+            9 => {
+                // A C+ TX frame with fuzzer-chosen IPv4/TCP/UDP header fields and
+                // offload bits: the CVE-2015-5165 / MSS-0 territory.
+                let (Some(vihl), Some(ip_len), Some(proto), Some(doff), Some(plen), Some(cmd)) = (
+                    inp.u8(),
+                    inp.u16(),
+                    inp.u8(),
+                    inp.u8(),
+                    inp.u16(),
+                    inp.u32(),
+                ) else {
+                    break;
+                };
+                let plen = plen as usize % 4000;
+                frame.clear();
+                frame.extend_from_slice(&[0x52, 0x54, 0, 1, 2, 3, 2, 0, 0, 0, 0, 9, 0x08, 0x00]);
+                let ihl = ((vihl & 0xf) as usize * 4).max(20);
+                frame.push(vihl);
+                frame.push(0);
+                frame.extend_from_slice(&ip_len.to_be_bytes());
+                frame.extend_from_slice(&[
+                    0, 1, 0, 0, 64, proto, 0, 0, 169, 254, 0, 1, 169, 254, 0, 2,
+                ]);
+                frame.resize(14 + ihl, 0);
+                let l4 = frame.len();
+                frame.resize(l4 + 20, 0);
+                frame[l4 + 12] = doff;
+                frame[l4 + 13] = 0x19;
+                frame.extend(std::iter::repeat_n(0xA5, plen));
+                let len = frame.len() as u32;
+                let _ = mem.write(0x4000, &frame);
+                let opts1 = (1 << 31) | (3 << 28) | (cmd & 0x0FFF_0000) | len;
+                let mut d = [0u8; 16];
+                d[0..4].copy_from_slice(&opts1.to_le_bytes());
+                d[4..8].copy_from_slice(&(cmd & 0x2_FFFF).to_le_bytes());
+                d[8..12].copy_from_slice(&0x4000u32.to_le_bytes());
+                let idx = (cmd >> 28) as u64 & 3;
+                let _ = mem.write(0x1000 + 16 * idx, &d);
+                dev.write(0, 0xd9, &[0x40]);
             }
             _ => unreachable!(),
         }
