@@ -22,6 +22,27 @@
 //! - The timer (TCTR/TimerInt): call [`Rtl8139::poll_timer`] at
 //!   [`Rtl8139::next_timer_deadline`]; register accesses also check it.
 //!
+//! ```text
+//! let tap = Arc::new(Tap::open("tap0", TapOptions { vnet_hdr: true })?);
+//! let nic = Arc::new(Rtl8139::new(
+//!     Rtl8139Config { mac, revision: REVISION_CPLUS },
+//!     dma.clone(), irq_line.clone(), tap.clone())?);
+//! let pci = Arc::new(PciRoot::new(pio_bus.clone(), mmio_bus.clone()));
+//! pio_bus.insert(pci.clone(), PciRoot::CONFIG_PORT, PciRoot::CONFIG_LEN)?;
+//! let slot = pci.add_device(nic.clone(), PciPlacement {
+//!     device: None, irq: 11, bar_addresses: vec![0xc000, 0xfebf_f000] })?;
+//! // MP table: bus 0, source bus IRQ slot.mp_source_bus_irq() (dev << 2 | INTA),
+//! // routed to IOAPIC pin slot.irq, level-triggered, active low.
+//!
+//! // I/O thread, tap readable (and after rx_space_event fired):
+//! while nic.can_receive() {
+//!     match tap.read_frame(&mut buf)? {
+//!         Some(n) => if nic.receive(&buf[..n]) == RxResult::RingFull { break },
+//!         None => break,
+//!     }
+//! }
+//! ```
+//!
 //! # Safety against the guest
 //! Every length and address the guest controls goes through checked arithmetic
 //! and the all-or-nothing [`GuestDma`]; TX frames are assembled in buffers cut to
