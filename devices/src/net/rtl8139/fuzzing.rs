@@ -244,10 +244,12 @@ pub fn run(data: &[u8]) {
             _ => unreachable!(),
         }
         // The line follows ISR & IMR (level semantics) after every operation.
+        // IMR first: the ISR read may raise TimeOut (the timer is checked on every
+        // access) and updates the line in the same locked section.
         let mut isr = [0u8; 2];
         let mut imr = [0u8; 2];
-        dev.read(0, 0x3e, &mut isr);
         dev.read(0, 0x3c, &mut imr);
+        dev.read(0, 0x3e, &mut isr);
         let want = u16::from_le_bytes(isr) & u16::from_le_bytes(imr) != 0 && !intx_disabled;
         assert_eq!(
             irq.level.load(std::sync::atomic::Ordering::SeqCst),
