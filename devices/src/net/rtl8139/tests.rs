@@ -1231,3 +1231,81 @@ fn concurrent_rx_and_register_traffic() {
     h.w16(0x3e, 0xffff);
     assert!(!h.level());
 }
+
+#[test]
+fn linux_8139too_probe_and_open_sequence() {
+    // Register by register as 8139too's probe/open/xmit/rx do (reference §8).
+    let h = H::new(REVISION_C);
+    h.w8(0x5b, b'R');
+    let tcr = h.r32(0x40);
+    assert_ne!(tcr, 0xffff_ffff);
+    assert_eq!(tcr & 0x7cc0_0000, HWVER_8139C);
+    let c1 = h.r8(0x52);
+    h.w8(0x50, 0xc0);
+    h.w8(0x52, c1 | 1);
+    h.w8(0x50, 0);
+    h.w8(0x37, 0x10);
+    let mut polls = 0;
+    while h.r8(0x37) & 0x10 != 0 {
+        polls += 1;
+        assert!(polls < 1000);
+    }
+    assert_ne!(linux_read_eeprom(&h, 0, 8, 5), 0x8129);
+    // open / hw_start
+    h.w8(0x50, 0xc0);
+    h.w32(0x00, u32::from_le_bytes([MAC[0], MAC[1], MAC[2], MAC[3]]));
+    h.w32(0x04, u32::from_le_bytes([MAC[4], MAC[5], 0, 0]));
+    h.w32(0x30, RING as u32);
+    h.w8(0x37, 0x0c);
+    h.w32(0x44, 0x0000_f78a);
+    h.w32(0x40, 0x0300_0680);
+    assert_eq!(h.r32(0x40), HWVER_8139C | 0x0300_0680);
+    h.w8(0x59, h.r8(0x59) & !0x20);
+    h.w8(0x50, 0);
+    for i in 0..4 {
+        h.w32(0x20 + 4 * i, 0x1_0000 + 1536 * i as u32);
+    }
+    h.w32(0x4c, 0);
+    h.w32(0x44, 0x0000_f78a);
+    h.w32(0x08, 0xffff_ffff);
+    h.w32(0x0c, 0xffff_ffff);
+    h.w16(0x5c, h.r16(0x5c) & 0xf000);
+    assert_eq!(h.r8(0x37) & 0x0c, 0x0c);
+    h.w16(0x3c, 0xc07f);
+    // xmit
+    let f = frame_to([0xff; 6], 42);
+    let mut padded = f.clone();
+    padded.resize(60, 0);
+    h.poke(0x1_0000, &padded);
+    h.w32(0x10, 0x0008_0000 | 60);
+    assert_eq!(h.sink.take(), vec![padded]);
+    // interrupt: ack all but RX, reclaim TX.
+    let status = h.r16(0x3e);
+    assert_eq!(status & 0xc07f & INT_TOK, INT_TOK);
+    h.w16(0x3e, status & !0x59);
+    let tsd = h.r32(0x10);
+    assert!(tsd & (TSD_TOK | TSD_TUN | TSD_TABT) != 0);
+    // rx poll
+    h.dev.receive(&frame_to(MAC, 100));
+    assert!(h.level());
+    let status = h.r16(0x3e);
+    h.w16(0x3e, status & !0x59);
+    h.w16(0x3c, 0xc02e);
+    let mut cur_rx: u32 = 0;
+    let mut got = 0;
+    while h.r8(0x37) & CR_BUFE == 0 {
+        let off = cur_rx % 32768;
+        let hdr = h.mem.read_u32(RING + off as u64).unwrap();
+        let size = hdr >> 16;
+        assert!(size <= 1796 && size >= 8 && hdr & 1 == 1);
+        got += 1;
+        cur_rx = (cur_rx + size + 4 + 3) & !3;
+        h.w16(0x38, (cur_rx as u16).wrapping_sub(16));
+        if h.r16(0x3e) & 0x51 != 0 {
+            h.w16(0x3e, 0x51);
+        }
+    }
+    assert_eq!(got, 1);
+    h.w16(0x3c, 0xc07f);
+    assert!(!h.level());
+}
