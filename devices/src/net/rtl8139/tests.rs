@@ -1297,7 +1297,7 @@ fn linux_8139too_probe_and_open_sequence() {
         let off = cur_rx % 32768;
         let hdr = h.mem.read_u32(RING + off as u64).unwrap();
         let size = hdr >> 16;
-        assert!(size <= 1796 && size >= 8 && hdr & 1 == 1);
+        assert!((8..=1796).contains(&size) && hdr & 1 == 1);
         got += 1;
         cur_rx = (cur_rx + size + 4 + 3) & !3;
         h.w16(0x38, (cur_rx as u16).wrapping_sub(16));
