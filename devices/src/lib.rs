@@ -8,6 +8,8 @@ pub mod bus;
 pub mod dma;
 pub mod irq;
 pub mod legacy;
+pub mod net;
+pub mod pci;
 
 pub use bus::{Bus, BusDevice, BusError};
 pub use dma::{DmaError, GuestDma, VecGuestMemory};
