@@ -628,6 +628,9 @@ impl SlotRegistry {
                     w.free.insert(id);
                     self.publish(|next| {
                         next.index.remove(o.gpa);
+                        if let Some(m) = &old.owned {
+                            next.keep.retain(|k| !Arc::ptr_eq(k, m));
+                        }
                     });
                     self.count.fetch_sub(1, Ordering::Relaxed);
                     log::error!("slot {id}: create failed ({source}) and restore failed ({e})");

@@ -242,7 +242,7 @@ impl<T: RangeItem> WbTree<T> {
             };
         }
         if !self.bound_holds(top) {
-            top = self.rebuild(top);
+            top = self.rebuild(top, parent_w);
         }
         top
     }
@@ -327,7 +327,7 @@ impl<T: RangeItem> WbTree<T> {
         T: Clone,
     {
         let root = self.root;
-        let (new_root, removed) = self.remove_at(root, start);
+        let (new_root, removed) = self.remove_at(root, start, None);
         self.root = new_root;
         let idx = removed?;
         self.free.push(idx);
@@ -335,19 +335,21 @@ impl<T: RangeItem> WbTree<T> {
     }
 
     /// Returns the new subtree root and the arena index of the unlinked node.
-    fn remove_at(&mut self, x: u32, start: u64) -> (u32, Option<u32>) {
+    /// `parent_w` is the weight of `x`'s parent after the removal (if it happens).
+    fn remove_at(&mut self, x: u32, start: u64, parent_w: Option<u64>) -> (u32, Option<u32>) {
         if x == NIL {
             return (NIL, None);
         }
+        let my_w = self.w(x) - 1;
         let xs = self.node(x).item.start();
         let (mut top, removed) = if start < xs {
             let l = self.node(x).left;
-            let (c, r) = self.remove_at(l, start);
+            let (c, r) = self.remove_at(l, start, Some(my_w));
             self.node_mut(x).left = c;
             (x, r)
         } else if start > xs {
             let rt = self.node(x).right;
-            let (c, r) = self.remove_at(rt, start);
+            let (c, r) = self.remove_at(rt, start, Some(my_w));
             self.node_mut(x).right = c;
             (x, r)
         } else {
@@ -359,7 +361,7 @@ impl<T: RangeItem> WbTree<T> {
                 return (l, Some(x));
             }
             // Two children: the in-order successor takes x's place.
-            let (new_r, succ) = self.remove_min(r);
+            let (new_r, succ) = self.remove_min(r, my_w);
             self.node_mut(succ).left = l;
             self.node_mut(succ).right = new_r;
             (succ, Some(x))
@@ -367,36 +369,38 @@ impl<T: RangeItem> WbTree<T> {
         if removed.is_some() {
             self.fix_count(top);
             if !self.bound_holds(top) {
-                top = self.rebuild(top);
+                top = self.rebuild(top, parent_w);
             }
         }
         (top, removed)
     }
 
     /// Unlink the minimum of the subtree at `x` (non-empty); returns (new root, min node).
-    fn remove_min(&mut self, x: u32) -> (u32, u32) {
+    fn remove_min(&mut self, x: u32, parent_w: u64) -> (u32, u32) {
         let l = self.node(x).left;
         if l == NIL {
             let r = self.node(x).right;
             return (r, x);
         }
-        let (c, m) = self.remove_min(l);
+        let my_w = self.w(x) - 1;
+        let (c, m) = self.remove_min(l, my_w);
         self.node_mut(x).left = c;
         self.fix_count(x);
         let top = if self.bound_holds(x) {
             x
         } else {
-            self.rebuild(x)
+            self.rebuild(x, Some(parent_w))
         };
         (top, m)
     }
 
-    /// Rebuild the subtree at `x` (see the module doc); returns its new root.
-    fn rebuild(&mut self, x: u32) -> u32 {
+    /// Rebuild the subtree at `x` (see the module doc); returns its new root. `parent_w` is
+    /// the weight of `x`'s parent, which bounds the weights of `x`'s new children.
+    fn rebuild(&mut self, x: u32, parent_w: Option<u64>) -> u32 {
         self.rebuilds += 1;
         let mut ids = Vec::with_capacity(self.count(x) as usize);
         self.collect(x, &mut ids);
-        self.build(&ids)
+        self.build(&ids, parent_w.map_or(u64::MAX, |p| p / 2))
     }
 
     fn collect(&self, x: u32, out: &mut Vec<u32>) {
@@ -415,23 +419,30 @@ impl<T: RangeItem> WbTree<T> {
         }
     }
 
-    /// Build a subtree from nodes already in address order. At each level the root is the
-    /// largest range among the ranks that keep both sides within 2/3 of the weight.
-    fn build(&mut self, ids: &[u32]) -> u32 {
+    /// Build a subtree from nodes already in address order, each child of its root weighing
+    /// at most `cap`. At each level the root is the largest range among the ranks allowed,
+    /// so big ranges end up on top. Children of big subtrees (weight >= SLACK_FROM) get a
+    /// tighter cap (4/9 instead of 1/2 of the weight) so that many updates must happen before
+    /// the subtree can violate the bound again (amortisation); small subtrees take the
+    /// loosest shape, which lets skewed layouts become heap-ordered by size.
+    fn build(&mut self, ids: &[u32], cap: u64) -> u32 {
+        const SLACK_FROM: u64 = 128;
         if ids.is_empty() {
             return NIL;
         }
         let m = ids.len() as u64;
-        // Side weights are l+1 and m-l; both must be <= 2(m+1)/3.
-        let lo = (m + 1).saturating_sub(2 * (m + 1) / 3).max(1) - 1; // smallest l
-        let hi = (2 * (m + 1) / 3 - 1).min(m - 1); // largest l
+        let w = m + 1;
+        let child_cap = if w >= SLACK_FROM { 4 * w / 9 } else { w / 2 };
+        // Child weights (l + 1, m - l) must fit both `cap` and what their own children allow.
+        let c = cap.min(2 * child_cap).max(1);
+        let lo = m.saturating_sub(c); // m - l <= c
+        let hi = (c - 1).min(m - 1); // l + 1 <= c
+        let mid = ids.len() / 2;
         let (lo, hi) = if lo <= hi {
             (lo as usize, hi as usize)
         } else {
-            let mid = ids.len() / 2;
-            (mid, mid)
+            (mid, mid) // unreachable when the caller's cap is feasible
         };
-        let mid = ids.len() / 2;
         let mut best = lo;
         for k in lo..=hi {
             let wk = self.node(ids[k]).item.weight();
@@ -442,8 +453,8 @@ impl<T: RangeItem> WbTree<T> {
             }
         }
         let root = ids[best];
-        let l = self.build(&ids[..best]);
-        let r = self.build(&ids[best + 1..]);
+        let l = self.build(&ids[..best], child_cap);
+        let r = self.build(&ids[best + 1..], child_cap);
         let n = self.node_mut(root);
         n.left = l;
         n.right = r;
@@ -538,7 +549,7 @@ mod tests {
             t.insert(r).unwrap();
             t.check_invariants().unwrap();
         }
-        assert_eq!(t.lookup(5 * g).1, 1, "5 GiB slot at the root");
+        assert_eq!(t.lookup(5 * g).1, 1, "5 GiB slot at the root:\n{}", t.dump());
         assert_eq!(t.lookup(g).1, 2, "3 GiB slot right below");
         assert_eq!(t.lookup(0xfe00_0000).0, None);
     }
@@ -570,5 +581,22 @@ mod tests {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+impl<T: RangeItem + std::fmt::Debug> WbTree<T> {
+    pub(crate) fn dump(&self) -> String {
+        fn d<T: RangeItem + std::fmt::Debug>(t: &WbTree<T>, i: u32, depth: usize, out: &mut String) {
+            if i == NIL {
+                return;
+            }
+            d(t, t.node(i).right, depth + 1, out);
+            out.push_str(&format!("{}{:x?} c={}\n", "  ".repeat(depth), t.node(i).item, t.node(i).count));
+            d(t, t.node(i).left, depth + 1, out);
+        }
+        let mut s = String::new();
+        d(self, self.root, 0, &mut s);
+        s
     }
 }
