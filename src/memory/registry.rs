@@ -112,7 +112,8 @@ impl FakeBackend {
     /// Let `skip` calls succeed, then fail the following `count` calls with `EFAULT`.
     pub fn fail_calls(&self, skip: u32, count: u32) {
         self.fail_count.store(count, Ordering::SeqCst);
-        self.fail_in.store(i64::from(skip), Ordering::SeqCst);
+        let arm = if count == 0 { -1 } else { i64::from(skip) };
+        self.fail_in.store(arm, Ordering::SeqCst);
     }
 
     /// Slots as KVM would hold them: id → (gpa, size, host_addr, flags).
