@@ -85,7 +85,7 @@ impl<B: SlotBackend + ?Sized> SlotBackend for Arc<B> {
 /// limit, no overlap between slots, no resizing a live slot) and can be told to fail.
 pub struct FakeBackend {
     limit: u32,
-    slots: Mutex<std::collections::BTreeMap<u32, (u64, u64, u64, u32)>>,
+    slots: Mutex<FakeSlots>,
     /// Calls left before injected failures start; negative = none armed.
     fail_in: std::sync::atomic::AtomicI64,
     /// How many consecutive calls fail once armed.
@@ -119,7 +119,8 @@ impl FakeBackend {
     /// Slots as KVM would hold them: id → (gpa, size, host_addr, flags).
     pub fn slots(&self) -> Vec<(u32, u64, u64, u64, u32)> {
         let s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        s.iter()
+        s.by_id
+            .iter()
             .map(|(&id, &(g, sz, h, f))| (id, g, sz, h, f))
             .collect()
     }
@@ -153,32 +154,48 @@ impl SlotBackend for FakeBackend {
         if slot >= self.limit {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
-        let mut s = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut guard = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let st = &mut *guard;
         if size == 0 {
-            return match s.remove(&slot) {
-                Some(_) => Ok(()),
+            return match st.by_id.remove(&slot) {
+                Some((g, ..)) => {
+                    st.by_gpa.remove(&g);
+                    Ok(())
+                }
                 None => Err(io::Error::from_raw_os_error(libc::EINVAL)),
             };
         }
-        if let Some(&(g, sz, _, _)) = s.get(&slot) {
+        if let Some(&(g, sz, _, _)) = st.by_id.get(&slot) {
             // KVM allows only flag changes on a live slot.
             if g != gpa || sz != size {
                 return Err(io::Error::from_raw_os_error(libc::EINVAL));
             }
         }
-        if s
-            .iter()
-            .any(|(&id, &(g, sz, _, _))| id != slot && gpa < g + sz && g < gpa + size)
-        {
+        // Overlap with another slot: the last slot starting below our end must end at or
+        // before our start (slots never overlap each other, so one check suffices).
+        let end = gpa.checked_add(size).ok_or(io::Error::from_raw_os_error(libc::EINVAL))?;
+        let clash = st
+            .by_gpa
+            .range(..end)
+            .next_back()
+            .is_some_and(|(&g, &id)| id != slot && st.by_id.get(&id).is_some_and(|v| g + v.1 > gpa));
+        if clash {
             return Err(io::Error::from_raw_os_error(libc::EEXIST));
         }
-        s.insert(slot, (gpa, size, host_addr, flags));
+        st.by_id.insert(slot, (gpa, size, host_addr, flags));
+        st.by_gpa.insert(gpa, slot);
         Ok(())
     }
 
     fn max_slots(&self) -> u32 {
         self.limit
     }
+}
+
+#[derive(Default)]
+struct FakeSlots {
+    by_id: std::collections::BTreeMap<u32, (u64, u64, u64, u32)>,
+    by_gpa: std::collections::BTreeMap<u64, u32>,
 }
 
 /// An anonymous mapping owned by the registry; unmapped on drop.
