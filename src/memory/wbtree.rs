@@ -17,10 +17,11 @@
 //! 1. **Order**: in-order traversal lists the ranges by address; ranges never overlap.
 //! 2. **Count bound (hard)**: for every node `x` and every grandchild `g` of `x`
 //!    (empty grandchildren included), `2 * w(g) <= w(x)`.
-//! 3. **Size preference (soft)**: a newly inserted range is rotated above its parent while
-//!    it is larger than the parent *and* the rotation keeps (2) at every node whose
-//!    grandchildren change. Rebuilt subtrees put, at each level, the largest range among the
-//!    ranks that keep both children within 2/3 of the subtree's weight at the top.
+//! 3. **Size preference (soft)**: sizes compare by class, `floor(log2(size))`. A newly
+//!    inserted range is rotated above its parent while its class is larger than the
+//!    parent's *and* the rotation keeps (2) at every node whose grandchildren change.
+//!    Rebuilt subtrees put, at each level, the range of the largest class among the ranks
+//!    that (2) allows at the top, the one closest to the middle on ties.
 //!
 //! (2) halves the weight every two levels, so a path from the root visits at most
 //! `2 * log2(n + 1) - 1` nodes: `depth <= 2 * ceil(log2(n + 1)) + 2` for any insertion
@@ -32,12 +33,14 @@
 //!
 //! Insert and remove walk one root-to-leaf path; only the counts on that path change, so
 //! after the child call returns each path node re-checks (2) for itself. A violating node
-//! has its subtree rebuilt (a scapegoat-tree style rebuild, `O(m log m)` for `m` nodes). The
-//! rebuild keeps every child within 2/3 of its parent's weight, so grandchildren end at most
-//! at 4/9 < 1/2 of the weight: a node can only violate again after a number of updates
-//! proportional to its subtree (amortised `O(log n)` per update in practice; an adversary
-//! that alternates large inserts at one end with inserts on the other side can force more
-//! rebuilds than a red-black tree would, which the benchmark's update cost shows).
+//! has its subtree rebuilt (a scapegoat-tree style rebuild, `O(m log m)` for `m` nodes).
+//! When sizes are similar the rebuild is balanced, leaving slack under (2), so a node can
+//! only violate again after a number of updates proportional to its subtree (amortised
+//! `O(log n)`, as in a scapegoat tree). A range much larger than its neighbours may be
+//! placed at the edge of the bound, and then a few updates on the heavy side can force a
+//! rebuild again: with strongly skewed sizes the worst case is a rebuild per update. The
+//! registry copies the index on every update anyway (`O(n)`), and the benchmark reports
+//! the update cost.
 //!
 //! Nodes live in one `Vec` arena with `u32` links: cloning the tree (the registry publishes
 //! copy-on-write snapshots) is a single `memcpy`, and a lookup touches no allocator state.
@@ -45,6 +48,14 @@
 use super::index::{Overlap, RangeItem};
 
 const NIL: u32 = u32::MAX;
+
+/// Size class: `floor(log2(size))`. Ranges within a factor of two of each other are "the
+/// same size" for the tree's ordering; this keeps equal-ish sizes balanced (as a biased
+/// search tree does with its integer ranks) instead of chasing small differences.
+#[inline]
+fn class(size: u64) -> u32 {
+    63 - size.max(1).leading_zeros()
+}
 
 #[derive(Clone, Debug)]
 struct Node<T> {
@@ -232,7 +243,7 @@ impl<T: RangeItem> WbTree<T> {
         };
         let mut top = x;
         if child == new
-            && self.node(new).item.weight() > self.node(x).item.weight()
+            && class(self.node(new).item.weight()) > class(self.node(x).item.weight())
             && self.rotation_keeps_bound(x, go_left, parent_w)
         {
             top = if go_left {
@@ -421,18 +432,18 @@ impl<T: RangeItem> WbTree<T> {
 
     /// Build a subtree from nodes already in address order, each child of its root weighing
     /// at most `cap`. At each level the root is the largest range among the ranks allowed,
-    /// so big ranges end up on top. Children of big subtrees (weight >= SLACK_FROM) get a
-    /// tighter cap (4/9 instead of 1/2 of the weight) so that many updates must happen before
-    /// the subtree can violate the bound again (amortisation); small subtrees take the
-    /// loosest shape, which lets skewed layouts become heap-ordered by size.
+    /// so big ranges end up on top. Sizes are compared by class (`floor(log2(size))`), and
+    /// among the largest class the rank closest to the middle wins: equal or similar sizes
+    /// give a balanced subtree, which has slack under the bound (so many updates must
+    /// happen before it is rebuilt again), while a range at least twice as large as all
+    /// others in reach goes on top even at the edge of the bound.
     fn build(&mut self, ids: &[u32], cap: u64) -> u32 {
-        const SLACK_FROM: u64 = 128;
         if ids.is_empty() {
             return NIL;
         }
         let m = ids.len() as u64;
         let w = m + 1;
-        let child_cap = if w >= SLACK_FROM { 4 * w / 9 } else { w / 2 };
+        let child_cap = w / 2;
         // Child weights (l + 1, m - l) must fit both `cap` and what their own children allow.
         let c = cap.min(2 * child_cap).max(1);
         let lo = m.saturating_sub(c); // m - l <= c
@@ -445,9 +456,9 @@ impl<T: RangeItem> WbTree<T> {
         };
         let mut best = lo;
         for k in lo..=hi {
-            let wk = self.node(ids[k]).item.weight();
-            let wb = self.node(ids[best]).item.weight();
-            // Larger wins; on a tie prefer the rank closer to the middle (better balance).
+            let wk = class(self.node(ids[k]).item.weight());
+            let wb = class(self.node(ids[best]).item.weight());
+            // Larger class wins; on a tie prefer the rank closer to the middle.
             if wk > wb || (wk == wb && k.abs_diff(mid) < best.abs_diff(mid)) {
                 best = k;
             }
