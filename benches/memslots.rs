@@ -61,17 +61,21 @@ struct Layout {
 
 fn pc() -> Layout {
     let r = [
-        (0, 640 * K, false),              // low RAM
-        (0xc0000, 128 * K, true),         // option ROMs
-        (0xe0000, 128 * K, true),         // isa-bios
-        (M, 3 * G - M, false),            // RAM 1M-3G
-        (0xfd00_0000, 16 * M, false),     // VGA BAR (RAM-backed)
-        (0xfffc_0000, 256 * K, true),     // BIOS
-        (4 * G, 5 * G, false),            // high RAM
+        (0, 640 * K, false),          // low RAM
+        (0xc0000, 128 * K, true),     // option ROMs
+        (0xe0000, 128 * K, true),     // isa-bios
+        (M, 3 * G - M, false),        // RAM 1M-3G
+        (0xfd00_0000, 16 * M, false), // VGA BAR (RAM-backed)
+        (0xfffc_0000, 256 * K, true), // BIOS
+        (4 * G, 5 * G, false),        // high RAM
     ];
     Layout {
         name: "pc",
-        slots: r.iter().enumerate().map(|(i, &(g, s, ro))| slot(i, g, s, ro)).collect(),
+        slots: r
+            .iter()
+            .enumerate()
+            .map(|(i, &(g, s, ro))| slot(i, g, s, ro))
+            .collect(),
         // rtl8139 BAR, IOAPIC, LAPIC: all in the hole below 4 GiB.
         hot_misses: [0xfebf_1000 + 0x37, 0xfec0_0000, 0xfee0_00b0],
     }
@@ -274,7 +278,11 @@ fn nodes_report(test_mode: bool) -> Value {
         for s in STREAMS {
             let addrs = stream(&l, s);
             let skip_knuth = test_mode && l.slots.len() > 509;
-            let opt = if skip_knuth { None } else { optimal_bst(&l, &addrs) };
+            let opt = if skip_knuth {
+                None
+            } else {
+                optimal_bst(&l, &addrs)
+            };
             let mut per = BTreeMap::new();
             let mut line = format!("{:<12} {:<12}", l.name, s);
             for (k, idx) in &idxs {
@@ -390,12 +398,15 @@ fn update_benches(c: &mut Criterion, test_mode: bool) {
     for kind in SlotIndexKind::ALL {
         let mut idx = build(kind, &l);
         idx.remove(victim.gpa);
-        g.bench_function(format!("equal{n}/index-insert+remove/{}", kind.name()), |b| {
-            b.iter(|| {
-                idx.insert(black_box(victim)).expect("slot is free");
-                black_box(idx.remove(victim.gpa))
-            })
-        });
+        g.bench_function(
+            format!("equal{n}/index-insert+remove/{}", kind.name()),
+            |b| {
+                b.iter(|| {
+                    idx.insert(black_box(victim)).expect("slot is free");
+                    black_box(idx.remove(victim.gpa))
+                })
+            },
+        );
         let reg = SlotRegistry::new(FakeBackend::new(32764), kind);
         for s in &l.slots {
             if s.gpa != victim.gpa {
@@ -404,16 +415,19 @@ fn update_benches(c: &mut Criterion, test_mode: bool) {
                     .expect("fresh registry accepts the layout");
             }
         }
-        g.bench_function(format!("equal{n}/registry-add+remove/{}", kind.name()), |b| {
-            b.iter(|| {
-                // SAFETY: as above.
-                let id = unsafe {
-                    reg.add_mapped(victim.gpa, victim.host_addr, victim.size, SlotFlags::NONE)
-                }
-                .expect("slot is free");
-                black_box(reg.remove(id).expect("just added"))
-            })
-        });
+        g.bench_function(
+            format!("equal{n}/registry-add+remove/{}", kind.name()),
+            |b| {
+                b.iter(|| {
+                    // SAFETY: as above.
+                    let id = unsafe {
+                        reg.add_mapped(victim.gpa, victim.host_addr, victim.size, SlotFlags::NONE)
+                    }
+                    .expect("slot is free");
+                    black_box(reg.remove(id).expect("just added"))
+                })
+            },
+        );
     }
     g.finish();
 }

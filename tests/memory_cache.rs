@@ -57,7 +57,8 @@ fn routes_devices_rom_and_holes() {
     let bus = Bus::new();
     let d: Arc<dyn BusDevice> = Arc::new(Dummy);
     reg.add_ram(0, 0x10_0000, SlotFlags::NONE).unwrap();
-    reg.add_ram(0xf_0000_0000, 0x1000, SlotFlags::READONLY).unwrap();
+    reg.add_ram(0xf_0000_0000, 0x1000, SlotFlags::READONLY)
+        .unwrap();
     // Two devices sharing one page, and one covering several pages.
     bus.insert(d.clone(), 0xfeb0_0000, 0x100).unwrap();
     bus.insert(d.clone(), 0xfeb0_0100, 0x20).unwrap();
@@ -80,7 +81,11 @@ fn routes_devices_rom_and_holes() {
                 (0x5000, true),
             ] {
                 let got = want_of(&r.route_mmio(addr, w, &snap, &bus));
-                assert_eq!(got, oracle(addr, w, &snap, &bus), "addr {addr:#x} write {w}");
+                assert_eq!(
+                    got,
+                    oracle(addr, w, &snap, &bus),
+                    "addr {addr:#x} write {w}"
+                );
             }
         }
         let st = r.stats();
@@ -221,10 +226,17 @@ fn concurrent_changes_never_give_stale_answers() {
             }
             Want::Unmapped => {
                 let in_rom = snap.lookup(addr).is_some();
-                !in_rom && js.clone().any(|j| !(base(j)..base(j) + 0x400).contains(&addr))
+                !in_rom
+                    && js
+                        .clone()
+                        .any(|j| !(base(j)..base(j) + 0x400).contains(&addr))
             }
         };
-        assert!(ok, "addr {addr:#x}: {got:?} not valid for bus gens {g0}..{g1}, slot gen {}", snap.generation());
+        assert!(
+            ok,
+            "addr {addr:#x}: {got:?} not valid for bus gens {g0}..{g1}, slot gen {}",
+            snap.generation()
+        );
         checked += 1;
         if round % 4096 == 0 && writer.is_finished() {
             break;
@@ -233,6 +245,9 @@ fn concurrent_changes_never_give_stale_answers() {
     stop.store(true, Ordering::Relaxed);
     let j = writer.join().unwrap();
     let st = r.stats();
-    eprintln!("checked {checked} answers over {j} relocations; cache {:?}", st.miss_cache);
+    eprintln!(
+        "checked {checked} answers over {j} relocations; cache {:?}",
+        st.miss_cache
+    );
     assert!(st.miss_cache.hits > 0 && st.miss_cache.invalidations > 0);
 }

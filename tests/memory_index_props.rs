@@ -154,7 +154,7 @@ proptest! {
             0 => 1,                 // equal
             1 => k + 1,             // increasing with address
             2 => n as u64 - k,      // decreasing
-            _ => if k % 2 == 0 { 1 } else { 1 << 20 }, // alternating
+            _ => if k.is_multiple_of(2) { 1 } else { 1 << 20 }, // alternating
         };
         let mut t = WbTree::new();
         for &k in &keys {
@@ -176,6 +176,9 @@ fn slot_index_names_parse() {
         assert_eq!(k.name().parse::<SlotIndexKind>().unwrap(), k);
     }
     let e = "splay".parse::<SlotIndexKind>().unwrap_err().to_string();
-    assert!(e.contains("linear, size-sorted, binary, btree, wbtree"), "{e}");
+    assert!(
+        e.contains("linear, size-sorted, binary, btree, wbtree"),
+        "{e}"
+    );
     assert_eq!(SlotIndexKind::default(), SlotIndexKind::Wbtree);
 }

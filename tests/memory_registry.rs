@@ -20,7 +20,8 @@ fn grows_to_a_4096_limit_for_every_index() {
     for kind in SlotIndexKind::ALL {
         let limit = 4096;
         let (be, r) = reg(limit, kind);
-        let layout = split_layout(&[(0, 0xc000_0000), (0x1_0000_0000, 0x4000_0000)], limit).unwrap();
+        let layout =
+            split_layout(&[(0, 0xc000_0000), (0x1_0000_0000, 0x4000_0000)], limit).unwrap();
         assert_eq!(layout.len(), 4096);
         for (i, &(gpa, size)) in layout.iter().enumerate() {
             // SAFETY: the fake backend never touches host memory and no DMA is done here.
@@ -45,7 +46,10 @@ fn grows_to_a_4096_limit_for_every_index() {
             r.remove(id).unwrap();
         }
         let ids: Vec<u32> = (0..3)
-            .map(|k| unsafe { r.add_mapped(0xf000_0000 + k * 0x1000, HOST, 0x1000, SlotFlags::NONE) }.unwrap())
+            .map(|k| {
+                unsafe { r.add_mapped(0xf000_0000 + k * 0x1000, HOST, 0x1000, SlotFlags::NONE) }
+                    .unwrap()
+            })
             .collect();
         assert_eq!(ids, vec![7, 300, 4000]);
         r.check_consistent(&be.slots()).unwrap();

@@ -74,7 +74,12 @@ impl<V> PageCache<V> {
     /// Look `page` up at generation `gen`; `valid` may reject an entry for this access (it
     /// is then a miss). Returns the entry's position for [`PageCache::at`].
     #[inline]
-    pub fn probe(&mut self, page: u64, gen: Generation, valid: impl FnOnce(&V) -> bool) -> Option<usize> {
+    pub fn probe(
+        &mut self,
+        page: u64,
+        gen: Generation,
+        valid: impl FnOnce(&V) -> bool,
+    ) -> Option<usize> {
         let i = Self::slot_of(page);
         match &self.entries[i] {
             Some(e) if e.page == page => {

@@ -77,7 +77,10 @@ impl GuestRamDma {
     // locked instruction. Two threads sharing one handle may lose an increment; that only
     // affects statistics.
     fn bump(c: &AtomicU64, by: u64) {
-        c.store(c.load(Ordering::Relaxed).wrapping_add(by), Ordering::Relaxed);
+        c.store(
+            c.load(Ordering::Relaxed).wrapping_add(by),
+            Ordering::Relaxed,
+        );
     }
 
     fn lookup(&self, snap: &MemSnapshot, gpa: u64) -> Option<Slot> {

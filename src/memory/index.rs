@@ -74,7 +74,7 @@ fn check_nonempty<T: RangeItem>(item: &T) -> Result<(), Overlap> {
     }
 }
 
-fn scan_overlap<'a, T: RangeItem>(v: &'a [T], start: u64, end: u64) -> Option<&'a T> {
+fn scan_overlap<T: RangeItem>(v: &[T], start: u64, end: u64) -> Option<&T> {
     v.iter().find(|r| start < r.end() && r.start() < end)
 }
 

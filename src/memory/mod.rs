@@ -25,9 +25,7 @@ pub use index::{
     AnyIndex, BTreeIndex, BinaryIndex, LinearIndex, Overlap, RangeIndex, RangeItem,
     SizeSortedIndex, SlotIndexKind, UnknownSlotIndex,
 };
-pub use registry::{
-    split_layout, FakeBackend, MemSnapshot, SlotBackend, SlotProbe, SlotRegistry,
-};
+pub use registry::{split_layout, FakeBackend, MemSnapshot, SlotBackend, SlotProbe, SlotRegistry};
 pub use stats::{IndexStats, MemoryStats, MissCacheStats, MmioStats};
 pub use wbtree::WbTree;
 

@@ -24,8 +24,14 @@ use super::{MemoryError, Slot, SlotFlags, SlotId, PAGE_SIZE};
 
 /// How the registry talks to KVM. `size == 0` deletes the slot.
 pub trait SlotBackend: Send + Sync {
-    fn set_slot(&self, slot: u32, gpa: u64, size: u64, host_addr: u64, flags: u32)
-        -> io::Result<()>;
+    fn set_slot(
+        &self,
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        host_addr: u64,
+        flags: u32,
+    ) -> io::Result<()>;
     /// `KVM_CAP_NR_MEMSLOTS`: slot ids are `0..max_slots()`.
     fn max_slots(&self) -> u32;
 }
@@ -148,7 +154,8 @@ impl SlotBackend for FakeBackend {
             if left <= 1 {
                 self.fail_in.store(-1, Ordering::SeqCst);
             }
-            self.fail_count.store(left.saturating_sub(1), Ordering::SeqCst);
+            self.fail_count
+                .store(left.saturating_sub(1), Ordering::SeqCst);
             return Err(io::Error::from_raw_os_error(libc::EFAULT));
         }
         if slot >= self.limit {
@@ -173,12 +180,12 @@ impl SlotBackend for FakeBackend {
         }
         // Overlap with another slot: the last slot starting below our end must end at or
         // before our start (slots never overlap each other, so one check suffices).
-        let end = gpa.checked_add(size).ok_or(io::Error::from_raw_os_error(libc::EINVAL))?;
-        let clash = st
-            .by_gpa
-            .range(..end)
-            .next_back()
-            .is_some_and(|(&g, &id)| id != slot && st.by_id.get(&id).is_some_and(|v| g + v.1 > gpa));
+        let end = gpa
+            .checked_add(size)
+            .ok_or(io::Error::from_raw_os_error(libc::EINVAL))?;
+        let clash = st.by_gpa.range(..end).next_back().is_some_and(|(&g, &id)| {
+            id != slot && st.by_id.get(&id).is_some_and(|v| g + v.1 > gpa)
+        });
         if clash {
             return Err(io::Error::from_raw_os_error(libc::EEXIST));
         }
@@ -375,7 +382,7 @@ fn validate(gpa: u64, size: u64, flags: SlotFlags) -> Result<(), MemoryError> {
     if size == 0 {
         return Err(MemoryError::ZeroSize { gpa });
     }
-    if gpa % PAGE_SIZE != 0 || size % PAGE_SIZE != 0 {
+    if !gpa.is_multiple_of(PAGE_SIZE) || !size.is_multiple_of(PAGE_SIZE) {
         return Err(MemoryError::Unaligned { gpa, size });
     }
     if gpa.checked_add(size).is_none() {
@@ -484,7 +491,7 @@ impl SlotRegistry {
         flags: SlotFlags,
     ) -> Result<SlotId, MemoryError> {
         validate(gpa, size, flags)?;
-        if host_addr % PAGE_SIZE != 0 {
+        if !host_addr.is_multiple_of(PAGE_SIZE) {
             return Err(MemoryError::UnalignedHost { gpa, host_addr });
         }
         let mut w = self.lock();
@@ -652,7 +659,10 @@ impl SlotRegistry {
                     });
                     self.count.fetch_sub(1, Ordering::Relaxed);
                     log::error!("slot {id}: create failed ({source}) and restore failed ({e})");
-                    Err(MemoryError::RollbackFailed { slot: id, source: e })
+                    Err(MemoryError::RollbackFailed {
+                        slot: id,
+                        source: e,
+                    })
                 }
             };
         }
@@ -818,9 +828,17 @@ impl SlotRegistry {
                 return Err(format!("free id {id} is in use"));
             }
         }
-        let owned = w.table.iter().flatten().filter(|r| r.owned.is_some()).count();
+        let owned = w
+            .table
+            .iter()
+            .flatten()
+            .filter(|r| r.owned.is_some())
+            .count();
         if owned != snap.keep.len() {
-            return Err(format!("{owned} owned mappings, snapshot keeps {}", snap.keep.len()));
+            return Err(format!(
+                "{owned} owned mappings, snapshot keeps {}",
+                snap.keep.len()
+            ));
         }
         Ok(())
     }
@@ -852,11 +870,8 @@ pub fn split_layout(
     }
     let mut count = vec![1u64; ranges.len()];
     // Max-heap on the current largest piece (ceil(pages / count)) of each range.
-    let mut heap: std::collections::BinaryHeap<(u64, usize)> = pages
-        .iter()
-        .enumerate()
-        .map(|(i, &p)| (p, i))
-        .collect();
+    let mut heap: std::collections::BinaryHeap<(u64, usize)> =
+        pages.iter().enumerate().map(|(i, &p)| (p, i)).collect();
     let mut left = n - ranges.len() as u64;
     while left > 0 {
         let Some((_, i)) = heap.pop() else { break };
@@ -898,7 +913,12 @@ mod tests {
         for i in 0..limit as u64 {
             // SAFETY: the fake backend and these tests never dereference the host address.
             let id = unsafe {
-                r.add_mapped(BASE + i * 0x2000, host + i * 0x1000, 0x1000, SlotFlags::NONE)
+                r.add_mapped(
+                    BASE + i * 0x2000,
+                    host + i * 0x1000,
+                    0x1000,
+                    SlotFlags::NONE,
+                )
             }
             .unwrap();
             assert_eq!(id as u64, i);
@@ -909,7 +929,10 @@ mod tests {
         assert_eq!(r.len(), 600);
         let g = r.generation();
         let e = unsafe { r.add_mapped(0, host, 0x1000, SlotFlags::NONE) }.unwrap_err();
-        assert!(matches!(e, MemoryError::TooManySlots { limit: 600, .. }), "{e}");
+        assert!(
+            matches!(e, MemoryError::TooManySlots { limit: 600, .. }),
+            "{e}"
+        );
         assert_eq!(r.generation(), g, "failed change publishes nothing");
         r.remove(17).unwrap();
         r.remove(3).unwrap();
@@ -928,12 +951,25 @@ mod tests {
         let a = r.add_ram(0x10_0000, 0x10_000, SlotFlags::NONE).unwrap();
         let snap = r.snapshot();
         let cases: Vec<(Result<SlotId, MemoryError>, &str)> = vec![
-            (r.add_ram(0x10_8000, 0x10_000, SlotFlags::NONE), "overlaps slot 0"),
-            (r.add_ram(0x20_0000, 0, SlotFlags::NONE), "size 0"),
-            (r.add_ram(0x20_0800, 0x1000, SlotFlags::NONE), "not 4 KiB aligned"),
-            (r.add_ram(u64::MAX - 0xfff, 0x2000, SlotFlags::NONE), "past the end"),
             (
-                r.add_ram(0x20_0000, 0x1000, SlotFlags::from_bits(0).unwrap() | SlotFlags(8)),
+                r.add_ram(0x10_8000, 0x10_000, SlotFlags::NONE),
+                "overlaps slot 0",
+            ),
+            (r.add_ram(0x20_0000, 0, SlotFlags::NONE), "size 0"),
+            (
+                r.add_ram(0x20_0800, 0x1000, SlotFlags::NONE),
+                "not 4 KiB aligned",
+            ),
+            (
+                r.add_ram(u64::MAX - 0xfff, 0x2000, SlotFlags::NONE),
+                "past the end",
+            ),
+            (
+                r.add_ram(
+                    0x20_0000,
+                    0x1000,
+                    SlotFlags::from_bits(0).unwrap() | SlotFlags(8),
+                ),
                 "unsupported",
             ),
         ];
@@ -963,7 +999,10 @@ mod tests {
         be.fail_after(0);
         assert!(r.remove(a).is_err());
         r.check_consistent(&be.slots()).unwrap();
-        assert!(matches!(r.remove(99), Err(MemoryError::NoSuchSlot { slot: 99 })));
+        assert!(matches!(
+            r.remove(99),
+            Err(MemoryError::NoSuchSlot { slot: 99 })
+        ));
     }
 
     #[test]
@@ -978,7 +1017,11 @@ mod tests {
         let s2 = r.slot(a).unwrap();
         assert_eq!(s2.size, 0x8000);
         // SAFETY: as above, the new mapping is 0x8000 bytes.
-        assert_eq!(unsafe { *(s2.host_addr as *const u8).add(5) }, 42, "contents kept");
+        assert_eq!(
+            unsafe { *(s2.host_addr as *const u8).add(5) },
+            42,
+            "contents kept"
+        );
         assert!(r.resize(a, 0x10_1000).is_err(), "would overlap slot b");
         r.resize(a, 0x1000).unwrap();
         r.move_slot(b, 0x30_0000).unwrap();
@@ -1008,7 +1051,10 @@ mod tests {
         assert!(max - min <= 2 * PAGE_SIZE * 1024, "{max:#x} {min:#x}");
         let total: u64 = s.iter().map(|p| p.1).sum();
         assert_eq!(total, 4 * g);
-        assert!(split_layout(&ranges, 1).is_err(), "one slot cannot cover a hole");
+        assert!(
+            split_layout(&ranges, 1).is_err(),
+            "one slot cannot cover a hole"
+        );
         assert!(split_layout(&[(0, 0x3000)], 4).is_err());
         assert_eq!(split_layout(&[(0, 0x3000)], 3).unwrap().len(), 3);
         assert!(split_layout(&[(0x800, 0x3000)], 1).is_err());

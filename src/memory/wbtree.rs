@@ -494,12 +494,7 @@ impl<T: RangeItem> WbTree<T> {
 
     /// Check order, counts and the count bound everywhere (tests and debug use).
     pub fn check_invariants(&self) -> Result<(), String> {
-        fn walk<T: RangeItem>(
-            t: &WbTree<T>,
-            i: u32,
-            lo: u64,
-            hi: u64,
-        ) -> Result<u32, String> {
+        fn walk<T: RangeItem>(t: &WbTree<T>, i: u32, lo: u64, hi: u64) -> Result<u32, String> {
             if i == NIL {
                 return Ok(0);
             }
@@ -528,6 +523,32 @@ impl<T: RangeItem> WbTree<T> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl<T: RangeItem + std::fmt::Debug> WbTree<T> {
+        pub(crate) fn dump(&self) -> String {
+            fn d<T: RangeItem + std::fmt::Debug>(
+                t: &WbTree<T>,
+                i: u32,
+                depth: usize,
+                out: &mut String,
+            ) {
+                if i == NIL {
+                    return;
+                }
+                d(t, t.node(i).right, depth + 1, out);
+                out.push_str(&format!(
+                    "{}{:x?} c={}\n",
+                    "  ".repeat(depth),
+                    t.node(i).item,
+                    t.node(i).count
+                ));
+                d(t, t.node(i).left, depth + 1, out);
+            }
+            let mut s = String::new();
+            d(self, self.root, 0, &mut s);
+            s
+        }
+    }
 
     #[derive(Clone, Debug, PartialEq)]
     struct R(u64, u64);
@@ -560,7 +581,12 @@ mod tests {
             t.insert(r).unwrap();
             t.check_invariants().unwrap();
         }
-        assert_eq!(t.lookup(5 * g).1, 1, "5 GiB slot at the root:\n{}", t.dump());
+        assert_eq!(
+            t.lookup(5 * g).1,
+            1,
+            "5 GiB slot at the root:\n{}",
+            t.dump()
+        );
         assert_eq!(t.lookup(g).1, 2, "3 GiB slot right below");
         assert_eq!(t.lookup(0xfe00_0000).0, None);
     }
@@ -572,7 +598,13 @@ mod tests {
                 (0..n as u64).collect(),
                 (0..n as u64).rev().collect(),
                 (0..n as u64)
-                    .map(|i| if i % 2 == 0 { i / 2 } else { n as u64 - 1 - i / 2 })
+                    .map(|i| {
+                        if i % 2 == 0 {
+                            i / 2
+                        } else {
+                            n as u64 - 1 - i / 2
+                        }
+                    })
                     .collect(),
             ];
             for order in orders {
@@ -592,22 +624,5 @@ mod tests {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-impl<T: RangeItem + std::fmt::Debug> WbTree<T> {
-    pub(crate) fn dump(&self) -> String {
-        fn d<T: RangeItem + std::fmt::Debug>(t: &WbTree<T>, i: u32, depth: usize, out: &mut String) {
-            if i == NIL {
-                return;
-            }
-            d(t, t.node(i).right, depth + 1, out);
-            out.push_str(&format!("{}{:x?} c={}\n", "  ".repeat(depth), t.node(i).item, t.node(i).count));
-            d(t, t.node(i).left, depth + 1, out);
-        }
-        let mut s = String::new();
-        d(self, self.root, 0, &mut s);
-        s
     }
 }
