@@ -450,6 +450,8 @@ fn main() {
     let mut c = Criterion::default()
         .configure_from_args()
         .sample_size(10)
+        // The default 100k bootstrap resamples cost more than the measurement itself.
+        .nresamples(1000)
         .warm_up_time(Duration::from_millis(50))
         .measurement_time(Duration::from_millis(150))
         .without_plots();

@@ -499,6 +499,62 @@ impl SlotRegistry {
         self.add_locked(&mut w, gpa, size, host_addr, flags, None)
     }
 
+    /// Register guest RAM that lives in one caller-owned host mapping, split over `nslots`
+    /// slots with [`split_layout`]. `ram_ranges` are the guest RAM ranges in address order
+    /// (e.g. below and above the PCI hole); they are laid out back to back in host memory
+    /// from `host_base`, so range `k` starts at `host_base + sum(sizes of ranges before k)`.
+    /// All or nothing: if any slot fails, the ones already added are removed again.
+    ///
+    /// # Safety
+    ///
+    /// As for [`SlotRegistry::add_mapped`], for the whole host range
+    /// `[host_base, host_base + sum(sizes))`.
+    pub unsafe fn add_mapped_split(
+        &self,
+        ram_ranges: &[(u64, u64)],
+        host_base: u64,
+        nslots: u32,
+        flags: SlotFlags,
+    ) -> Result<Vec<SlotId>, MemoryError> {
+        let pieces = split_layout(ram_ranges, nslots)?;
+        let free = (self.limit as usize).saturating_sub(self.len());
+        if pieces.len() > free {
+            return Err(MemoryError::TooManySlots {
+                gpa: pieces.first().map_or(0, |p| p.0),
+                limit: self.limit,
+            });
+        }
+        // Host offset of each range: ranges are packed in host memory in the given order.
+        let mut host_of_range = Vec::with_capacity(ram_ranges.len());
+        let mut off = 0u64;
+        for &(gpa, size) in ram_ranges {
+            host_of_range.push((gpa, size, host_base + off));
+            off += size;
+        }
+        let mut ids = Vec::with_capacity(pieces.len());
+        for &(gpa, size) in &pieces {
+            let host = host_of_range
+                .iter()
+                .find(|&&(g, s, _)| gpa >= g && gpa + size <= g + s)
+                .map(|&(g, _, h)| h + (gpa - g));
+            // split_layout only returns pieces inside the given ranges.
+            let Some(host) = host else { continue };
+            // SAFETY: the caller's contract covers the whole host range.
+            match unsafe { self.add_mapped(gpa, host, size, flags) } {
+                Ok(id) => ids.push(id),
+                Err(e) => {
+                    for &id in ids.iter().rev() {
+                        if let Err(re) = self.remove(id) {
+                            log::error!("cannot undo slot {id} after a failed split: {re}");
+                        }
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(ids)
+    }
+
     fn check_free(&self, w: &WriterState, gpa: u64, size: u64) -> Result<(), MemoryError> {
         let snap = self.current.load();
         if let Some(s) = snap.overlapping(gpa, size) {
@@ -1036,6 +1092,34 @@ mod tests {
         assert_eq!(r.generation(), g + 2);
         assert_eq!(r.table_capacity(), 0);
         r.check_consistent(&be.slots()).unwrap();
+    }
+
+    #[test]
+    fn add_mapped_split_packs_ranges_and_rolls_back() {
+        let (be, r) = reg(16);
+        let g = 1u64 << 30;
+        let ram = [(0, 3 * g), (4 * g, 2 * g)];
+        let host = 0x7f00_0000_0000u64;
+        // SAFETY: fake backend; host memory is never touched.
+        let ids = unsafe { r.add_mapped_split(&ram, host, 5, SlotFlags::NONE) }.unwrap();
+        assert_eq!(ids.len(), 5);
+        let snap = r.load();
+        assert_eq!(snap.lookup(4 * g).unwrap().host_addr, host + 3 * g);
+        assert_eq!(
+            snap.lookup(g + 5).unwrap().host_addr_of(g + 5),
+            host + g + 5
+        );
+        assert!(snap.lookup(3 * g).is_none());
+        for id in ids {
+            r.remove(id).unwrap();
+        }
+        // A failure on the fourth slot removes the first three again.
+        be.fail_after(3);
+        assert!(unsafe { r.add_mapped_split(&ram, host, 5, SlotFlags::NONE) }.is_err());
+        assert!(r.is_empty());
+        r.check_consistent(&be.slots()).unwrap();
+        let e = unsafe { r.add_mapped_split(&ram, host, 17, SlotFlags::NONE) }.unwrap_err();
+        assert!(matches!(e, MemoryError::TooManySlots { .. }), "{e}");
     }
 
     #[test]
