@@ -145,13 +145,14 @@ impl<T: RangeItem> WbTree<T> {
         while i != NIL {
             visited += 1;
             let n = &self.nodes[i as usize];
-            if addr < n.item.start() {
-                i = n.left;
-            } else if addr >= n.item.end() {
-                i = n.right;
-            } else {
+            let start = n.item.start();
+            // One compare for containment: a hit near the root (the big ranges) exits early,
+            // and the branch is well predicted either way.
+            if addr.wrapping_sub(start) < n.item.end() - start {
                 return (Some(&n.item), visited);
             }
+            // Direction as a select, not a branch: random addresses would mispredict it.
+            i = if addr < start { n.left } else { n.right };
         }
         (None, visited)
     }
