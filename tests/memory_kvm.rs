@@ -49,7 +49,7 @@ fn kvm_registry_add_remove_grow() {
         assert!(dma.write(0xfffc_0000, &[1]).is_err());
         reg.remove(rom).unwrap();
     }
-    // KVM itself rejects an overlap the registry did not see (slot added behind its back).
+    // Overlaps are rejected before KVM is asked.
     let e = reg
         .add_ram(0x1_0000_0000, 0x1000, SlotFlags::NONE)
         .unwrap_err();

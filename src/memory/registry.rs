@@ -351,7 +351,12 @@ struct WriterState {
     table: Vec<Option<Record>>,
     /// Ids below `table.len()` that are free; the lowest is reused first.
     free: BTreeSet<u32>,
+    /// The previously published snapshot and the change that turned it into the current
+    /// one (see `publish`).
+    spare: Option<(Arc<MemSnapshot>, Replay)>,
 }
+
+type Replay = Box<dyn Fn(&mut MemSnapshot) + Send>;
 
 #[derive(Clone)]
 struct Record {
@@ -404,6 +409,7 @@ impl SlotRegistry {
             writer: Mutex::new(WriterState {
                 table: Vec::new(),
                 free: BTreeSet::new(),
+                spare: None,
             }),
             count: AtomicU32::new(0),
         }
@@ -614,24 +620,49 @@ impl SlotRegistry {
         } else {
             w.table[id as usize] = Some(rec.clone());
         }
-        self.publish(|next| {
+        let owned = rec.owned;
+        self.publish(w, move |next| {
             // Cannot fail: overlap was checked under the writer lock.
             let _ = next.index.insert(slot);
-            if let Some(m) = rec.owned {
-                next.keep.push(m);
+            if let Some(m) = &owned {
+                next.keep.push(m.clone());
             }
         });
         self.count.fetch_add(1, Ordering::Relaxed);
         Ok(id)
     }
 
-    fn publish(&self, change: impl FnOnce(&mut MemSnapshot)) {
-        let cur = self.current.load();
-        let mut next = MemSnapshot::clone(&cur);
-        drop(cur);
-        change(&mut next);
-        next.generation += 1;
-        self.current.store(Arc::new(next));
+    /// Publish the current snapshot with `change` applied.
+    ///
+    /// Copy-on-write, but without copying when possible: the snapshot that the current one
+    /// replaced is kept as a spare together with the change that led from it to the current
+    /// one. If no reader holds the spare any more (`Arc::get_mut`: after a swap, arc-swap
+    /// has converted every reader's borrow of the old value into a reference count), it is
+    /// brought up to date by replaying that change and reused, so an update costs the index
+    /// operations (`O(log n)` for the trees) instead of an `O(n)` copy. Otherwise it is a
+    /// full copy. The spare delays the unmapping of a removed slot's memory by one update.
+    fn publish(&self, w: &mut WriterState, change: impl Fn(&mut MemSnapshot) + Send + 'static) {
+        let gen = self.current.load().generation + 1;
+        let reused = match w.spare.take() {
+            Some((mut spare, replay)) => match Arc::get_mut(&mut spare) {
+                Some(s) => {
+                    replay(s);
+                    change(s);
+                    s.generation = gen;
+                    Some(spare)
+                }
+                None => None,
+            },
+            None => None,
+        };
+        let next = reused.unwrap_or_else(|| {
+            let mut n = MemSnapshot::clone(&self.current.load());
+            change(&mut n);
+            n.generation = gen;
+            Arc::new(n)
+        });
+        let old = self.current.swap(next);
+        w.spare = Some((old, Box::new(change)));
     }
 
     fn record(w: &WriterState, id: SlotId) -> Result<Record, MemoryError> {
@@ -663,9 +694,10 @@ impl SlotRegistry {
             w.table.pop();
             w.free.remove(&last);
         }
-        self.publish(|next| {
+        let owned = rec.owned;
+        self.publish(&mut w, move |next| {
             next.index.remove(s.gpa);
-            if let Some(m) = &rec.owned {
+            if let Some(m) = &owned {
                 next.keep.retain(|k| !Arc::ptr_eq(k, m));
             }
         });
@@ -707,9 +739,10 @@ impl SlotRegistry {
                     // KVM lost the slot: mirror that, so that the registry still matches KVM.
                     w.table[id as usize] = None;
                     w.free.insert(id);
-                    self.publish(|next| {
+                    let owned = old.owned.clone();
+                    self.publish(w, move |next| {
                         next.index.remove(o.gpa);
-                        if let Some(m) = &old.owned {
+                        if let Some(m) = &owned {
                             next.keep.retain(|k| !Arc::ptr_eq(k, m));
                         }
                     });
@@ -723,14 +756,15 @@ impl SlotRegistry {
             };
         }
         w.table[id as usize] = Some(new.clone());
-        self.publish(|next| {
+        let (old_owned, new_owned) = (old.owned, new.owned);
+        self.publish(w, move |next| {
             next.index.remove(o.gpa);
             let _ = next.index.insert(n);
-            if let Some(m) = &old.owned {
+            if let Some(m) = &old_owned {
                 next.keep.retain(|k| !Arc::ptr_eq(k, m));
             }
-            if let Some(m) = new.owned {
-                next.keep.push(m);
+            if let Some(m) = &new_owned {
+                next.keep.push(m.clone());
             }
         });
         Ok(())
@@ -840,7 +874,7 @@ impl SlotRegistry {
             slot: n,
             owned: old.owned,
         });
-        self.publish(|next| {
+        self.publish(&mut w, move |next| {
             next.index.remove(o.gpa);
             let _ = next.index.insert(n);
         });
@@ -1120,6 +1154,39 @@ mod tests {
         r.check_consistent(&be.slots()).unwrap();
         let e = unsafe { r.add_mapped_split(&ram, host, 17, SlotFlags::NONE) }.unwrap_err();
         assert!(matches!(e, MemoryError::TooManySlots { .. }), "{e}");
+    }
+
+    #[test]
+    fn held_snapshots_never_change() {
+        let (be, r) = reg(16);
+        let a = r.add_ram(0x1000, 0x1000, SlotFlags::NONE).unwrap();
+        let held = r.snapshot();
+        let guard = r.load();
+        let before: Vec<Slot> = held.slots();
+        for k in 0..6u64 {
+            let id = r
+                .add_ram(0x10_0000 + k * 0x1000, 0x1000, SlotFlags::NONE)
+                .unwrap();
+            if k % 2 == 0 {
+                r.remove(id).unwrap();
+            }
+        }
+        r.move_slot(a, 0x20_0000).unwrap();
+        assert_eq!(held.slots(), before);
+        assert_eq!(guard.slots(), before);
+        assert_eq!(held.generation(), 1);
+        drop(guard);
+        drop(held);
+        // With no readers left, updates reuse the spare snapshot; results stay right.
+        for k in 0..6u64 {
+            r.add_ram(0x30_0000 + k * 0x1000, 0x1000, SlotFlags::READONLY)
+                .unwrap();
+            r.check_consistent(&be.slots()).unwrap();
+        }
+        let s = r.load();
+        assert_eq!(s.lookup(0x30_5000).map(|s| s.flags.readonly()), Some(true));
+        assert_eq!(s.lookup(0x20_0000).map(|s| s.id), Some(a));
+        assert_eq!(s.len(), r.len());
     }
 
     #[test]
