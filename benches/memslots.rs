@@ -334,6 +334,11 @@ fn nodes_report(test_mode: bool) -> Value {
 
 fn memory_report(report: &Value) {
     println!("\n== index memory, bytes per slot (from capacities) ==");
+    println!(
+        "(per-vCPU MMIO router cache: {} bytes; bench page cache of Option<(gpa, host)>: {} bytes)",
+        wbvmm::memory::MmioRouter::new(true).cache_bytes(),
+        PageCache::<Option<(u64, u64)>>::new().footprint_bytes()
+    );
     if let Value::Object(m) = report {
         for (layout, v) in m {
             println!("{layout:<12} {}", v["bytes_per_slot"]);

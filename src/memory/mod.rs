@@ -9,6 +9,41 @@
 //! - [`MmioRouter`] is the per-vCPU MMIO exit router with its direct-mapped page cache.
 //! - [`GuestRamDma`] implements `wbvmm_devices::GuestDma` over the mirror.
 //! - [`MemoryStats`] is the JSON-serialisable report.
+//!
+//! # Wiring (for the VMM)
+//!
+//! ```ignore
+//! // Setup (main thread). `--slot-index NAME` parses with `SlotIndexKind::from_str`.
+//! let vm = Arc::new(kvm.create_vm()?);
+//! let reg = Arc::new(SlotRegistry::new(vm.clone(), slot_index));
+//! // Guest RAM: one host mmap the VMM owns, split over `--mem-slots N` slots with a hole
+//! // below 4 GiB; ranges are packed back to back in the host mapping.
+//! let ids = unsafe { reg.add_mapped_split(&[(0, low), (4 << 30, high)], host_base, n, SlotFlags::NONE)? };
+//! let rom = reg.add_ram(0xfffc_0000, 0x4_0000, SlotFlags::READONLY)?; // registry-owned
+//! let dma: Arc<dyn GuestDma> = Arc::new(GuestRamDma::new(reg.clone())); // one per device
+//!
+//! // vCPU thread: one router per vCPU, `--mmio-cache on|off`.
+//! let mut router = MmioRouter::new(mmio_cache);
+//! VcpuExit::MmioRead(addr, data) => {
+//!     let snap = reg.load();
+//!     match router.route_mmio(addr, false, &snap, &mmio_bus) {
+//!         MmioRoute::Device(r) => r.device.read(r.base, addr - r.base, data),
+//!         _ => fill_open_bus(data), // counted and rate-limit logged by the router
+//!     }
+//! }
+//! VcpuExit::MmioWrite(addr, data) => {
+//!     let snap = reg.load();
+//!     if let MmioRoute::Device(r) = router.route_mmio(addr, true, &snap, &mmio_bus) {
+//!         r.device.write(r.base, addr - r.base, data);
+//!     } // Unmapped / ReadOnlyRam: dropped (counted)
+//! }
+//!
+//! // Stats (JSON): registry facts + each vCPU's router + each DMA handle.
+//! let mut st = MemoryStats::for_registry(&reg);
+//! st.merge(&router.stats());
+//! st.lookups.dma.merge(&dma_handle.stats());
+//! serde_json::to_value(&st)?;
+//! ```
 
 pub mod cache;
 pub mod dma;
@@ -26,7 +61,7 @@ pub use index::{
     SizeSortedIndex, SlotIndexKind, UnknownSlotIndex,
 };
 pub use registry::{split_layout, FakeBackend, MemSnapshot, SlotBackend, SlotProbe, SlotRegistry};
-pub use stats::{IndexStats, MemoryStats, MissCacheStats, MmioStats};
+pub use stats::{IndexStats, LookupStats, MemoryStats, MissCacheStats, MmioStats};
 pub use wbtree::WbTree;
 
 use thiserror::Error;
