@@ -437,6 +437,96 @@ fn update_benches(c: &mut Criterion, test_mode: bool) {
     g.finish();
 }
 
+struct NullDevice;
+impl wbvmm_devices::BusDevice for NullDevice {
+    fn read(&self, _base: u64, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+    fn write(&self, _base: u64, _offset: u64, _data: &[u8]) {}
+}
+
+/// The MMIO exit router end to end (bus + memslot mirror + per-vCPU cache), on a PC-like
+/// device map: the rtl8139's 256-byte BAR, IOAPIC, HPET, LAPIC and a few small ranges.
+/// Streams: `repeat` (three register addresses of one driver), `devices` (uniform over the
+/// devices' registers), `unmapped` (probing absent devices).
+fn router_benches(c: &mut Criterion) {
+    use wbvmm::memory::{MmioRoute, MmioRouter};
+    use wbvmm_devices::bus::Bus;
+    let reg = SlotRegistry::new(FakeBackend::new(64), SlotIndexKind::Wbtree);
+    for s in &pc().slots {
+        // SAFETY: the fake backend never touches host memory; nothing reads it.
+        unsafe { reg.add_mapped(s.gpa, s.host_addr, s.size, s.flags) }.expect("pc layout");
+    }
+    let bus = Bus::new();
+    let dev: std::sync::Arc<dyn wbvmm_devices::BusDevice> = std::sync::Arc::new(NullDevice);
+    let ranges = [
+        (0xfebf_1000u64, 0x100u64), // rtl8139 BAR
+        (0xfebf_2000, 0x1000),
+        (0xfec0_0000, 0x20),   // IOAPIC
+        (0xfed0_0000, 0x400),  // HPET
+        (0xfee0_0000, 0x1000), // LAPIC
+        (0xfe00_0000, 0x4000),
+        (0xfe00_4000, 0x10),
+        (0xfe00_4010, 0x10), // two devices sharing a page
+    ];
+    for &(b, l) in &ranges {
+        bus.insert(dev.clone(), b, l).expect("disjoint ranges");
+    }
+    let mut rng = Rng(42);
+    let streams: [(&str, Vec<u64>); 3] = [
+        (
+            "repeat",
+            (0..STREAM_LEN)
+                .map(|k| [0xfebf_1037, 0xfebf_103e, 0xfebf_1010][k % 3])
+                .collect(),
+        ),
+        (
+            "devices",
+            (0..STREAM_LEN)
+                .map(|_| {
+                    let (b, l) = ranges[rng.below(ranges.len() as u64) as usize];
+                    b + rng.below(l) / 4 * 4
+                })
+                .collect(),
+        ),
+        (
+            "unmapped",
+            (0..STREAM_LEN)
+                .map(|_| 0xfeb0_0000 + rng.below(64) * 0x1000 + 0x10)
+                .collect(),
+        ),
+    ];
+    let mut g = c.benchmark_group("memslots/router");
+    for (name, addrs) in &streams {
+        // cache-off / cache-on: `route_mmio` with a snapshot loaded per exit;
+        // cache-on-reg: `route_mmio_in`, which loads a snapshot only on a miss.
+        for (variant, cache, via_reg) in [
+            ("cache-off", false, false),
+            ("cache-on", true, false),
+            ("cache-on-reg", true, true),
+        ] {
+            let mut router = MmioRouter::new(cache);
+            g.bench_function(format!("pc/{name}/{variant}"), |b| {
+                let mut i = 0usize;
+                b.iter(|| {
+                    let a = black_box(addrs[i & (STREAM_LEN - 1)]);
+                    i = i.wrapping_add(1);
+                    let route = if via_reg {
+                        router.route_mmio_in(a, false, &reg, &bus)
+                    } else {
+                        router.route_mmio(a, false, &reg.load(), &bus)
+                    };
+                    match route {
+                        MmioRoute::Device(r) => black_box(r.base),
+                        _ => black_box(u64::MAX),
+                    }
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     // `cargo bench` passes --bench; `cargo test --benches` and `-- --test` do not measure.
@@ -461,6 +551,7 @@ fn main() {
         .measurement_time(Duration::from_millis(150))
         .without_plots();
     lookup_benches(&mut c, test_mode);
+    router_benches(&mut c);
     update_benches(&mut c, test_mode);
     c.final_summary();
 }

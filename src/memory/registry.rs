@@ -371,6 +371,9 @@ pub struct SlotRegistry {
     current: ArcSwap<MemSnapshot>,
     writer: Mutex<WriterState>,
     count: AtomicU32,
+    /// The published snapshot's generation, bumped right after each publish. A cheap
+    /// read for caches that only need to know whether anything changed (`MmioRouter`).
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for SlotRegistry {
@@ -412,6 +415,7 @@ impl SlotRegistry {
                 spare: None,
             }),
             count: AtomicU32::new(0),
+            generation: AtomicU64::new(0),
         }
     }
 
@@ -443,8 +447,12 @@ impl SlotRegistry {
         self.current.load_full()
     }
 
+    /// The generation of the latest published snapshot: one atomic load. It is bumped after
+    /// the snapshot is published, so a reader that sees generation `g` and then loads the
+    /// snapshot gets generation `g` or newer.
+    #[inline]
     pub fn generation(&self) -> u64 {
-        self.current.load().generation
+        self.generation.load(Ordering::Acquire)
     }
 
     /// Capacity of the id table (grows on demand; for tests and reports).
@@ -662,6 +670,7 @@ impl SlotRegistry {
             Arc::new(n)
         });
         let old = self.current.swap(next);
+        self.generation.store(gen, Ordering::Release);
         w.spare = Some((old, Box::new(change)));
     }
 
