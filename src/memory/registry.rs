@@ -943,6 +943,24 @@ impl SlotRegistry {
     }
 }
 
+impl Drop for SlotRegistry {
+    /// Delete the remaining slots from KVM before the registry's own mappings can be
+    /// unmapped, so that KVM never holds a slot over freed host memory. Stop the vCPUs
+    /// first: a running guest would see its RAM disappear.
+    fn drop(&mut self) {
+        let w = self.writer.get_mut().unwrap_or_else(|e| e.into_inner());
+        for rec in w.table.iter().flatten() {
+            let s = rec.slot;
+            if let Err(e) = self
+                .backend
+                .set_slot(s.id, s.gpa, 0, s.host_addr, s.flags.bits())
+            {
+                log::debug!("deleting slot {} at teardown: {e}", s.id);
+            }
+        }
+    }
+}
+
 /// Split RAM ranges `(gpa, size)` into `nslots` page-aligned slots, as equal as possible.
 ///
 /// Slots never span a hole between ranges, so every range gets at least one slot; the rest
@@ -1196,6 +1214,16 @@ mod tests {
         assert_eq!(s.lookup(0x30_5000).map(|s| s.flags.readonly()), Some(true));
         assert_eq!(s.lookup(0x20_0000).map(|s| s.id), Some(a));
         assert_eq!(s.len(), r.len());
+    }
+
+    #[test]
+    fn drop_deletes_slots_from_kvm() {
+        let (be, r) = reg(8);
+        r.add_ram(0x1000, 0x1000, SlotFlags::NONE).unwrap();
+        r.add_ram(0x8000, 0x2000, SlotFlags::READONLY).unwrap();
+        assert_eq!(be.slots().len(), 2);
+        drop(r);
+        assert!(be.slots().is_empty());
     }
 
     #[test]
