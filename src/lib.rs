@@ -5,6 +5,7 @@ pub mod cpuid;
 pub mod layout;
 pub mod memory;
 pub mod probe;
+pub mod stats;
 pub mod terminal;
 pub mod vcpu;
 pub mod vmm;

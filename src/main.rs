@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use wbvmm::config::{self, CpuFeatureEdits, SerialMode};
+use wbvmm::memory::SlotIndexKind;
 use wbvmm::vcpu::EXIT_VMM_ERROR;
 use wbvmm::vmm::{self, VmConfig};
 
@@ -57,6 +58,36 @@ struct Cli {
     /// avx, avx2, x2apic, tsc-deadline, pdpe1gb, rdrand, rdseed, popcnt).
     #[arg(long, value_name = "LIST", default_value = "", allow_hyphen_values = true, value_parser = parse_cpu_features)]
     cpu_features: CpuFeatureEdits,
+
+    /// Split guest RAM over N KVM memslots (1 up to the host's KVM_CAP_NR_MEMSLOTS;
+    /// default one per RAM range).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+    mem_slots: Option<u32>,
+
+    /// The host-side memslot mirror: wbtree (default), linear, size-sorted, binary, btree.
+    #[arg(long, value_name = "NAME", default_value = "wbtree", value_parser = parse_slot_index)]
+    slot_index: SlotIndexKind,
+
+    /// The per-vCPU MMIO-miss cache in front of the device bus: on or off.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    mmio_cache: bool,
+
+    /// Write statistics as JSON when the VM ends: to PATH, or to stderr without one.
+    #[arg(long, value_name = "PATH", num_args = 0..=1, require_equals = true)]
+    stats: Option<Option<PathBuf>>,
+}
+
+fn parse_slot_index(s: &str) -> Result<SlotIndexKind, String> {
+    s.parse()
+        .map_err(|e: wbvmm::memory::UnknownSlotIndex| e.to_string())
+}
+
+fn parse_on_off(s: &str) -> Result<bool, String> {
+    match s {
+        "on" => Ok(true),
+        "off" => Ok(false),
+        _ => Err(format!("'{s}' is neither on nor off")),
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -116,6 +147,9 @@ fn main() -> ExitCode {
                 cpus: cli.cpus,
                 serial: cli.serial,
                 cpu_features: cli.cpu_features,
+                mem_slots: cli.mem_slots,
+                slot_index: cli.slot_index,
+                mmio_cache: cli.mmio_cache,
             };
             vmm::install_termination_handlers();
             match vmm::run(&cfg) {
@@ -125,6 +159,11 @@ fn main() -> ExitCode {
                         report.setup_time.as_micros(),
                         report.rss_overhead_bytes / 1024
                     );
+                    if let Some(path) = &cli.stats {
+                        if let Err(e) = wbvmm::stats::write(&report, path.as_deref()) {
+                            eprintln!("wbvmm: cannot write --stats: {e}");
+                        }
+                    }
                     if let Some(line) = report.outcome.failure_line() {
                         eprintln!("wbvmm: {line}");
                     }

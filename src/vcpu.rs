@@ -8,6 +8,8 @@ use serde::Serialize;
 use wbvmm_devices::legacy::{ExitSink, GuestExitRequest};
 use wbvmm_devices::Bus;
 
+use crate::memory::{fill_open_bus, MemoryStats, MmioRoute, MmioRouter, SlotRegistry};
+
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmOutcome {
@@ -162,7 +164,6 @@ pub struct ExitCounters {
     pub mmio_read: u64,
     pub mmio_write: u64,
     pub unclaimed_pio: u64,
-    pub unclaimed_mmio: u64,
     pub hlt: u64,
     pub interrupted: u64,
     pub int3_injected: u64,
@@ -176,7 +177,6 @@ impl ExitCounters {
         self.mmio_read += o.mmio_read;
         self.mmio_write += o.mmio_write;
         self.unclaimed_pio += o.unclaimed_pio;
-        self.unclaimed_mmio += o.unclaimed_mmio;
         self.hlt += o.hlt;
         self.interrupted += o.interrupted;
         self.int3_injected += o.int3_injected;
@@ -190,6 +190,8 @@ pub struct VcpuContext {
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub exit: Arc<ExitState>,
+    pub memory: Arc<SlotRegistry>,
+    pub mmio_cache: bool,
 }
 
 /// An all-ones read of an address no device claims ("open bus"); logged at a
@@ -202,9 +204,11 @@ fn open_bus(data: &mut [u8], counter: &mut u64, what: &str, addr: u64) {
     }
 }
 
-/// Run the vCPU until the VM stops. Returns the exit counters.
-pub fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> ExitCounters {
+/// Run the vCPU until the VM stops. Returns the exit counters and the MMIO router's
+/// statistics.
+pub fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> (ExitCounters, MemoryStats) {
     let mut c = ExitCounters::default();
+    let mut router = MmioRouter::new(ctx.mmio_cache);
     let fail = |o: VmOutcome| ctx.exit.finish(o);
     while !ctx.exit.stopping() {
         match vcpu.run() {
@@ -220,13 +224,19 @@ pub fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> ExitCounters {
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 c.mmio_read += 1;
-                if !ctx.mmio.read(addr, data) {
-                    open_bus(data, &mut c.unclaimed_mmio, "MMIO", addr);
+                // The router counts and rate-limit-logs unmapped accesses itself.
+                match router.route_mmio_in(addr, false, &ctx.memory, &ctx.mmio) {
+                    MmioRoute::Device(r) => r.device.read(r.base, addr - r.base, data),
+                    MmioRoute::Unmapped | MmioRoute::ReadOnlyRam => fill_open_bus(data),
                 }
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 c.mmio_write += 1;
-                ctx.mmio.write(addr, data);
+                if let MmioRoute::Device(r) =
+                    router.route_mmio_in(addr, true, &ctx.memory, &ctx.mmio)
+                {
+                    r.device.write(r.base, addr - r.base, data);
+                }
             }
             Ok(VcpuExit::Hlt) => {
                 // Only seen without an in-kernel LAPIC; nothing will wake this vCPU.
@@ -273,7 +283,7 @@ pub fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> ExitCounters {
             }),
         }
     }
-    c
+    (c, router.stats())
 }
 
 /// KVM's emulator (which runs all guest kernel code on a nested PVM host) fails on

@@ -6,9 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use kvm_bindings::{
-    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-};
+use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
@@ -21,6 +19,7 @@ use crate::boot::{self, BootError, BootProtocol};
 use crate::config::{CpuFeatureEdits, SerialMode};
 use crate::cpuid::{self, CpuidParams};
 use crate::layout::*;
+use crate::memory::{MemoryStats, SlotFlags, SlotIndexKind, SlotRegistry};
 use crate::terminal::{EscapeParser, FdWriter, Input, RawModeGuard};
 use crate::vcpu::{self, ExitCounters, ExitState, VcpuContext, VmOutcome};
 
@@ -42,10 +41,9 @@ pub enum VmmError {
     #[error("--cpus {requested} is more than this host's KVM allows ({max})")]
     TooManyCpus { requested: u32, max: u32 },
     #[error("cannot allocate {size} bytes of guest memory: {source}; use a smaller --memory")]
-    GuestMemoryAlloc {
-        size: u64,
-        source: vm_memory::mmap::MmapRegionError,
-    },
+    GuestMemoryAlloc { size: u64, source: std::io::Error },
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
     #[error("--memory {requested} bytes is more than this host's {host} bytes of RAM; use a smaller --memory")]
     MemoryExceedsHost { requested: u64, host: u64 },
     #[error("guest memory layout is invalid: {0}")]
@@ -86,6 +84,12 @@ pub struct VmConfig {
     pub cpus: u32,
     pub serial: SerialMode,
     pub cpu_features: CpuFeatureEdits,
+    /// Split guest RAM over this many KVM memslots (default: one per RAM range).
+    pub mem_slots: Option<u32>,
+    /// The host-side mirror's index (`--slot-index`).
+    pub slot_index: SlotIndexKind,
+    /// The per-vCPU MMIO-miss cache (`--mmio-cache`).
+    pub mmio_cache: bool,
 }
 
 /// Open /dev/kvm with errors a user can act on.
@@ -132,44 +136,97 @@ pub fn host_ram_bytes() -> u64 {
     }
 }
 
-/// Allocate guest RAM: one anonymous mapping per RAM range, not reserved up front
-/// (pages are only backed when the guest touches them).
-pub fn allocate_guest_memory(mem_size: u64) -> Result<GuestMemoryMmap, VmmError> {
-    let mut regions = Vec::new();
-    for (gpa, size) in ram_ranges(mem_size) {
-        let map = MmapRegion::build(
-            None,
-            size as usize,
+/// Guest RAM: one anonymous host mapping holding every RAM range back to back (the
+/// memslot registry splits it over `--mem-slots` slots), not reserved up front.
+pub struct GuestRam {
+    host: *mut u8,
+    len: usize,
+    /// A vm-memory view of the same mapping, for the kernel loader.
+    pub mem: GuestMemoryMmap,
+    pub ranges: Vec<(u64, u64)>,
+}
+
+// SAFETY: the mapping is plain memory shared with the guest; every access to it goes
+// through vm-memory's volatile accessors or the registry's bounds-checked DMA.
+unsafe impl Send for GuestRam {}
+unsafe impl Sync for GuestRam {}
+
+impl GuestRam {
+    pub fn host_base(&self) -> u64 {
+        self.host as u64
+    }
+}
+
+impl Drop for GuestRam {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `allocate_guest_memory`; the registry and
+        // every vCPU thread are gone by now (they are dropped and joined first).
+        unsafe {
+            libc::munmap(self.host.cast(), self.len);
+        }
+    }
+}
+
+pub fn allocate_guest_memory(mem_size: u64) -> Result<GuestRam, VmmError> {
+    let ranges = ram_ranges(mem_size);
+    let len = mem_size as usize;
+    // SAFETY: a fresh anonymous mapping; checked for failure below.
+    let host = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
             libc::PROT_READ | libc::PROT_WRITE,
             libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            -1,
+            0,
         )
-        .map_err(|source| VmmError::GuestMemoryAlloc { size, source })?;
+    };
+    if host == libc::MAP_FAILED {
+        return Err(VmmError::GuestMemoryAlloc {
+            size: mem_size,
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    let host = host.cast::<u8>();
+    let mut regions = Vec::new();
+    let mut offset = 0usize;
+    for &(gpa, size) in &ranges {
+        // SAFETY: [host + offset, + size) lies inside the mapping above, which
+        // GuestRam keeps alive for as long as this view exists.
+        let map = unsafe {
+            MmapRegion::build_raw(
+                host.add(offset),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            )
+        }
+        .map_err(|e| VmmError::GuestMemoryLayout(e.to_string()))?;
         regions.push(
             GuestRegionMmap::new(map, GuestAddress(gpa))
                 .ok_or_else(|| VmmError::GuestMemoryLayout(format!("region at {gpa:#x} wraps")))?,
         );
+        offset += size as usize;
     }
-    GuestMemoryMmap::from_regions(regions).map_err(|e| VmmError::GuestMemoryLayout(e.to_string()))
+    let mem = GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| VmmError::GuestMemoryLayout(e.to_string()))?;
+    Ok(GuestRam {
+        host,
+        len,
+        mem,
+        ranges,
+    })
 }
 
-/// Register guest RAM with KVM, one memslot per region.
-pub fn register_guest_memory(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
-    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
-    for (slot, r) in mem.iter().enumerate() {
-        let host = r
-            .get_host_address(vm_memory::MemoryRegionAddress(0))
-            .map_err(|e| VmmError::GuestMemoryLayout(e.to_string()))?;
-        let region = kvm_userspace_memory_region {
-            slot: slot as u32,
-            guest_phys_addr: r.start_addr().0,
-            memory_size: r.len(),
-            userspace_addr: host as u64,
-            flags: 0,
-        };
-        // SAFETY: the mapping lives in the VM's GuestMemoryMmap, which outlives the
-        // VM fd.
-        unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("register guest memory"))?;
-    }
+/// Register guest RAM with KVM through the registry, split over `nslots` slots.
+pub fn register_guest_memory(
+    reg: &SlotRegistry,
+    ram: &GuestRam,
+    nslots: u32,
+) -> Result<(), VmmError> {
+    // SAFETY: the host range is GuestRam's mapping, which outlives the registry (the
+    // Vmm drops the registry first).
+    unsafe { reg.add_mapped_split(&ram.ranges, ram.host_base(), nslots, SlotFlags::NONE) }?;
     Ok(())
 }
 
@@ -290,7 +347,8 @@ const DEBUG_EXIT_PORT: u64 = 0xf4;
 pub struct Vmm {
     pub kvm: Kvm,
     pub vm: Arc<VmFd>,
-    pub mem: GuestMemoryMmap,
+    /// The memslot registry and its mirror; also the DMA path for devices.
+    pub memory: Arc<SlotRegistry>,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
     pub exit: Arc<ExitState>,
@@ -300,6 +358,9 @@ pub struct Vmm {
     serial_mode: SerialMode,
     pub boot: boot::BootInfo,
     pub hidden_features: Vec<cpuid::Feature>,
+    mmio_cache: bool,
+    /// Last: the host memory must outlive the registry and the VM fd.
+    pub ram: GuestRam,
 }
 
 impl Vmm {
@@ -325,18 +386,21 @@ impl Vmm {
                 host,
             });
         }
-        let vm = create_vm(&kvm)?;
-        let mem = allocate_guest_memory(config.mem_size)?;
+        let vm = Arc::new(create_vm(&kvm)?);
+        let ram = allocate_guest_memory(config.mem_size)?;
+        let mem = &ram.mem;
+        let memory = Arc::new(SlotRegistry::new(vm.clone(), config.slot_index));
+        let nslots = config.mem_slots.unwrap_or(ram.ranges.len() as u32);
 
         // Registering RAM and creating the in-kernel irqchip each cost milliseconds
         // inside KVM, under different locks: do them at the same time, and load the
         // kernel meanwhile.
         let boot = std::thread::scope(|s| {
-            let registration = s.spawn(|| register_guest_memory(&vm, &mem));
+            let registration = s.spawn(|| register_guest_memory(&memory, &ram, nslots));
             let rest = (|| {
                 create_irqchip_and_pit(&vm)?;
                 let boot = boot::load(
-                    &mem,
+                    mem,
                     &boot::KernelSpec {
                         kernel: &config.kernel,
                         initramfs: config.initramfs.as_deref(),
@@ -344,7 +408,7 @@ impl Vmm {
                         mem_size: config.mem_size,
                     },
                 )?;
-                boot::write_mptable(&mem, config.cpus, &[])?;
+                boot::write_mptable(mem, config.cpus, &[])?;
                 Ok::<_, VmmError>(boot)
             })();
             let registered = registration.join().unwrap_or_else(|_| {
@@ -413,15 +477,15 @@ impl Vmm {
             };
             configure_vcpu(&kvm, &vcpu, &params)?;
             if id == 0 {
-                set_boot_registers(&vcpu, &mem, &boot)?;
+                set_boot_registers(&vcpu, mem, &boot)?;
             }
             vcpus.push(vcpu);
         }
 
         Ok(Self {
             kvm,
-            vm: Arc::new(vm),
-            mem,
+            vm,
+            memory,
             pio,
             mmio,
             exit,
@@ -431,6 +495,8 @@ impl Vmm {
             serial_mode: config.serial.clone(),
             boot,
             hidden_features,
+            mmio_cache: config.mmio_cache,
+            ram,
         })
     }
 
@@ -452,6 +518,8 @@ impl Vmm {
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
                 exit: self.exit.clone(),
+                memory: self.memory.clone(),
+                mmio_cache: self.mmio_cache,
             };
             let (tid_tx, tid_rx) = std::sync::mpsc::channel();
             let h = std::thread::Builder::new()
@@ -487,7 +555,7 @@ fn install_kick_handler() -> Result<(), VmmError> {
 /// A running VM: its threads and shared state.
 pub struct RunningVm {
     pub vmm: Vmm,
-    threads: Vec<JoinHandle<ExitCounters>>,
+    threads: Vec<JoinHandle<(ExitCounters, MemoryStats)>>,
     pub tids: Vec<i32>,
     io: Option<IoThread>,
     setup_time: std::time::Duration,
@@ -522,6 +590,8 @@ pub static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::O
 pub struct RunReport {
     pub outcome: VmOutcome,
     pub exits: ExitCounters,
+    pub memory: MemoryStats,
+    pub vcpu_tids: Vec<i32>,
     /// Process start to the vCPU threads' start (just before the first KVM_RUN).
     pub setup_time: std::time::Duration,
     /// wbvmm's resident memory beyond the guest RAM pages that are resident.
@@ -568,9 +638,11 @@ impl RunningVm {
         let outcome = self.vmm.exit.wait(&|| INTERRUPTED.load(Ordering::SeqCst));
         self.stop_threads();
         let mut exits = ExitCounters::default();
+        let mut memory = MemoryStats::for_registry(&self.vmm.memory);
         for h in self.threads.drain(..) {
-            if let Ok(c) = h.join() {
+            if let Ok((c, m)) = h.join() {
                 exits.add(&c);
+                memory.merge(&m);
             }
         }
         if let Some(io) = self.io.take() {
@@ -578,10 +650,12 @@ impl RunningVm {
         }
         self.vmm.serial.flush_output();
         let rss_overhead_bytes =
-            process_rss_bytes().saturating_sub(guest_resident_bytes(&self.vmm.mem));
+            process_rss_bytes().saturating_sub(guest_resident_bytes(&self.vmm.ram.mem));
         RunReport {
             outcome,
             exits,
+            memory,
+            vcpu_tids: self.tids.clone(),
             setup_time: self.setup_time,
             rss_overhead_bytes,
         }
