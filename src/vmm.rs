@@ -44,6 +44,8 @@ pub enum VmmError {
     GuestMemoryAlloc { size: u64, source: std::io::Error },
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
+    #[error("--mem-slots {requested} is more than this host's KVM allows ({max}, KVM_CAP_NR_MEMSLOTS)")]
+    TooManySlots { requested: u32, max: u32 },
     #[error("--memory {requested} bytes is more than this host's {host} bytes of RAM; use a smaller --memory")]
     MemoryExceedsHost { requested: u64, host: u64 },
     #[error("guest memory layout is invalid: {0}")]
@@ -391,6 +393,9 @@ impl Vmm {
         let mem = &ram.mem;
         let memory = Arc::new(SlotRegistry::new(vm.clone(), config.slot_index));
         let nslots = config.mem_slots.unwrap_or(ram.ranges.len() as u32);
+        if nslots > memory.limit() {
+            return Err(VmmError::TooManySlots { requested: nslots, max: memory.limit() });
+        }
 
         // Registering RAM and creating the in-kernel irqchip each cost milliseconds
         // inside KVM, under different locks: do them at the same time, and load the
