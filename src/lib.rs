@@ -4,6 +4,7 @@ pub mod config;
 pub mod cpuid;
 pub mod layout;
 pub mod memory;
+pub mod net;
 pub mod probe;
 pub mod stats;
 pub mod terminal;

@@ -72,6 +72,11 @@ struct Cli {
     #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
     mmio_cache: bool,
 
+    /// An RTL8139 NIC on a pre-created host tap: tap=NAME[,mac=MAC][,rev=0x20|0x10].
+    /// Revision 0x20 (default) is an 8139C+ (Linux: 8139cp), 0x10 an 8139C (8139too).
+    #[arg(long, value_name = "SPEC", value_parser = parse_net)]
+    net: Option<wbvmm::net::NetConfig>,
+
     /// Write statistics as JSON when the VM ends: to PATH, or to stderr without one.
     #[arg(long, value_name = "PATH", num_args = 0..=1, require_equals = true)]
     stats: Option<Option<PathBuf>>,
@@ -80,6 +85,10 @@ struct Cli {
 fn parse_slot_index(s: &str) -> Result<SlotIndexKind, String> {
     s.parse()
         .map_err(|e: wbvmm::memory::UnknownSlotIndex| e.to_string())
+}
+
+fn parse_net(s: &str) -> Result<wbvmm::net::NetConfig, String> {
+    s.parse().map_err(|e: wbvmm::net::NetError| e.to_string())
 }
 
 fn parse_on_off(s: &str) -> Result<bool, String> {
@@ -150,6 +159,7 @@ fn main() -> ExitCode {
                 mem_slots: cli.mem_slots,
                 slot_index: cli.slot_index,
                 mmio_cache: cli.mmio_cache,
+                net: cli.net,
             };
             vmm::install_termination_handlers();
             match vmm::run(&cfg) {

@@ -16,6 +16,7 @@ pub struct VmStats<'a> {
     pub threads: Threads<'a>,
     pub exits: &'a ExitCounters,
     pub memory: &'a MemoryStats,
+    pub net: Option<&'a crate::net::NetStats>,
 }
 
 #[derive(Debug, Serialize)]
@@ -34,6 +35,7 @@ impl<'a> VmStats<'a> {
             threads: Threads { vcpu: &r.vcpu_tids },
             exits: &r.exits,
             memory: &r.memory,
+            net: r.net.as_ref(),
         }
     }
 }

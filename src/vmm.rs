@@ -15,13 +15,16 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use wbvmm_devices::legacy::{DebugExit, ExitSink, IgnoredPort, SerialDevice, I8042};
 use wbvmm_devices::{Bus, IrqLine};
 
+use crate::boot::mptable::PciIntx;
 use crate::boot::{self, BootError, BootProtocol};
 use crate::config::{CpuFeatureEdits, SerialMode};
 use crate::cpuid::{self, CpuidParams};
 use crate::layout::*;
-use crate::memory::{MemoryStats, SlotFlags, SlotIndexKind, SlotRegistry};
+use crate::memory::{GuestRamDma, MemoryStats, SlotFlags, SlotIndexKind, SlotRegistry};
+use crate::net::{NetConfig, NetDevice, NetStats, NIC_GSI, NIC_PCI_DEVICE};
 use crate::terminal::{EscapeParser, FdWriter, Input, RawModeGuard};
 use crate::vcpu::{self, ExitCounters, ExitState, VcpuContext, VmOutcome};
+use wbvmm_devices::pci::PciRoot;
 
 #[derive(Debug, Error)]
 pub enum VmmError {
@@ -44,7 +47,9 @@ pub enum VmmError {
     GuestMemoryAlloc { size: u64, source: std::io::Error },
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
-    #[error("--mem-slots {requested} is more than this host's KVM allows ({max}, KVM_CAP_NR_MEMSLOTS)")]
+    #[error(
+        "--mem-slots {requested} is more than this host's KVM allows ({max}, KVM_CAP_NR_MEMSLOTS)"
+    )]
     TooManySlots { requested: u32, max: u32 },
     #[error("--memory {requested} bytes is more than this host's {host} bytes of RAM; use a smaller --memory")]
     MemoryExceedsHost { requested: u64, host: u64 },
@@ -52,6 +57,8 @@ pub enum VmmError {
     GuestMemoryLayout(String),
     #[error(transparent)]
     Boot(#[from] BootError),
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
     #[error(transparent)]
     MpTable(#[from] boot::mptable::MpTableError),
     #[error("cannot open serial output file {path}: {source}")]
@@ -92,6 +99,8 @@ pub struct VmConfig {
     pub slot_index: SlotIndexKind,
     /// The per-vCPU MMIO-miss cache (`--mmio-cache`).
     pub mmio_cache: bool,
+    /// An RTL8139 on a host tap (`--net`).
+    pub net: Option<NetConfig>,
 }
 
 /// Open /dev/kvm with errors a user can act on.
@@ -361,6 +370,8 @@ pub struct Vmm {
     pub boot: boot::BootInfo,
     pub hidden_features: Vec<cpuid::Feature>,
     mmio_cache: bool,
+    pub pci: Arc<PciRoot>,
+    pub net: Option<Arc<NetDevice>>,
     /// Last: the host memory must outlive the registry and the VM fd.
     pub ram: GuestRam,
 }
@@ -394,7 +405,10 @@ impl Vmm {
         let memory = Arc::new(SlotRegistry::new(vm.clone(), config.slot_index));
         let nslots = config.mem_slots.unwrap_or(ram.ranges.len() as u32);
         if nslots > memory.limit() {
-            return Err(VmmError::TooManySlots { requested: nslots, max: memory.limit() });
+            return Err(VmmError::TooManySlots {
+                requested: nslots,
+                max: memory.limit(),
+            });
         }
 
         // Registering RAM and creating the in-kernel irqchip each cost milliseconds
@@ -413,7 +427,16 @@ impl Vmm {
                         mem_size: config.mem_size,
                     },
                 )?;
-                boot::write_mptable(mem, config.cpus, &[])?;
+                let intx: Vec<PciIntx> = config
+                    .net
+                    .iter()
+                    .map(|_| PciIntx {
+                        device: NIC_PCI_DEVICE,
+                        pin: 1,
+                        ioapic_pin: NIC_GSI as u8,
+                    })
+                    .collect();
+                boot::write_mptable(mem, config.cpus, &intx)?;
                 Ok::<_, VmmError>(boot)
             })();
             let registered = registration.join().unwrap_or_else(|_| {
@@ -461,6 +484,17 @@ impl Vmm {
         // POST codes and io_delay: no behaviour, and not worth a log line each.
         pio.insert(Arc::new(IgnoredPort { read_value: 0xff }), 0x80, 1)?;
 
+        let pci = Arc::new(PciRoot::new(pio.clone(), mmio.clone()));
+        pio.insert(pci.clone(), PciRoot::CONFIG_PORT, PciRoot::CONFIG_LEN)?;
+        let net = match &config.net {
+            Some(nc) => {
+                let dma: Arc<dyn wbvmm_devices::GuestDma> =
+                    Arc::new(GuestRamDma::new(memory.clone()));
+                Some(Arc::new(NetDevice::create(&vm, &pci, dma, nc)?))
+            }
+            None => None,
+        };
+
         let hidden_features = config.cpu_features.hide.clone();
         if !hidden_features.is_empty() && cpuid::pvm_host() {
             log::warn!(
@@ -501,6 +535,8 @@ impl Vmm {
             boot,
             hidden_features,
             mmio_cache: config.mmio_cache,
+            pci,
+            net,
             ram,
         })
     }
@@ -513,6 +549,7 @@ impl Vmm {
             self.serial_rx_space.clone(),
             self.exit.clone(),
             self.serial_mode == SerialMode::Stdio,
+            self.net.clone(),
         )?;
         let setup_time = PROCESS_START.get().map(|t| t.elapsed()).unwrap_or_default();
         let mut threads = Vec::new();
@@ -596,6 +633,7 @@ pub struct RunReport {
     pub outcome: VmOutcome,
     pub exits: ExitCounters,
     pub memory: MemoryStats,
+    pub net: Option<NetStats>,
     pub vcpu_tids: Vec<i32>,
     /// Process start to the vCPU threads' start (just before the first KVM_RUN).
     pub setup_time: std::time::Duration,
@@ -661,6 +699,7 @@ impl RunningVm {
             exits,
             memory,
             vcpu_tids: self.tids.clone(),
+            net: self.vmm.net.as_ref().map(|n| n.stats()),
             setup_time: self.setup_time,
             rss_overhead_bytes,
         }
@@ -694,6 +733,11 @@ struct IoThread {
 const TOKEN_STOP: u64 = 0;
 const TOKEN_STDIN: u64 = 1;
 const TOKEN_SERIAL_SPACE: u64 = 2;
+const TOKEN_TAP: u64 = 3;
+const TOKEN_NIC_SPACE: u64 = 4;
+const TOKEN_NIC_RESAMPLE: u64 = 5;
+/// Frames moved per wake-up before other sources get a turn.
+const RX_BUDGET: usize = 64;
 
 impl IoThread {
     fn spawn(
@@ -701,6 +745,7 @@ impl IoThread {
         rx_space: Arc<EventFd>,
         exit: Arc<ExitState>,
         stdin_input: bool,
+        net: Option<Arc<NetDevice>>,
     ) -> Result<Self, VmmError> {
         use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("an eventfd"))?);
@@ -719,6 +764,21 @@ impl IoThread {
                 EpollEvent::new(EventSet::IN, TOKEN_SERIAL_SPACE),
             )
             .map_err(io_err("epoll"))?;
+        if let Some(n) = &net {
+            for (fd, token) in [
+                (n.tap.as_raw_fd(), TOKEN_TAP),
+                (n.nic.rx_space_event().as_raw_fd(), TOKEN_NIC_SPACE),
+                (n.irq.resample.as_raw_fd(), TOKEN_NIC_RESAMPLE),
+            ] {
+                epoll
+                    .ctl(
+                        ControlOperation::Add,
+                        fd,
+                        EpollEvent::new(EventSet::IN, token),
+                    )
+                    .map_err(io_err("epoll"))?;
+            }
+        }
         let raw = if stdin_input {
             RawModeGuard::enter(libc::STDIN_FILENO)
         } else {
@@ -752,6 +812,8 @@ impl IoThread {
             .spawn(move || {
                 let mut events = vec![EpollEvent::default(); 8];
                 let mut esc = EscapeParser::default();
+                let mut frame = vec![0u8; 65536];
+                let mut tap_events = EventSet::IN;
                 let mut buf = [0u8; 1024];
                 let mut stdin_open = stdin_watched;
                 loop {
@@ -763,6 +825,46 @@ impl IoThread {
                     for ev in &events[..n] {
                         match ev.data() {
                             TOKEN_STOP => return,
+                            TOKEN_TAP | TOKEN_NIC_SPACE => {
+                                let Some(n) = &net else { continue };
+                                if ev.data() == TOKEN_NIC_SPACE {
+                                    let _ = n.nic.rx_space_event().read();
+                                }
+                                let ok = n.pump_rx(&mut frame, RX_BUDGET);
+                                // Backpressure: while the guest's ring is full, stop
+                                // watching the tap (the host queues or drops, as for a
+                                // real NIC); the NIC's space event brings it back.
+                                let want = if ok { EventSet::IN } else { EventSet::empty() };
+                                if want != tap_events {
+                                    let _ = epoll.ctl(
+                                        ControlOperation::Modify,
+                                        n.tap.as_raw_fd(),
+                                        EpollEvent::new(want, TOKEN_TAP),
+                                    );
+                                    tap_events = want;
+                                }
+                                if ev
+                                    .event_set()
+                                    .intersects(EventSet::HANG_UP | EventSet::ERROR)
+                                    && ev.data() == TOKEN_TAP
+                                {
+                                    // The tap went away under the guest: stop polling it.
+                                    let _ = epoll.ctl(
+                                        ControlOperation::Delete,
+                                        n.tap.as_raw_fd(),
+                                        EpollEvent::default(),
+                                    );
+                                    log::warn!(
+                                        "tap {} closed; the guest's NIC is now cut off",
+                                        n.tap.name()
+                                    );
+                                }
+                            }
+                            TOKEN_NIC_RESAMPLE => {
+                                if let Some(n) = &net {
+                                    n.irq.on_resample();
+                                }
+                            }
                             TOKEN_SERIAL_SPACE => {
                                 let _ = rx_space.read();
                                 serial.flush_input();

@@ -1,0 +1,277 @@
+//! The RTL8139 and its tap, wired into the VM: PCI placement, INTx as a level
+//! interrupt (irqfd with resample), and the RX path run by the `wbvmm-io` thread.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use kvm_ioctls::VmFd;
+use serde::Serialize;
+use thiserror::Error;
+use vmm_sys_util::eventfd::EventFd;
+use wbvmm_devices::net::rtl8139::{
+    Rtl8139, Rtl8139Config, Rtl8139Error, REVISION_C, REVISION_CPLUS,
+};
+use wbvmm_devices::net::tap::{Tap, TapError, TapOptions};
+use wbvmm_devices::net::RxResult;
+use wbvmm_devices::pci::{PciError, PciPlacement, PciRoot};
+use wbvmm_devices::{GuestDma, IrqLine};
+
+/// Where the NIC sits: 00:03.0 (as under QEMU), INTA routed to IOAPIC pin 16 (pins
+/// 16-23 are the IOAPIC-only ones in KVM's default routing), BARs where a BIOS would
+/// have put them (Linux keeps firmware assignments).
+pub const NIC_PCI_DEVICE: u8 = 3;
+pub const NIC_GSI: u32 = 16;
+pub const NIC_IO_BAR: u64 = 0xc000;
+pub const NIC_MMIO_BAR: u64 = 0xfebf_f000;
+
+#[derive(Debug, Error)]
+pub enum NetError {
+    #[error("'{0}' is not a --net spec: use tap=NAME[,mac=52:54:00:12:34:56][,rev=0x20|0x10]")]
+    BadSpec(String),
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    #[error("cannot create the RTL8139: {0}")]
+    Nic(#[from] Rtl8139Error),
+    #[error("cannot place the RTL8139 on PCI: {0}")]
+    Pci(#[from] PciError),
+    #[error("cannot wire the NIC's interrupt: {0}")]
+    Irq(std::io::Error),
+}
+
+/// `--net tap=NAME[,mac=MAC][,rev=0x10|0x20]`
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub tap: String,
+    pub mac: [u8; 6],
+    pub revision: u8,
+}
+
+impl FromStr for NetConfig {
+    type Err = NetError;
+    fn from_str(s: &str) -> Result<Self, NetError> {
+        let bad = || NetError::BadSpec(s.to_string());
+        let mut cfg = NetConfig {
+            tap: String::new(),
+            mac: Rtl8139Config::default().mac,
+            revision: REVISION_CPLUS,
+        };
+        for part in s.split(',') {
+            let (k, v) = part.split_once('=').ok_or_else(bad)?;
+            match k {
+                "tap" if !v.is_empty() => cfg.tap = v.to_string(),
+                "mac" => {
+                    let bytes: Vec<u8> = v
+                        .split(':')
+                        .map(|b| u8::from_str_radix(b, 16))
+                        .collect::<Result<_, _>>()
+                        .map_err(|_| bad())?;
+                    cfg.mac = bytes.try_into().map_err(|_| bad())?;
+                    // A multicast source address would be filtered by every peer.
+                    if cfg.mac[0] & 1 != 0 {
+                        return Err(bad());
+                    }
+                }
+                "rev" => {
+                    cfg.revision = match v {
+                        "0x20" | "32" => REVISION_CPLUS,
+                        "0x10" | "16" => REVISION_C,
+                        _ => return Err(bad()),
+                    }
+                }
+                _ => return Err(bad()),
+            }
+        }
+        if cfg.tap.is_empty() {
+            return Err(bad());
+        }
+        Ok(cfg)
+    }
+}
+
+/// A level-triggered interrupt line through a KVM irqfd with resample: KVM lowers
+/// the line when the guest EOIs it and signals `resample`; if the device still
+/// asserts, the I/O thread raises it again.
+pub struct LevelIrq {
+    trigger: EventFd,
+    pub resample: EventFd,
+    asserted: AtomicBool,
+}
+
+impl LevelIrq {
+    pub fn new(vm: &VmFd, gsi: u32) -> Result<Self, NetError> {
+        let trigger = EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::Irq)?;
+        let resample = EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::Irq)?;
+        vm.register_irqfd_with_resample(&trigger, &resample, gsi)
+            .map_err(|e| NetError::Irq(std::io::Error::from_raw_os_error(e.errno())))?;
+        Ok(Self {
+            trigger,
+            resample,
+            asserted: AtomicBool::new(false),
+        })
+    }
+
+    /// The guest EOI'd the interrupt: raise it again while the device asserts it.
+    pub fn on_resample(&self) {
+        let _ = self.resample.read();
+        if self.asserted.load(Ordering::Acquire) {
+            let _ = self.trigger.write(1);
+        }
+    }
+}
+
+impl IrqLine for LevelIrq {
+    fn trigger(&self) {
+        let _ = self.trigger.write(1);
+    }
+    fn set_level(&self, asserted: bool) {
+        let was = self.asserted.swap(asserted, Ordering::AcqRel);
+        if asserted && !was {
+            let _ = self.trigger.write(1);
+        }
+    }
+}
+
+/// Counters of the I/O thread's RX path.
+#[derive(Debug, Default)]
+pub struct IoCounters {
+    pub tap_rx_frames: AtomicU64,
+    pub tap_rx_bytes: AtomicU64,
+    /// Times the guest ring was full and the tap was left unread.
+    pub rx_backpressure: AtomicU64,
+    pub tap_errors: AtomicU64,
+}
+
+/// The NIC as the VMM holds it.
+pub struct NetDevice {
+    pub nic: Arc<Rtl8139>,
+    pub tap: Arc<Tap>,
+    pub irq: Arc<LevelIrq>,
+    pub io: Arc<IoCounters>,
+}
+
+impl NetDevice {
+    /// Open the tap, build the NIC and place it on the PCI root.
+    pub fn create(
+        vm: &VmFd,
+        root: &PciRoot,
+        dma: Arc<dyn GuestDma>,
+        cfg: &NetConfig,
+    ) -> Result<Self, NetError> {
+        let tap = Arc::new(Tap::open(&cfg.tap, TapOptions { vnet_hdr: true })?);
+        let irq = Arc::new(LevelIrq::new(vm, NIC_GSI)?);
+        let nic = Arc::new(Rtl8139::new(
+            Rtl8139Config {
+                mac: cfg.mac,
+                revision: cfg.revision,
+            },
+            dma,
+            irq.clone(),
+            tap.clone(),
+        )?);
+        root.add_device(
+            nic.clone(),
+            PciPlacement {
+                device: Some(NIC_PCI_DEVICE),
+                irq: NIC_GSI as u8,
+                bar_addresses: vec![NIC_IO_BAR, NIC_MMIO_BAR],
+            },
+        )?;
+        Ok(Self {
+            nic,
+            tap,
+            irq,
+            io: Arc::new(IoCounters::default()),
+        })
+    }
+
+    /// Move frames from the tap into the guest while it has room; at most `budget`
+    /// frames per call so console input is not starved. Returns false when the
+    /// guest's ring is full (stop watching the tap until the NIC signals space).
+    pub fn pump_rx(&self, buf: &mut [u8], budget: usize) -> bool {
+        for _ in 0..budget {
+            if !self.nic.can_receive() {
+                self.io.rx_backpressure.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            match self.tap.read_frame(buf) {
+                Ok(Some(n)) => {
+                    self.io.tap_rx_frames.fetch_add(1, Ordering::Relaxed);
+                    self.io.tap_rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
+                    if self.nic.receive(&buf[..n]) == RxResult::RingFull {
+                        self.io.rx_backpressure.fetch_add(1, Ordering::Relaxed);
+                        return false;
+                    }
+                }
+                Ok(None) => return true,
+                Err(e) => {
+                    // A tap deleted under the guest: keep the VM running, count it.
+                    if self.io.tap_errors.fetch_add(1, Ordering::Relaxed) == 0 {
+                        log::warn!("{e}");
+                    }
+                    return true;
+                }
+            }
+        }
+        true
+    }
+
+    pub fn stats(&self) -> NetStats {
+        let s = self.nic.stats();
+        NetStats {
+            tap: self.tap.name().to_string(),
+            rx_packets: s.rx_packets,
+            rx_bytes: s.rx_bytes,
+            rx_filtered: s.rx_filtered,
+            rx_ring_full: s.rx_ring_full,
+            rx_disabled: s.rx_disabled,
+            tx_packets: s.tx_packets,
+            tx_bytes: s.tx_bytes,
+            tx_dropped: s.tx_dropped,
+            tap_rx_frames: self.io.tap_rx_frames.load(Ordering::Relaxed),
+            rx_backpressure: self.io.rx_backpressure.load(Ordering::Relaxed),
+            tap_errors: self.io.tap_errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NetStats {
+    pub tap: String,
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub rx_filtered: u64,
+    pub rx_ring_full: u64,
+    pub rx_disabled: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    pub tx_dropped: u64,
+    pub tap_rx_frames: u64,
+    pub rx_backpressure: u64,
+    pub tap_errors: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn net_specs() {
+        let c: NetConfig = "tap=wb0".parse().unwrap();
+        assert_eq!((c.tap.as_str(), c.revision), ("wb0", REVISION_CPLUS));
+        let c: NetConfig = "tap=wb1,mac=02:00:00:aa:bb:cc,rev=0x10".parse().unwrap();
+        assert_eq!(c.mac, [2, 0, 0, 0xaa, 0xbb, 0xcc]);
+        assert_eq!(c.revision, REVISION_C);
+        for bad in [
+            "",
+            "tap=",
+            "wb0",
+            "tap=a,mac=01:00:00:00:00:01",
+            "tap=a,mac=zz",
+            "tap=a,rev=0x30",
+            "tap=a,x=1",
+        ] {
+            assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
+        }
+    }
+}
