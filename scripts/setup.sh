@@ -34,7 +34,7 @@ done
 APT_PACKAGES=(
     build-essential pkg-config
     qemu-system-x86
-    iproute2 socat netperf
+    iproute2 iputils-ping socat netperf
     busybox-static cpio xz-utils zstd file python3 kmod
     procps util-linux
 )

@@ -47,6 +47,7 @@ fn run(index: SlotIndexKind, mmio_cache: bool) {
         mem_slots: Some(8),
         slot_index: index,
         mmio_cache,
+        net: None,
     };
     let running = Vmm::new(&cfg).expect("build VM").start().expect("start VM");
     let ones = format!("watch: {WATCH_GPA:#x} = 0xffffffffffffffff");

@@ -58,52 +58,11 @@ impl Output {
 
 /// Run wbvmm with `args`, feeding `stdin`, killing it after `timeout`.
 pub fn wbvmm(args: &[&str], stdin: Option<&[u8]>, timeout: Duration) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wbvmm"))
-        .args(args)
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn wbvmm");
-    if let Some(input) = stdin {
-        let mut s = child.stdin.take().expect("stdin");
-        s.write_all(input).expect("write stdin");
-        // Keep stdin open briefly is unnecessary: EOF is fine, the guest reads the FIFO.
-    }
-    let mut out = child.stdout.take().expect("stdout");
-    let mut err = child.stderr.take().expect("stderr");
-    let t_out = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = out.read_to_string(&mut s);
-        s
-    });
-    let t_err = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = err.read_to_string(&mut s);
-        s
-    });
-    let start = Instant::now();
-    let code = loop {
-        if let Some(st) = child.try_wait().expect("wait") {
-            break st.code();
-        }
-        if start.elapsed() > timeout {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    };
-    Output {
-        code,
-        stdout: t_out.join().unwrap_or_default(),
-        stderr: t_err.join().unwrap_or_default(),
-        elapsed: start.elapsed(),
-    }
+    run_with_timeout(
+        Command::new(env!("CARGO_BIN_EXE_wbvmm")).args(args),
+        stdin,
+        timeout,
+    )
 }
 
 /// Boot the test guest with `cmdline` and extra wbvmm args.
@@ -196,4 +155,162 @@ pub fn linux_image(name: &str) -> PathBuf {
         p.display()
     );
     p
+}
+
+/// A network namespace with a tap, made for one test and removed when dropped. The
+/// host side of the tap is 169.254.NET.1/24; traffic stays inside the namespace.
+pub struct NetNs {
+    pub name: String,
+    pub tap: String,
+    pub host_ip: String,
+    pub guest_ip: String,
+    pids: Vec<u32>,
+}
+
+fn ip(args: &[&str]) -> bool {
+    Command::new("ip")
+        .args(args)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+impl NetNs {
+    /// None (with a loud line) when namespaces cannot be made here (not root, no `ip`).
+    pub fn new(tag: &str, net: u8) -> Option<Self> {
+        let name = format!("wbvmm-{tag}-{}", std::process::id());
+        if !ip(&["netns", "add", &name]) {
+            eprintln!("\n!!! SKIPPED {tag}: cannot create a network namespace (need root and iproute2) !!!\n");
+            return None;
+        }
+        let ns = NetNs {
+            name,
+            tap: "wbt0".into(),
+            host_ip: format!("169.254.{net}.1"),
+            guest_ip: format!("169.254.{net}.2"),
+            pids: Vec::new(),
+        };
+        let ok = ns.exec_ok(&["ip", "link", "set", "lo", "up"])
+            && ns.exec_ok(&["ip", "tuntap", "add", &ns.tap, "mode", "tap"])
+            && ns.exec_ok(&[
+                "ip",
+                "addr",
+                "add",
+                &format!("{}/24", ns.host_ip),
+                "dev",
+                &ns.tap,
+            ])
+            && ns.exec_ok(&["ip", "link", "set", &ns.tap, "up"]);
+        assert!(ok, "setting up the tap in {} failed", ns.name);
+        Some(ns)
+    }
+
+    pub fn exec_ok(&self, cmd: &[&str]) -> bool {
+        let mut args = vec!["netns", "exec", &self.name];
+        args.extend_from_slice(cmd);
+        ip(&args)
+    }
+
+    /// Start a process inside the namespace; it is killed (by PID) on drop.
+    pub fn spawn(&mut self, cmd: &[&str]) -> u32 {
+        let child = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn in namespace");
+        let pid = child.id();
+        self.pids.push(pid);
+        // Reaped by nobody: the test process ends soon, and Drop kills it by PID.
+        std::mem::forget(child);
+        pid
+    }
+
+    /// A TCP echo server (socat) on `port`, bounded to `secs` seconds.
+    pub fn echo_server(&mut self, port: u16, secs: u32) {
+        let listen = format!("TCP-LISTEN:{port},reuseaddr,fork");
+        let secs = secs.to_string();
+        self.spawn(&["timeout", &secs, "socat", &listen, "PIPE"]);
+        std::thread::sleep(Duration::from_millis(300));
+    }
+
+    /// Run wbvmm inside the namespace.
+    pub fn wbvmm(&self, args: &[&str], timeout: Duration) -> Output {
+        let mut full = vec![
+            "netns",
+            "exec",
+            self.name.as_str(),
+            env!("CARGO_BIN_EXE_wbvmm"),
+        ];
+        full.extend_from_slice(args);
+        run_with_timeout(Command::new("ip").args(&full), None, timeout)
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        for pid in &self.pids {
+            // SAFETY: signals only processes this test started.
+            unsafe {
+                libc::kill(*pid as i32, libc::SIGTERM);
+            }
+        }
+        ip(&["netns", "del", &self.name]);
+    }
+}
+
+/// Run a prepared command with a timeout, capturing its output.
+pub fn run_with_timeout(cmd: &mut Command, stdin: Option<&[u8]>, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    if let Some(input) = stdin {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input)
+            .expect("write stdin");
+    }
+    let mut out = child.stdout.take().expect("stdout");
+    let mut err = child.stderr.take().expect("stderr");
+    let t_out = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let t_err = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let start = Instant::now();
+    let code = loop {
+        if let Some(st) = child.try_wait().expect("wait") {
+            break st.code();
+        }
+        if start.elapsed() > timeout {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    Output {
+        code,
+        stdout: t_out.join().unwrap_or_default(),
+        stderr: t_err.join().unwrap_or_default(),
+        elapsed: start.elapsed(),
+    }
 }
