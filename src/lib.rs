@@ -1,7 +1,9 @@
 //! wbvmm: a KVM virtual machine monitor.
+pub mod affinity;
 pub mod boot;
 pub mod config;
 pub mod cpuid;
+pub mod kvm_stats;
 pub mod layout;
 pub mod memory;
 pub mod net;

@@ -77,6 +77,15 @@ struct Cli {
     #[arg(long, value_name = "SPEC", value_parser = parse_net)]
     net: Option<wbvmm::net::NetConfig>,
 
+    /// Pin vCPU threads to host CPUs: VCPU=LIST pairs, e.g. 0=1,1=0-1. Applied inside
+    /// each vCPU thread before its first run.
+    #[arg(long, value_name = "MAP", value_parser = parse_vcpu_affinity)]
+    cpu_affinity: Option<wbvmm::affinity::VcpuAffinity>,
+
+    /// Pin the wbvmm-io thread (console, tap RX) to host CPUs, e.g. 0 or 0-1.
+    #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
+    io_affinity: Option<wbvmm::affinity::CpuList>,
+
     /// Write statistics as JSON when the VM ends: to PATH, or to stderr without one.
     #[arg(long, value_name = "PATH", num_args = 0..=1, require_equals = true)]
     stats: Option<Option<PathBuf>>,
@@ -85,6 +94,16 @@ struct Cli {
 fn parse_slot_index(s: &str) -> Result<SlotIndexKind, String> {
     s.parse()
         .map_err(|e: wbvmm::memory::UnknownSlotIndex| e.to_string())
+}
+
+fn parse_vcpu_affinity(s: &str) -> Result<wbvmm::affinity::VcpuAffinity, String> {
+    s.parse()
+        .map_err(|e: wbvmm::affinity::AffinityError| e.to_string())
+}
+
+fn parse_cpu_list(s: &str) -> Result<wbvmm::affinity::CpuList, String> {
+    s.parse()
+        .map_err(|e: wbvmm::affinity::AffinityError| e.to_string())
 }
 
 fn parse_net(s: &str) -> Result<wbvmm::net::NetConfig, String> {
@@ -160,6 +179,8 @@ fn main() -> ExitCode {
                 slot_index: cli.slot_index,
                 mmio_cache: cli.mmio_cache,
                 net: cli.net,
+                cpu_affinity: cli.cpu_affinity.unwrap_or_default(),
+                io_affinity: cli.io_affinity,
             };
             vmm::install_termination_handlers();
             match vmm::run(&cfg) {

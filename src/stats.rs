@@ -23,6 +23,8 @@ pub struct VmStats<'a> {
 pub struct Threads<'a> {
     /// Host thread ids of `vcpu0`, `vcpu1`, ... for `taskset -p`.
     pub vcpu: &'a [i32],
+    /// Host thread id of `wbvmm-io`.
+    pub io: i32,
 }
 
 impl<'a> VmStats<'a> {
@@ -32,7 +34,10 @@ impl<'a> VmStats<'a> {
             exit_code: r.outcome.exit_code(),
             setup_us: r.setup_time.as_micros(),
             rss_overhead_bytes: r.rss_overhead_bytes,
-            threads: Threads { vcpu: &r.vcpu_tids },
+            threads: Threads {
+                vcpu: &r.vcpu_tids,
+                io: r.io_tid,
+            },
             exits: &r.exits,
             memory: &r.memory,
             net: r.net.as_ref(),

@@ -15,6 +15,7 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 use wbvmm_devices::legacy::{DebugExit, ExitSink, IgnoredPort, SerialDevice, I8042};
 use wbvmm_devices::{Bus, IrqLine};
 
+use crate::affinity::{self, CpuList, VcpuAffinity};
 use crate::boot::mptable::PciIntx;
 use crate::boot::{self, BootError, BootProtocol};
 use crate::config::{CpuFeatureEdits, SerialMode};
@@ -60,6 +61,8 @@ pub enum VmmError {
     #[error(transparent)]
     Net(#[from] crate::net::NetError),
     #[error(transparent)]
+    Affinity(#[from] crate::affinity::AffinityError),
+    #[error(transparent)]
     MpTable(#[from] boot::mptable::MpTableError),
     #[error("cannot open serial output file {path}: {source}")]
     SerialFile {
@@ -101,6 +104,10 @@ pub struct VmConfig {
     pub mmio_cache: bool,
     /// An RTL8139 on a host tap (`--net`).
     pub net: Option<NetConfig>,
+    /// `--cpu-affinity`: vCPU threads to host CPUs.
+    pub cpu_affinity: VcpuAffinity,
+    /// `--io-affinity`: the `wbvmm-io` thread's host CPUs.
+    pub io_affinity: Option<CpuList>,
 }
 
 /// Open /dev/kvm with errors a user can act on.
@@ -372,6 +379,8 @@ pub struct Vmm {
     mmio_cache: bool,
     pub pci: Arc<PciRoot>,
     pub net: Option<Arc<NetDevice>>,
+    cpu_affinity: VcpuAffinity,
+    io_affinity: Option<CpuList>,
     /// Last: the host memory must outlive the registry and the VM fd.
     pub ram: GuestRam,
 }
@@ -392,6 +401,11 @@ impl Vmm {
                 max,
             });
         }
+        affinity::validate(
+            &config.cpu_affinity,
+            config.io_affinity.as_ref(),
+            config.cpus,
+        )?;
         let host = host_ram_bytes();
         if config.mem_size > host {
             return Err(VmmError::MemoryExceedsHost {
@@ -537,6 +551,8 @@ impl Vmm {
             mmio_cache: config.mmio_cache,
             pci,
             net,
+            cpu_affinity: config.cpu_affinity.clone(),
+            io_affinity: config.io_affinity.clone(),
             ram,
         })
     }
@@ -550,6 +566,7 @@ impl Vmm {
             self.exit.clone(),
             self.serial_mode == SerialMode::Stdio,
             self.net.clone(),
+            self.io_affinity.clone(),
         )?;
         let setup_time = PROCESS_START.get().map(|t| t.elapsed()).unwrap_or_default();
         let mut threads = Vec::new();
@@ -564,9 +581,20 @@ impl Vmm {
                 mmio_cache: self.mmio_cache,
             };
             let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+            let pin = self.cpu_affinity.0.get(&(id as u32)).cloned();
             let h = std::thread::Builder::new()
                 .name(format!("vcpu{id}"))
                 .spawn(move || {
+                    // Pinned before the first KVM_RUN: no guest instruction runs on
+                    // the wrong CPU.
+                    if let Some(list) = pin {
+                        if let Err(e) = affinity::pin_current_thread(&format!("vcpu{id}"), &list) {
+                            ctx.exit.finish(VmOutcome::Unexpected {
+                                vcpu: id as u32,
+                                what: e.to_string(),
+                            });
+                        }
+                    }
                     // SAFETY: gettid has no preconditions.
                     let _ = tid_tx.send(unsafe { libc::gettid() });
                     vcpu::run_loop(vcpu, ctx)
@@ -575,6 +603,12 @@ impl Vmm {
             tids.push(tid_rx.recv().unwrap_or(0));
             threads.push(h);
         }
+        let names: Vec<String> = tids
+            .iter()
+            .enumerate()
+            .map(|(i, t)| format!("vcpu{i}={t}"))
+            .collect();
+        eprintln!("wbvmm: threads {} wbvmm-io={}", names.join(" "), io.tid);
         Ok(RunningVm {
             vmm: self,
             threads,
@@ -635,6 +669,7 @@ pub struct RunReport {
     pub memory: MemoryStats,
     pub net: Option<NetStats>,
     pub vcpu_tids: Vec<i32>,
+    pub io_tid: i32,
     /// Process start to the vCPU threads' start (just before the first KVM_RUN).
     pub setup_time: std::time::Duration,
     /// wbvmm's resident memory beyond the guest RAM pages that are resident.
@@ -688,6 +723,7 @@ impl RunningVm {
                 memory.merge(&m);
             }
         }
+        let io_tid = self.io.as_ref().map(|io| io.tid).unwrap_or(0);
         if let Some(io) = self.io.take() {
             io.stop();
         }
@@ -699,6 +735,7 @@ impl RunningVm {
             exits,
             memory,
             vcpu_tids: self.tids.clone(),
+            io_tid,
             net: self.vmm.net.as_ref().map(|n| n.stats()),
             setup_time: self.setup_time,
             rss_overhead_bytes,
@@ -727,6 +764,7 @@ impl RunningVm {
 struct IoThread {
     stop: Arc<EventFd>,
     handle: Option<JoinHandle<()>>,
+    tid: i32,
     _raw: Option<RawModeGuard>,
 }
 
@@ -746,6 +784,7 @@ impl IoThread {
         exit: Arc<ExitState>,
         stdin_input: bool,
         net: Option<Arc<NetDevice>>,
+        pin: Option<CpuList>,
     ) -> Result<Self, VmmError> {
         use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("an eventfd"))?);
@@ -807,9 +846,17 @@ impl IoThread {
             }
         }
         let stop2 = stop.clone();
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("wbvmm-io".into())
             .spawn(move || {
+                if let Some(list) = pin {
+                    if let Err(e) = affinity::pin_current_thread("wbvmm-io", &list) {
+                        log::error!("{e}");
+                    }
+                }
+                // SAFETY: gettid has no preconditions.
+                let _ = tid_tx.send(unsafe { libc::gettid() });
                 let mut events = vec![EpollEvent::default(); 8];
                 let mut esc = EscapeParser::default();
                 let mut frame = vec![0u8; 65536];
@@ -909,9 +956,11 @@ impl IoThread {
                 }
             })
             .map_err(io_err("the I/O thread"))?;
+        let tid = tid_rx.recv().unwrap_or(0);
         Ok(Self {
             stop,
             handle: Some(handle),
+            tid,
             _raw: raw,
         })
     }

@@ -48,6 +48,8 @@ fn run(index: SlotIndexKind, mmio_cache: bool) {
         slot_index: index,
         mmio_cache,
         net: None,
+        cpu_affinity: Default::default(),
+        io_affinity: None,
     };
     let running = Vmm::new(&cfg).expect("build VM").start().expect("start VM");
     let ones = format!("watch: {WATCH_GPA:#x} = 0xffffffffffffffff");
