@@ -4,6 +4,7 @@ pub mod boot;
 pub mod config;
 pub mod cpuid;
 pub mod kvm_stats;
+pub mod latency;
 pub mod layout;
 pub mod memory;
 pub mod net;
