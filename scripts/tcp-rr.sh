@@ -1,0 +1,321 @@
+#!/bin/bash
+# TCP request/response benchmark of wbvmm's RTL8139 against a host peer, in one command:
+#
+#   scripts/setup.sh && scripts/tcp-rr.sh [options]
+#
+#   --secs N             length of the timed run (default 10)
+#   --size REQ,RESP      request/response sizes in bytes (default 1,1). The test guest's net=rr
+#                        does only 1,1; other sizes need the Linux guest (netperf TCP_RR -r)
+#   --rev 0x10|0x20      the NIC's PCI revision: 0x20 = 8139C+ (default), 0x10 = 8139C
+#   --pin on|off         pin the vCPU, the I/O thread and the peer (default: on when the host has
+#                        at least 2 CPUs)
+#   --vcpu-cpu N         host CPU for the vCPU thread (default 1)
+#   --io-cpu N           host CPU for wbvmm's I/O thread (default 0)
+#   --peer-cpu N         host CPU for the peer (socat / netserver) (default 0)
+#   --guest testguest|linux|auto
+#                        auto (default): the Debian Linux guest running netperf TCP_RR where
+#                        `wbvmm probe --json` says guest kernel mode runs natively, else the test
+#                        guest's `net=rr` (1-byte TCP echo transactions, driver at CPL3)
+#   --nic c|cplus|auto   test guest only: the driver's mode (default auto: from the revision)
+#   --nicio pio|mmio     test guest only: registers through port I/O (default) or MMIO
+#   --wbvmm PATH         the wbvmm binary (default target/release/wbvmm, built if missing)
+#   --keep-output        print the guest's whole console output
+#
+# Network: a private namespace (wbvmm-rr-PID) holding a tap at 169.254.20.1/24; the guest is
+# 169.254.20.2; the peer listens in the namespace only. Every wait is bounded; on any exit
+# (including Ctrl-C) the script kills the PIDs it started, by PID, and deletes the namespace.
+#
+# Output: a report, then two machine-readable final lines:
+#   tcp_rr: X trans/s
+#   exits_per_transaction: Y        (wbvmm's io_in+io_out+mmio_read+mmio_write / transactions,
+#                                    boot included)
+# Needs root, /dev/kvm, socat (test guest) or netperf (Linux guest), iproute2, python3.
+set -u
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+root=$(cd "$here/.." && pwd)
+# shellcheck source-path=SCRIPTDIR source=lib/common.sh
+. "$here/lib/common.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/netns.sh
+. "$here/lib/netns.sh"
+
+usage() { sed -n '2,35p' "$0" | sed 's/^# \{0,1\}//'; }
+
+secs=10
+size=1,1
+rev=0x20
+ncpu=$(nproc)
+if [ "$ncpu" -ge 2 ]; then pin=on; else pin=off; fi
+vcpu_cpu=1
+io_cpu=0
+peer_cpu=0
+guest=auto
+nic=auto
+nicio=pio
+wbvmm=""
+keep=0
+while [ $# -gt 0 ]; do
+    case $1 in
+        --secs) secs=${2:?--secs needs a number}; shift 2 ;;
+        --size) size=${2:?--size needs REQ,RESP}; shift 2 ;;
+        --rev) rev=${2:?--rev needs 0x10 or 0x20}; shift 2 ;;
+        --pin) pin=${2:?--pin needs on or off}; shift 2 ;;
+        --vcpu-cpu) vcpu_cpu=${2:?--vcpu-cpu needs a CPU number}; shift 2 ;;
+        --io-cpu) io_cpu=${2:?--io-cpu needs a CPU number}; shift 2 ;;
+        --peer-cpu) peer_cpu=${2:?--peer-cpu needs a CPU number}; shift 2 ;;
+        --guest) guest=${2:?--guest needs testguest, linux or auto}; shift 2 ;;
+        --nic) nic=${2:?--nic needs c, cplus or auto}; shift 2 ;;
+        --nicio) nicio=${2:?--nicio needs pio or mmio}; shift 2 ;;
+        --wbvmm) wbvmm=${2:?--wbvmm needs a path}; shift 2 ;;
+        --keep-output) keep=1; shift ;;
+        -h|--help) usage; exit 0 ;;
+        *) printf 'error: unknown option %s\n  what to do: see %s --help\n' "$1" "$0" >&2; exit 2 ;;
+    esac
+done
+
+bad() { printf 'error: %s\n  what to do: see %s --help\n' "$1" "$0" >&2; exit 2; }
+case $secs in ''|*[!0-9]*) bad "--secs wants a whole number of seconds, got '$secs'" ;; esac
+{ [ "$secs" -ge 1 ] && [ "$secs" -le 600 ]; } || bad "--secs must be 1..600"
+[[ $size =~ ^([0-9]+),([0-9]+)$ ]] || bad "--size wants REQ,RESP in bytes (like 1,1 or 64,64), got '$size'"
+req=${BASH_REMATCH[1]}
+resp=${BASH_REMATCH[2]}
+{ [ "$req" -ge 1 ] && [ "$resp" -ge 1 ]; } || bad "--size: both sizes must be at least 1 byte"
+case $rev in 0x10|0x20) ;; *) bad "--rev must be 0x10 or 0x20, got '$rev'" ;; esac
+case $pin in on|off) ;; *) bad "--pin must be on or off, got '$pin'" ;; esac
+case $guest in testguest|linux|auto) ;; *) bad "--guest must be testguest, linux or auto" ;; esac
+case $nic in c|cplus|auto) ;; *) bad "--nic must be c, cplus or auto" ;; esac
+case $nicio in pio|mmio) ;; *) bad "--nicio must be pio or mmio" ;; esac
+for c in "$vcpu_cpu" "$io_cpu" "$peer_cpu"; do
+    case $c in ''|*[!0-9]*) bad "CPU numbers are whole numbers, got '$c'" ;; esac
+    if [ "$pin" = on ] && [ "$c" -ge "$ncpu" ]; then
+        bad "CPU $c does not exist (this host has $ncpu: 0..$((ncpu - 1))); pick others or --pin off"
+    fi
+done
+
+[ "$(id -u)" -eq 0 ] || wb_die "needs root (network namespace, tap)" "run as root"
+[ -c /dev/kvm ] || wb_die "/dev/kvm missing" "run on a host with KVM"
+wb_need_cmd ip iproute2
+wb_need_cmd python3 python3
+wb_need_cmd taskset util-linux
+
+if [ -z "$wbvmm" ]; then
+    wbvmm=$root/target/release/wbvmm
+    if [ ! -x "$wbvmm" ]; then
+        wb_log "building wbvmm (cargo build --release)"
+        (cd "$root" && cargo build --release >&2) || wb_die "building wbvmm failed" "run scripts/setup.sh"
+    fi
+fi
+[ -x "$wbvmm" ] || wb_die "no wbvmm binary at $wbvmm" "run scripts/setup.sh or cargo build --release"
+
+# --- which guest -----------------------------------------------------------------------------
+probe_json=$("$wbvmm" probe --json 2>/dev/null) || wb_die "wbvmm probe --json failed" "run '$wbvmm probe' to see why"
+native=$(printf '%s' "$probe_json" | python3 -c 'import json,sys; print("yes" if json.load(sys.stdin).get("kernel_mode_native") else "no")')
+exit_us=$(printf '%s' "$probe_json" | python3 -c 'import json,sys; v=json.load(sys.stdin).get("mmio_exit_cpl3_us"); print("" if v is None else "%.1f" % v)')
+if [ "$guest" = auto ]; then
+    if [ "$native" = yes ]; then guest=linux; else guest=testguest; fi
+fi
+echo "=== wbvmm TCP request/response ==="
+if [ "$native" != yes ]; then
+    echo "*** This host cannot run a Linux guest kernel at native speed: 'wbvmm probe' says guest"
+    echo "*** kernel mode is emulated here (nested/paravirtual KVM). So this measures the test guest's"
+    echo "*** net=rr (its RTL8139 driver runs at CPL3, natively) against a host TCP echo peer instead"
+    echo "*** of netperf TCP_RR in a Linux guest."
+    if [ "$guest" = linux ]; then
+        wb_warn "--guest linux asked for on a host where guest kernel mode is emulated: the Debian kernel"
+        wb_warn "will not get to netperf in useful time (see README, 'Nested hosts'); trying anyway, bounded"
+    fi
+fi
+if [ "$guest" = testguest ] && [ "$size" != 1,1 ]; then
+    wb_die "the test guest's net=rr does only 1-byte requests and 1-byte responses (--size 1,1); --size $size needs the Linux guest (netperf TCP_RR -r $size)" \
+        "use --size 1,1, or --guest linux on a host where 'wbvmm probe' says guest kernel mode is native"
+fi
+
+if [ "$guest" = testguest ]; then
+    wb_need_cmd socat socat
+    elf=$root/guest-images/out/testguest.elf
+    if [ ! -f "$elf" ]; then
+        wb_log "building the test guest"
+        elf=$("$root/guest-images/build-testguest.sh" | tail -1) || wb_die "building the test guest failed"
+    fi
+    [ -f "$elf" ] || wb_die "no test guest at $elf" "run scripts/setup.sh"
+else
+    wb_need_cmd netserver netperf
+    kernel=$root/guest-images/out/linux/bzImage
+    initrd=$root/guest-images/out/linux/initramfs.cpio.gz
+    { [ -f "$kernel" ] && [ -f "$initrd" ]; } || wb_die "no Linux guest in guest-images/out/linux" "run scripts/setup.sh"
+fi
+
+pin_flags=()
+pin_mode=off
+if [ "$pin" = on ]; then
+    if "$wbvmm" --help 2>/dev/null | grep -q -- --cpu-affinity; then
+        pin_mode=flags
+        pin_flags=(--cpu-affinity "0=$vcpu_cpu")
+        if "$wbvmm" --help 2>/dev/null | grep -q -- --io-affinity; then
+            pin_flags+=(--io-affinity "$io_cpu")
+        fi
+    else
+        # Older wbvmm: start the process on the I/O CPU, then move the vCPU thread (found by
+        # its name, vcpu0) with taskset -p as soon as it exists.
+        pin_mode=taskset
+    fi
+fi
+
+# --- namespace, peer --------------------------------------------------------------------------
+ns=wbvmm-rr-$$
+tap=wbrr$$
+host_ip=169.254.20.1
+guest_ip=169.254.20.2
+work=$(mktemp -d /tmp/wbvmm-tcp-rr.XXXXXX)
+peer_pid=""
+vm_pid=""
+cleanup() {
+    wb_kill_tree "$vm_pid"
+    wb_kill_tree "$peer_pid"
+    wb_netns_del "$ns"
+    rm -rf "$work"
+}
+trap cleanup EXIT
+trap 'echo "interrupted; cleaning up" >&2; exit 130' INT TERM
+
+pin_cmd() { # pin_cmd CPU: a prefix running a command on CPU when pinning is on
+    if [ "$pin" = on ]; then echo "taskset -c $1"; fi
+}
+
+wb_netns_tap "$ns" "$tap" "$host_ip/24"
+if [ "$guest" = testguest ]; then
+    port=7777
+    # shellcheck disable=SC2046
+    ip netns exec "$ns" $(pin_cmd "$peer_cpu") socat -T $((secs + 30)) \
+        TCP-LISTEN:$port,bind=$host_ip,reuseaddr,fork PIPE </dev/null >"$work/peer.log" 2>&1 &
+    peer_pid=$!
+    peer_desc="socat TCP echo on $host_ip:$port"
+else
+    port=12865
+    # shellcheck disable=SC2046
+    ip netns exec "$ns" $(pin_cmd "$peer_cpu") netserver -D -p $port -L "$host_ip" \
+        </dev/null >"$work/peer.log" 2>&1 &
+    peer_pid=$!
+    peer_desc="netserver on $host_ip:$port"
+fi
+wb_wait_listen "$ns" "$port" 50 || { cat "$work/peer.log" >&2; wb_die "the peer ($peer_desc) did not start listening within 5 s"; }
+
+# --- the guest ---------------------------------------------------------------------------------
+serial=$work/serial.txt
+stats=$work/stats.json
+if [ "$guest" = testguest ]; then
+    cmdline="net=rr ip=$guest_ip/24 peer=$host_ip port=$port secs=$secs nic=$nic nicio=$nicio"
+    vm_args=(--kernel "$elf")
+    limit=$((secs + 60))
+    started_re='^rr: connected'
+else
+    cmdline="console=ttyS0 reboot=k panic=1 acpi=off pci=conf1 wbvmm.end=reboot wbvmm.run=netperf:$host_ip:TCP_RR wbvmm.ip=$guest_ip/24 wbvmm.secs=$secs wbvmm.args=-r:$req,$resp"
+    vm_args=(--kernel "$kernel" --initramfs "$initrd")
+    limit=$((secs + 180))
+    started_re='mode netperf'
+fi
+vm_args+=(--memory 256M --cpus 1 --serial "file=$serial" --net "tap=$tap,rev=$rev" "--stats=$stats" --cmdline "$cmdline")
+
+echo "guest:   $guest ($([ "$guest" = testguest ] && echo "net=rr, $req-byte request / $resp-byte response" || echo "netperf TCP_RR -r $req,$resp"))"
+echo "nic:     RTL8139 rev $rev on tap $tap in namespace $ns; guest $guest_ip, peer $peer_desc"
+echo "run:     $secs s"
+case $pin_mode in
+    flags) echo "pinning: on: vCPU -> CPU $vcpu_cpu, I/O thread -> CPU $io_cpu, peer -> CPU $peer_cpu (wbvmm ${pin_flags[*]})" ;;
+    taskset) echo "pinning: on: vCPU -> CPU $vcpu_cpu, I/O + main thread -> CPU $io_cpu, peer -> CPU $peer_cpu (this wbvmm has no --cpu-affinity: taskset -p on the vcpu0 thread)" ;;
+    off) echo "pinning: off$([ "$ncpu" -lt 2 ] && echo " (the host has $ncpu CPU)")" ;;
+esac
+
+# With the flags, wbvmm pins its own threads (it refuses CPUs outside its inherited mask, so the
+# process itself is not confined); without them, start it on the I/O CPU and move vcpu0 below.
+launch=()
+[ "$pin_mode" = taskset ] && launch=(taskset -c "$io_cpu")
+ip netns exec "$ns" "${launch[@]}" "$wbvmm" "${vm_args[@]}" "${pin_flags[@]}" \
+    </dev/null >"$work/wbvmm.out" 2>"$work/wbvmm.err" &
+vm_pid=$!
+
+# Wait (bounded) for the timed loop to start; then record where the threads run.
+deadline=$((SECONDS + limit))
+started=0
+repinned=0
+while kill -0 "$vm_pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do
+    if [ "$pin_mode" = taskset ] && [ $repinned = 0 ]; then
+        tid=$(ps -L -o tid=,comm= -p "$vm_pid" 2>/dev/null | awk '$2 == "vcpu0" { print $1 }')
+        if [ -n "$tid" ]; then taskset -p -c "$vcpu_cpu" "$tid" >/dev/null && repinned=1; fi
+    fi
+    if [ $started = 0 ] && [ -f "$serial" ] && grep -Eq "$started_re" "$serial"; then
+        started=1
+        sleep 0.3
+        {
+            echo "threads while the test runs (ps -L; taskset -p):"
+            ps -L -o tid=,comm= -p "$vm_pid" 2>/dev/null | while read -r t c; do
+                printf '  wbvmm %-10s tid %-7s %s\n' "$c" "$t" "$(taskset -pc "$t" 2>/dev/null | sed 's/.*: //;s/^/CPUs /')"
+            done
+            for p in "$peer_pid" $(ps -o pid= --ppid "$peer_pid" 2>/dev/null); do
+                printf '  peer  %-10s pid %-7s %s\n' "$(ps -o comm= -p "$p" 2>/dev/null)" "$p" "$(taskset -pc "$p" 2>/dev/null | sed 's/.*: //;s/^/CPUs /')"
+            done
+        } >"$work/threads.txt"
+    fi
+    sleep 0.2
+done
+if kill -0 "$vm_pid" 2>/dev/null; then
+    wb_warn "wbvmm still running after $limit s; stopping it"
+    kill "$vm_pid" 2>/dev/null
+    sleep 2
+    kill -9 "$vm_pid" 2>/dev/null
+fi
+wait "$vm_pid"
+rc=$?
+vm_pid=""
+
+show_console() { sed 's/^/  | /' "$serial" 2>/dev/null; sed 's/^/  wbvmm| /' "$work/wbvmm.err"; }
+[ $keep = 1 ] && { echo "console:"; show_console; }
+[ -f "$work/threads.txt" ] && cat "$work/threads.txt"
+
+# --- results -------------------------------------------------------------------------------------
+tps=""
+trans=""
+if [ "$guest" = testguest ]; then
+    line=$(grep -E '^rr: [0-9]+ transactions in [0-9]+ s = [0-9.]+ trans/s' "$serial" 2>/dev/null | tail -1)
+    if [ -n "$line" ]; then
+        trans=$(echo "$line" | awk '{ print $2 }')
+        tps=$(echo "$line" | awk '{ print $(NF-1) }')
+        echo "guest:   ${line}"
+        grep -E '^rr: per transaction:' "$serial" | sed 's/^/guest:   /'
+    fi
+else
+    # netperf's result line: socket sizes, request, response, elapsed, rate.
+    line=$(tr -d '\r' <"$serial" | awk 'NF == 6 && $3 == '"$req"' && $4 == '"$resp"' && $5 ~ /^[0-9.]+$/ && $6 ~ /^[0-9.]+$/ { l = $0 } END { print l }')
+    if [ -n "$line" ]; then
+        tps=$(echo "$line" | awk '{ print $6 }')
+        el=$(echo "$line" | awk '{ print $5 }')
+        trans=$(python3 -c "print(round($tps * $el))")
+        echo "netperf: $line"
+    fi
+fi
+if [ -z "$tps" ]; then
+    echo "FAILED: no result from the guest (wbvmm exit status $rc); console:"
+    show_console
+    exit 1
+fi
+# wbvmm's exit status: 0 from the test guest (its debug-exit value) and from the Linux guest's reboot.
+[ "$rc" -eq 0 ] || wb_warn "wbvmm exit status $rc (expected 0)"
+
+epx=""
+if [ -f "$stats" ]; then
+    summary=$("$here/stats-summary" "$stats" --transactions "$trans")
+    printf '%s\n' "$summary" | while IFS= read -r l; do echo "stats:   $l"; done
+    epx=$(echo "$summary" | awk -F': ' '$1 == "exits_per_transaction" { print $2 }')
+    vtids=$(echo "$summary" | awk -F': ' '$1 == "vcpu_tids" { print $2 }')
+    [ -n "$vtids" ] && echo "pinning: vCPU thread(s) from --stats: $vtids (their CPUs: the ps/taskset lines above)"
+else
+    wb_warn "wbvmm wrote no stats file"
+fi
+if [ -n "$exit_us" ] && [ -n "$epx" ]; then
+    python3 - "$tps" "$epx" "$exit_us" <<'EOF'
+import sys
+tps, epx, us = map(float, sys.argv[1:])
+t = 1e6 / tps
+print(f"time:    {t:.1f} us per transaction; {epx:.2f} exits x {us:.1f} us (probe's CPL3 exit round trip) = {epx * us:.1f} us ({100 * epx * us / t:.0f}%)")
+EOF
+fi
+echo "tcp_rr: $tps trans/s"
+echo "exits_per_transaction: ${epx:-unknown}"
