@@ -10,6 +10,7 @@ pub mod memory;
 pub mod net;
 pub mod probe;
 pub mod stats;
+pub mod stats_summary;
 pub mod terminal;
 pub mod vcpu;
 pub mod vmm;

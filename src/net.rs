@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::Serialize;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
@@ -15,7 +15,7 @@ use wbvmm_devices::net::rtl8139::{
 use wbvmm_devices::net::tap::{Tap, TapError, TapOptions};
 use wbvmm_devices::net::RxResult;
 use wbvmm_devices::pci::{PciError, PciPlacement, PciRoot};
-use wbvmm_devices::{GuestDma, IrqLine};
+use wbvmm_devices::{Bus, GuestDma, IrqLine};
 
 /// Where the NIC sits: 00:03.0 (as under QEMU), INTA routed to IOAPIC pin 16 (pins
 /// 16-23 are the IOAPIC-only ones in KVM's default routing), BARs where a BIOS would
@@ -27,7 +27,7 @@ pub const NIC_MMIO_BAR: u64 = 0xfebf_f000;
 
 #[derive(Debug, Error)]
 pub enum NetError {
-    #[error("'{0}' is not a --net spec: use tap=NAME[,mac=52:54:00:12:34:56][,rev=0x20|0x10]")]
+    #[error("'{0}' is not a --net spec: use tap=NAME[,mac=52:54:00:12:34:56][,rev=0x20|0x10][,tx=ioeventfd|exit]")]
     BadSpec(String),
     #[error(transparent)]
     Tap(#[from] TapError),
@@ -39,12 +39,23 @@ pub enum NetError {
     Irq(std::io::Error),
 }
 
-/// `--net tap=NAME[,mac=MAC][,rev=0x10|0x20]`
+/// How the C+ TX doorbell (a TxPoll write) reaches the NIC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxDoorbell {
+    /// A KVM ioeventfd: the write completes inside KVM (~3.7 us here instead of a
+    /// ~30 us exit) and the I/O thread runs the TX ring.
+    IoEventFd,
+    /// An ordinary exit: the vCPU thread runs the TX ring inside the write.
+    Exit,
+}
+
+/// `--net tap=NAME[,mac=MAC][,rev=0x10|0x20][,tx=ioeventfd|exit]`
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
     pub tap: String,
     pub mac: [u8; 6],
     pub revision: u8,
+    pub tx: TxDoorbell,
 }
 
 impl FromStr for NetConfig {
@@ -55,6 +66,7 @@ impl FromStr for NetConfig {
             tap: String::new(),
             mac: Rtl8139Config::default().mac,
             revision: REVISION_CPLUS,
+            tx: TxDoorbell::IoEventFd,
         };
         for part in s.split(',') {
             let (k, v) = part.split_once('=').ok_or_else(bad)?;
@@ -70,6 +82,13 @@ impl FromStr for NetConfig {
                     // A multicast source address would be filtered by every peer.
                     if cfg.mac[0] & 1 != 0 {
                         return Err(bad());
+                    }
+                }
+                "tx" => {
+                    cfg.tx = match v {
+                        "ioeventfd" => TxDoorbell::IoEventFd,
+                        "exit" => TxDoorbell::Exit,
+                        _ => return Err(bad()),
                     }
                 }
                 "rev" => {
@@ -142,19 +161,110 @@ pub struct IoCounters {
     pub tap_errors: AtomicU64,
 }
 
+/// The TxPoll doorbell as an ioeventfd on both BARs, following BAR moves.
+pub struct Doorbell {
+    pub evt: EventFd,
+    vm: Arc<VmFd>,
+    pci: Arc<PciRoot>,
+    /// (PIO port, MMIO address) currently registered.
+    at: std::sync::Mutex<(Option<u64>, Option<u64>)>,
+    /// The bus generations `at` was computed for.
+    seen: AtomicU64,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+}
+
+/// TxPoll's offset in both BARs.
+const TXPOLL_OFFSET: u64 = 0xd9;
+/// The value 8139cp and the test guest write to TxPoll: "normal-priority queue".
+const TXPOLL_NPQ: u8 = 0x40;
+
+impl Doorbell {
+    fn new(
+        vm: Arc<VmFd>,
+        pci: Arc<PciRoot>,
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+    ) -> Result<Self, NetError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::Irq)?;
+        let d = Self {
+            evt,
+            vm,
+            pci,
+            at: std::sync::Mutex::new((None, None)),
+            seen: AtomicU64::new(u64::MAX),
+            pio,
+            mmio,
+        };
+        d.follow_bars();
+        Ok(d)
+    }
+
+    /// Re-register where the BARs are now, if any bus changed since last time. A
+    /// stale registration is harmless meanwhile: a write at the new address exits
+    /// and the NIC handles it in the vCPU thread.
+    pub fn follow_bars(&self) {
+        let gen = self
+            .pio
+            .generation()
+            .wrapping_add(self.mmio.generation() << 32);
+        if self.seen.swap(gen, Ordering::AcqRel) == gen {
+            return;
+        }
+        let mapped = |bar: u8| {
+            self.pci
+                .bar_mapping(NIC_PCI_DEVICE, bar)
+                .and_then(|(_, at)| at)
+        };
+        let want = (
+            mapped(0).map(|b| b + TXPOLL_OFFSET),
+            mapped(1).map(|b| b + TXPOLL_OFFSET),
+        );
+        let mut at = self.at.lock().unwrap_or_else(|e| e.into_inner());
+        if *at == want {
+            return;
+        }
+        let (old_pio, old_mmio) = *at;
+        if let Some(p) = old_pio {
+            let _ = self
+                .vm
+                .unregister_ioevent(&self.evt, &IoEventAddress::Pio(p), TXPOLL_NPQ);
+        }
+        if let Some(m) = old_mmio {
+            let _ = self
+                .vm
+                .unregister_ioevent(&self.evt, &IoEventAddress::Mmio(m), TXPOLL_NPQ);
+        }
+        let reg = |a: &IoEventAddress| match self.vm.register_ioevent(&self.evt, a, TXPOLL_NPQ) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!(
+                    "TX doorbell ioeventfd at {a:?} refused ({e}); TxPoll writes there will exit"
+                );
+                false
+            }
+        };
+        let new_pio = want.0.filter(|&p| reg(&IoEventAddress::Pio(p)));
+        let new_mmio = want.1.filter(|&m| reg(&IoEventAddress::Mmio(m)));
+        *at = (new_pio, new_mmio);
+    }
+}
+
 /// The NIC as the VMM holds it.
 pub struct NetDevice {
     pub nic: Arc<Rtl8139>,
     pub tap: Arc<Tap>,
     pub irq: Arc<LevelIrq>,
     pub io: Arc<IoCounters>,
+    pub doorbell: Option<Doorbell>,
 }
 
 impl NetDevice {
     /// Open the tap, build the NIC and place it on the PCI root.
     pub fn create(
-        vm: &VmFd,
-        root: &PciRoot,
+        vm: &Arc<VmFd>,
+        root: &Arc<PciRoot>,
+        buses: (&Arc<Bus>, &Arc<Bus>),
         dma: Arc<dyn GuestDma>,
         cfg: &NetConfig,
     ) -> Result<Self, NetError> {
@@ -177,11 +287,21 @@ impl NetDevice {
                 bar_addresses: vec![NIC_IO_BAR, NIC_MMIO_BAR],
             },
         )?;
+        let doorbell = match cfg.tx {
+            TxDoorbell::IoEventFd => Some(Doorbell::new(
+                vm.clone(),
+                root.clone(),
+                buses.0.clone(),
+                buses.1.clone(),
+            )?),
+            TxDoorbell::Exit => None,
+        };
         Ok(Self {
             nic,
             tap,
             irq,
             io: Arc::new(IoCounters::default()),
+            doorbell,
         })
     }
 
@@ -262,6 +382,11 @@ mod tests {
         let c: NetConfig = "tap=wb1,mac=02:00:00:aa:bb:cc,rev=0x10".parse().unwrap();
         assert_eq!(c.mac, [2, 0, 0, 0xaa, 0xbb, 0xcc]);
         assert_eq!(c.revision, REVISION_C);
+        assert_eq!(c.tx, TxDoorbell::IoEventFd);
+        assert_eq!(
+            "tap=a,tx=exit".parse::<NetConfig>().unwrap().tx,
+            TxDoorbell::Exit
+        );
         for bad in [
             "",
             "tap=",

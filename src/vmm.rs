@@ -504,7 +504,13 @@ impl Vmm {
             Some(nc) => {
                 let dma: Arc<dyn wbvmm_devices::GuestDma> =
                     Arc::new(GuestRamDma::new(memory.clone()));
-                Some(Arc::new(NetDevice::create(&vm, &pci, dma, nc)?))
+                Some(Arc::new(NetDevice::create(
+                    &vm,
+                    &pci,
+                    (&pio, &mmio),
+                    dma,
+                    nc,
+                )?))
             }
             None => None,
         };
@@ -774,6 +780,7 @@ const TOKEN_SERIAL_SPACE: u64 = 2;
 const TOKEN_TAP: u64 = 3;
 const TOKEN_NIC_SPACE: u64 = 4;
 const TOKEN_NIC_RESAMPLE: u64 = 5;
+const TOKEN_NIC_DOORBELL: u64 = 6;
 /// Frames moved per wake-up before other sources get a turn.
 const RX_BUDGET: usize = 64;
 
@@ -808,7 +815,13 @@ impl IoThread {
                 (n.tap.as_raw_fd(), TOKEN_TAP),
                 (n.nic.rx_space_event().as_raw_fd(), TOKEN_NIC_SPACE),
                 (n.irq.resample.as_raw_fd(), TOKEN_NIC_RESAMPLE),
-            ] {
+            ]
+            .into_iter()
+            .chain(
+                n.doorbell
+                    .as_ref()
+                    .map(|d| (d.evt.as_raw_fd(), TOKEN_NIC_DOORBELL)),
+            ) {
                 epoll
                     .ctl(
                         ControlOperation::Add,
@@ -905,6 +918,16 @@ impl IoThread {
                                         "tap {} closed; the guest's NIC is now cut off",
                                         n.tap.name()
                                     );
+                                }
+                            }
+                            TOKEN_NIC_DOORBELL => {
+                                if let Some(d) = net
+                                    .as_ref()
+                                    .and_then(|n| n.doorbell.as_ref().map(|d| (n, d)))
+                                {
+                                    let _ = d.1.evt.read();
+                                    d.0.nic.process_tx();
+                                    d.1.follow_bars();
                                 }
                             }
                             TOKEN_NIC_RESAMPLE => {
