@@ -791,7 +791,7 @@ impl SlotRegistry {
             return Ok(());
         }
         if new_size > o.size {
-            self.check_range_free_except(o.gpa + o.size, new_size - o.size, id)?;
+            self.check_range_free_except(o.gpa + o.size, new_size - o.size, &o)?;
         }
         let owned = if new_size > o.size {
             if old.owned.is_none() {
@@ -829,7 +829,7 @@ impl SlotRegistry {
         let old = Self::record(&w, id)?;
         let o = old.slot;
         validate(new_gpa, o.size, o.flags)?;
-        self.check_range_free_except(new_gpa, o.size, id)?;
+        self.check_range_free_except(new_gpa, o.size, &o)?;
         let new = Record {
             slot: Slot { gpa: new_gpa, ..o },
             owned: old.owned.clone(),
@@ -841,13 +841,19 @@ impl SlotRegistry {
         &self,
         gpa: u64,
         size: u64,
-        except: SlotId,
+        except: &Slot,
     ) -> Result<(), MemoryError> {
         let snap = self.current.load();
-        // A range may intersect several slots; report one that is not `except`.
         let end = gpa + size;
-        for s in snap.slots() {
-            if s.id != except && gpa < s.gpa + s.size && s.gpa < end {
+        // Slots are disjoint, so another slot intersecting [gpa, end) must intersect the
+        // part of it outside `except`'s own range: at most two index queries, no scan.
+        let (es, ee) = (except.gpa, except.gpa + except.size);
+        let parts = [(gpa, end.min(es)), (gpa.max(ee), end)];
+        for (a, b) in parts {
+            if a >= b {
+                continue;
+            }
+            if let Some(s) = snap.index.overlapping(a, b) {
                 return Err(MemoryError::Overlap {
                     gpa,
                     size,
