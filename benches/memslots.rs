@@ -293,6 +293,20 @@ fn nodes_report(test_mode: bool) -> Value {
                     json!({"mean": mean, "max": max, "cached_mean": cached}),
                 );
             }
+            // The wbtree after a full size-biased rebuild (what `add_mapped_split` and
+            // `SlotRegistry::optimize` leave after a bulk setup).
+            if let Some((_, AnyIndex::Wbtree(t))) =
+                idxs.iter().find(|(k, _)| *k == SlotIndexKind::Wbtree)
+            {
+                let mut t = t.clone();
+                t.rebuild_all();
+                let (mean, max, cached) = nodes(&AnyIndex::Wbtree(t), &addrs);
+                line += &format!(" wbtree-rebuilt={mean:.2}/{max}/{cached:.2}");
+                per.insert(
+                    "wbtree-rebuilt".to_string(),
+                    json!({"mean": mean, "max": max, "cached_mean": cached}),
+                );
+            }
             match opt {
                 Some(o) => line += &format!(" | optimal={o:.3}"),
                 None => line += " | optimal=skipped",

@@ -566,7 +566,18 @@ impl SlotRegistry {
                 }
             }
         }
+        self.optimize();
         Ok(ids)
+    }
+
+    /// Re-shape the mirror's index for lookups (a full size-biased rebuild of the wbtree;
+    /// nothing for the other indexes) and publish it. `add_mapped_split` does this itself;
+    /// call it after other bulk setups. Bumps the generation.
+    pub fn optimize(&self) {
+        let mut w = self.lock();
+        if self.current.load().index_kind() == SlotIndexKind::Wbtree {
+            self.publish(&mut w, |next| next.index.optimize());
+        }
     }
 
     fn check_free(&self, w: &WriterState, gpa: u64, size: u64) -> Result<(), MemoryError> {

@@ -474,6 +474,16 @@ impl<T: RangeItem> WbTree<T> {
         root
     }
 
+    /// Rebuild the whole tree size-biased (`O(n log n)`). Incremental inserts can only lift
+    /// a big range as far as rotations allow; after a bulk setup this puts the largest
+    /// ranges as high as the bound permits (mixed 3 GiB + 507 x 2 MiB + 64 GiB: 3.0 -> 1.2
+    /// nodes per size-weighted hit).
+    pub fn rebuild_all(&mut self) {
+        if self.root != NIL {
+            self.root = self.rebuild(self.root, None);
+        }
+    }
+
     /// Height in nodes (0 for an empty tree).
     pub fn depth(&self) -> u32 {
         fn d<T: RangeItem>(t: &WbTree<T>, i: u32) -> u32 {
