@@ -270,10 +270,26 @@ fn nodes_report(test_mode: bool) -> Value {
     let mut out = BTreeMap::new();
     println!("\n== nodes visited per lookup (mean; max; mean with a 256-entry page cache) ==");
     for l in layouts(test_mode) {
+        // One-shot build time (slots inserted in address order): the setup cost at boot.
+        let mut build_us = BTreeMap::new();
         let idxs: Vec<(SlotIndexKind, AnyIndex<Slot>)> = SlotIndexKind::ALL
             .iter()
-            .map(|&k| (k, build(k, &l)))
+            .map(|&k| {
+                let t0 = std::time::Instant::now();
+                let idx = build(k, &l);
+                build_us.insert(k.name().to_string(), t0.elapsed().as_secs_f64() * 1e6);
+                (k, idx)
+            })
             .collect();
+        println!(
+            "{:<12} build (us, address order): {}",
+            l.name,
+            build_us
+                .iter()
+                .map(|(k, v)| format!("{k}={v:.0}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
         let mut streams = BTreeMap::new();
         for s in STREAMS {
             let addrs = stream(&l, s);
@@ -338,6 +354,7 @@ fn nodes_report(test_mode: bool) -> Value {
                 "wbtree_depth": wb.depth(),
                 "wbtree_rebuilds_while_building": wb.rebuilds(),
                 "bytes_per_slot": bytes,
+                "build_us": build_us,
                 "streams": streams,
             }),
         );
