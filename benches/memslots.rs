@@ -353,6 +353,7 @@ fn nodes_report(test_mode: bool) -> Value {
                 "slots": l.slots.len(),
                 "wbtree_depth": wb.depth(),
                 "wbtree_rebuilds_while_building": wb.rebuilds(),
+                "wbtree_rebuilt_nodes_while_building": wb.rebuilt_nodes(),
                 "bytes_per_slot": bytes,
                 "build_us": build_us,
                 "streams": streams,
