@@ -361,6 +361,36 @@ fn nodes_report(test_mode: bool) -> Value {
         );
     }
     println!("(btree: levels of a B-tree with that many keys, an estimate; not instrumented)");
+    // Worst shape for rebuild churn: a huge range first, many small ones after it in address
+    // order, a huge one last (no slack under the bound at the root).
+    if !test_mode {
+        let mut slots = vec![slot(0, 0, 3 * G, false)];
+        for i in 0..32762u64 {
+            slots.push(slot(i as usize + 1, 4 * G + i * 2 * M, 2 * M, false));
+        }
+        slots.push(slot(32763, 1 << 40, 64 * G, false));
+        let l = Layout {
+            name: "mixed32764",
+            slots,
+            hot_misses: [0; 3],
+        };
+        let t0 = std::time::Instant::now();
+        let idx = build(SlotIndexKind::Wbtree, &l);
+        let us = t0.elapsed().as_secs_f64() * 1e6;
+        if let AnyIndex::Wbtree(t) = &idx {
+            println!(
+                "mixed32764   wbtree build {us:.0} us, {} rebuilds moving {} nodes, depth {}",
+                t.rebuilds(),
+                t.rebuilt_nodes(),
+                t.depth()
+            );
+            out.insert(
+                "mixed32764-build".to_string(),
+                json!({"wbtree_build_us": us, "rebuilds": t.rebuilds(),
+                       "rebuilt_nodes": t.rebuilt_nodes(), "depth": t.depth()}),
+            );
+        }
+    }
     Value::Object(out.into_iter().collect())
 }
 
