@@ -403,7 +403,9 @@ fn memory_report(report: &Value) {
     );
     if let Value::Object(m) = report {
         for (layout, v) in m {
-            println!("{layout:<12} {}", v["bytes_per_slot"]);
+            if !v["bytes_per_slot"].is_null() {
+                println!("{layout:<12} {}", v["bytes_per_slot"]);
+            }
         }
     }
 }
