@@ -727,11 +727,15 @@ impl SlotRegistry {
 
     /// Replace slot `id` by `new` in KVM (delete, then create, as KVM requires for size and
     /// address changes), restoring the old slot if the create fails.
+    ///
+    /// `between` runs after KVM deleted the old slot and before the new one is created: the
+    /// guest can no longer write the old memory then (copying contents there loses nothing).
     fn replace_locked(
         &self,
         w: &mut WriterState,
         old: Record,
         new: Record,
+        between: impl FnOnce(),
     ) -> Result<(), MemoryError> {
         let (o, n) = (old.slot, new.slot);
         let id = o.id;
@@ -746,6 +750,7 @@ impl SlotRegistry {
             flags: o.flags.bits(),
             source,
         })?;
+        between();
         if let Err(source) = be(&n, n.size) {
             return match be(&o, o.size) {
                 Ok(()) => Err(MemoryError::Backend {
@@ -808,19 +813,29 @@ impl SlotRegistry {
             if old.owned.is_none() {
                 return Err(MemoryError::CannotGrowMapped { slot: id });
             }
-            let m = HostMapping::new(o.gpa, new_size)?;
-            // SAFETY: both ranges are live mappings (the old one is kept by `old.owned`), of
-            // at least `o.size` bytes, and distinct mappings cannot overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    o.host_addr as *const u8,
-                    m.addr as *mut u8,
-                    o.size as usize,
-                );
-            }
-            Some(Arc::new(m))
+            Some(Arc::new(HostMapping::new(o.gpa, new_size)?))
         } else {
             old.owned.clone()
+        };
+        // Growing into a new mapping: copy the contents once the guest cannot write the old
+        // one any more (devices doing DMA on an older snapshot should be quiesced first).
+        let copy = owned
+            .as_ref()
+            .filter(|m| m.addr != o.host_addr)
+            .map(|m| m.addr);
+        let between = move || {
+            if let Some(dst) = copy {
+                // SAFETY: both ranges are live mappings (the old one is kept alive by
+                // `old.owned` and the current snapshot) of at least `o.size` bytes, and two
+                // distinct mappings cannot overlap.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        o.host_addr as *const u8,
+                        dst as *mut u8,
+                        o.size as usize,
+                    );
+                }
+            }
         };
         let host_addr = owned.as_ref().map_or(o.host_addr, |m| m.addr);
         let new = Record {
@@ -831,7 +846,7 @@ impl SlotRegistry {
             },
             owned,
         };
-        self.replace_locked(&mut w, old, new)
+        self.replace_locked(&mut w, old, new, between)
     }
 
     /// Move slot `id` to guest address `new_gpa` (same host memory, same size).
@@ -845,7 +860,7 @@ impl SlotRegistry {
             slot: Slot { gpa: new_gpa, ..o },
             owned: old.owned.clone(),
         };
-        self.replace_locked(&mut w, old, new)
+        self.replace_locked(&mut w, old, new, || {})
     }
 
     fn check_range_free_except(
