@@ -270,10 +270,26 @@ fn nodes_report(test_mode: bool) -> Value {
     let mut out = BTreeMap::new();
     println!("\n== nodes visited per lookup (mean; max; mean with a 256-entry page cache) ==");
     for l in layouts(test_mode) {
+        // One-shot build time (slots inserted in address order): the setup cost at boot.
+        let mut build_us = BTreeMap::new();
         let idxs: Vec<(SlotIndexKind, AnyIndex<Slot>)> = SlotIndexKind::ALL
             .iter()
-            .map(|&k| (k, build(k, &l)))
+            .map(|&k| {
+                let t0 = std::time::Instant::now();
+                let idx = build(k, &l);
+                build_us.insert(k.name().to_string(), t0.elapsed().as_secs_f64() * 1e6);
+                (k, idx)
+            })
             .collect();
+        println!(
+            "{:<12} build (us, address order): {}",
+            l.name,
+            build_us
+                .iter()
+                .map(|(k, v)| format!("{k}={v:.0}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
         let mut streams = BTreeMap::new();
         for s in STREAMS {
             let addrs = stream(&l, s);
@@ -290,6 +306,20 @@ fn nodes_report(test_mode: bool) -> Value {
                 line += &format!(" {}={:.2}/{}/{:.2}", k.name(), mean, max, cached);
                 per.insert(
                     k.name().to_string(),
+                    json!({"mean": mean, "max": max, "cached_mean": cached}),
+                );
+            }
+            // The wbtree after a full size-biased rebuild (what `add_mapped_split` and
+            // `SlotRegistry::optimize` leave after a bulk setup).
+            if let Some((_, AnyIndex::Wbtree(t))) =
+                idxs.iter().find(|(k, _)| *k == SlotIndexKind::Wbtree)
+            {
+                let mut t = t.clone();
+                t.rebuild_all();
+                let (mean, max, cached) = nodes(&AnyIndex::Wbtree(t), &addrs);
+                line += &format!(" wbtree-rebuilt={mean:.2}/{max}/{cached:.2}");
+                per.insert(
+                    "wbtree-rebuilt".to_string(),
                     json!({"mean": mean, "max": max, "cached_mean": cached}),
                 );
             }
@@ -323,12 +353,44 @@ fn nodes_report(test_mode: bool) -> Value {
                 "slots": l.slots.len(),
                 "wbtree_depth": wb.depth(),
                 "wbtree_rebuilds_while_building": wb.rebuilds(),
+                "wbtree_rebuilt_nodes_while_building": wb.rebuilt_nodes(),
                 "bytes_per_slot": bytes,
+                "build_us": build_us,
                 "streams": streams,
             }),
         );
     }
     println!("(btree: levels of a B-tree with that many keys, an estimate; not instrumented)");
+    // Worst shape for rebuild churn: a huge range first, many small ones after it in address
+    // order, a huge one last (no slack under the bound at the root).
+    if !test_mode {
+        let mut slots = vec![slot(0, 0, 3 * G, false)];
+        for i in 0..32762u64 {
+            slots.push(slot(i as usize + 1, 4 * G + i * 2 * M, 2 * M, false));
+        }
+        slots.push(slot(32763, 1 << 40, 64 * G, false));
+        let l = Layout {
+            name: "mixed32764",
+            slots,
+            hot_misses: [0; 3],
+        };
+        let t0 = std::time::Instant::now();
+        let idx = build(SlotIndexKind::Wbtree, &l);
+        let us = t0.elapsed().as_secs_f64() * 1e6;
+        if let AnyIndex::Wbtree(t) = &idx {
+            println!(
+                "mixed32764   wbtree build {us:.0} us, {} rebuilds moving {} nodes, depth {}",
+                t.rebuilds(),
+                t.rebuilt_nodes(),
+                t.depth()
+            );
+            out.insert(
+                "mixed32764-build".to_string(),
+                json!({"wbtree_build_us": us, "rebuilds": t.rebuilds(),
+                       "rebuilt_nodes": t.rebuilt_nodes(), "depth": t.depth()}),
+            );
+        }
+    }
     Value::Object(out.into_iter().collect())
 }
 
@@ -341,7 +403,9 @@ fn memory_report(report: &Value) {
     );
     if let Value::Object(m) = report {
         for (layout, v) in m {
-            println!("{layout:<12} {}", v["bytes_per_slot"]);
+            if !v["bytes_per_slot"].is_null() {
+                println!("{layout:<12} {}", v["bytes_per_slot"]);
+            }
         }
     }
 }

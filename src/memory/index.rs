@@ -443,6 +443,14 @@ impl<T: RangeItem> AnyIndex<T> {
         }
     }
 
+    /// Re-shape the index for lookups after a bulk change (only the wbtree has anything to
+    /// do: a full size-biased rebuild).
+    pub fn optimize(&mut self) {
+        if let AnyIndex::Wbtree(t) = self {
+            t.rebuild_all();
+        }
+    }
+
     pub fn kind(&self) -> SlotIndexKind {
         match self {
             AnyIndex::Linear(_) => SlotIndexKind::Linear,

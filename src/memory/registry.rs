@@ -566,7 +566,18 @@ impl SlotRegistry {
                 }
             }
         }
+        self.optimize();
         Ok(ids)
+    }
+
+    /// Re-shape the mirror's index for lookups (a full size-biased rebuild of the wbtree;
+    /// nothing for the other indexes) and publish it. `add_mapped_split` does this itself;
+    /// call it after other bulk setups. Bumps the generation.
+    pub fn optimize(&self) {
+        let mut w = self.lock();
+        if self.current.load().index_kind() == SlotIndexKind::Wbtree {
+            self.publish(&mut w, |next| next.index.optimize());
+        }
     }
 
     fn check_free(&self, w: &WriterState, gpa: u64, size: u64) -> Result<(), MemoryError> {
@@ -716,11 +727,15 @@ impl SlotRegistry {
 
     /// Replace slot `id` by `new` in KVM (delete, then create, as KVM requires for size and
     /// address changes), restoring the old slot if the create fails.
+    ///
+    /// `between` runs after KVM deleted the old slot and before the new one is created: the
+    /// guest can no longer write the old memory then (copying contents there loses nothing).
     fn replace_locked(
         &self,
         w: &mut WriterState,
         old: Record,
         new: Record,
+        between: impl FnOnce(),
     ) -> Result<(), MemoryError> {
         let (o, n) = (old.slot, new.slot);
         let id = o.id;
@@ -735,6 +750,7 @@ impl SlotRegistry {
             flags: o.flags.bits(),
             source,
         })?;
+        between();
         if let Err(source) = be(&n, n.size) {
             return match be(&o, o.size) {
                 Ok(()) => Err(MemoryError::Backend {
@@ -791,25 +807,35 @@ impl SlotRegistry {
             return Ok(());
         }
         if new_size > o.size {
-            self.check_range_free_except(o.gpa + o.size, new_size - o.size, id)?;
+            self.check_range_free_except(o.gpa + o.size, new_size - o.size, &o)?;
         }
         let owned = if new_size > o.size {
             if old.owned.is_none() {
                 return Err(MemoryError::CannotGrowMapped { slot: id });
             }
-            let m = HostMapping::new(o.gpa, new_size)?;
-            // SAFETY: both ranges are live mappings (the old one is kept by `old.owned`), of
-            // at least `o.size` bytes, and distinct mappings cannot overlap.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    o.host_addr as *const u8,
-                    m.addr as *mut u8,
-                    o.size as usize,
-                );
-            }
-            Some(Arc::new(m))
+            Some(Arc::new(HostMapping::new(o.gpa, new_size)?))
         } else {
             old.owned.clone()
+        };
+        // Growing into a new mapping: copy the contents once the guest cannot write the old
+        // one any more (devices doing DMA on an older snapshot should be quiesced first).
+        let copy = owned
+            .as_ref()
+            .filter(|m| m.addr != o.host_addr)
+            .map(|m| m.addr);
+        let between = move || {
+            if let Some(dst) = copy {
+                // SAFETY: both ranges are live mappings (the old one is kept alive by
+                // `old.owned` and the current snapshot) of at least `o.size` bytes, and two
+                // distinct mappings cannot overlap.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        o.host_addr as *const u8,
+                        dst as *mut u8,
+                        o.size as usize,
+                    );
+                }
+            }
         };
         let host_addr = owned.as_ref().map_or(o.host_addr, |m| m.addr);
         let new = Record {
@@ -820,7 +846,7 @@ impl SlotRegistry {
             },
             owned,
         };
-        self.replace_locked(&mut w, old, new)
+        self.replace_locked(&mut w, old, new, between)
     }
 
     /// Move slot `id` to guest address `new_gpa` (same host memory, same size).
@@ -829,25 +855,31 @@ impl SlotRegistry {
         let old = Self::record(&w, id)?;
         let o = old.slot;
         validate(new_gpa, o.size, o.flags)?;
-        self.check_range_free_except(new_gpa, o.size, id)?;
+        self.check_range_free_except(new_gpa, o.size, &o)?;
         let new = Record {
             slot: Slot { gpa: new_gpa, ..o },
             owned: old.owned.clone(),
         };
-        self.replace_locked(&mut w, old, new)
+        self.replace_locked(&mut w, old, new, || {})
     }
 
     fn check_range_free_except(
         &self,
         gpa: u64,
         size: u64,
-        except: SlotId,
+        except: &Slot,
     ) -> Result<(), MemoryError> {
         let snap = self.current.load();
-        // A range may intersect several slots; report one that is not `except`.
         let end = gpa + size;
-        for s in snap.slots() {
-            if s.id != except && gpa < s.gpa + s.size && s.gpa < end {
+        // Slots are disjoint, so another slot intersecting [gpa, end) must intersect the
+        // part of it outside `except`'s own range: at most two index queries, no scan.
+        let (es, ee) = (except.gpa, except.gpa + except.size);
+        let parts = [(gpa, end.min(es)), (gpa.max(ee), end)];
+        for (a, b) in parts {
+            if a >= b {
+                continue;
+            }
+            if let Some(s) = snap.index.overlapping(a, b) {
                 return Err(MemoryError::Overlap {
                     gpa,
                     size,
