@@ -337,6 +337,7 @@ fn memory_section(v: &Value, out: &mut String) {
         out.push_str("  MMIO-miss cache\n");
         let mut rows = ordered_rows(
             mc,
+            "miss_cache",
             &["enabled", "entries", "hits", "misses", "invalidations"],
         );
         if let (Some(h), Some(miss)) = (
@@ -351,6 +352,7 @@ fn memory_section(v: &Value, out: &mut String) {
         out.push_str("  MMIO routing\n");
         let rows = ordered_rows(
             mm,
+            "mmio",
             &[
                 "exits",
                 "device",
@@ -480,9 +482,9 @@ fn ordered_keys<'a>(m: &'a Map<String, Value>, preferred: &[&'a str]) -> Vec<&'a
 }
 
 /// `[key, value]` rows of an object, `preferred` keys first; other values as [`flatten`].
-fn ordered_rows(v: &Value, preferred: &[&str]) -> Vec<Vec<String>> {
+fn ordered_rows(v: &Value, label: &str, preferred: &[&str]) -> Vec<Vec<String>> {
     let Some(m) = v.as_object() else {
-        return flatten(v);
+        return flatten_at(label, v);
     };
     let mut rows = Vec::new();
     for k in ordered_keys(m, preferred) {
