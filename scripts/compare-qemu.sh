@@ -14,6 +14,8 @@
 #                     QEMU process, its vCPU thread moved after start) on --io-cpu (default 0),
 #                     the echo peer on --peer-cpu (default 0)
 #   --vcpu-cpu N, --io-cpu N, --peer-cpu N
+#   --wbvmm-net OPTS  extra options for wbvmm's --net tap=...,rev=0x20 (e.g. tx=exit, where this
+#                     wbvmm has it: the C+ doorbell as a userspace exit instead of an ioeventfd)
 #   --elf PATH        guest ELF (default guest-images/out/testguest.elf)
 #   --wbvmm PATH      wbvmm binary (default target/release/wbvmm)
 #   --no-floor        skip the no-VM floor measurement
@@ -35,7 +37,8 @@
 #   sends QMP `quit`. Queries happen only at those two points (a query kicks the vCPU once).
 # - the floor: the same 1-byte echo exchange without a VM: a Python TCP client in one namespace,
 #   the socat echo in another, joined by a veth pair (pinned like the vCPU / the peer), bounded by
-#   --secs; it includes Python's own per-call cost (a few us).
+#   --secs; it includes Python's own per-call cost (a few us). With pinning it is measured twice:
+#   client and echo on different CPUs (as the vCPU and the peer), and both on the peer's CPU.
 # - where the time goes: exits per transaction x the exit round trip that `wbvmm probe --json`
 #   measures (mmio_exit_cpl3_us) against the observed time per transaction (1e6 / trans/s).
 #
@@ -82,7 +85,7 @@ def die(msg, hint=None, code=1):
 # options
 ncpu = os.cpu_count() or 1
 opt = dict(runs=5, secs=3, modes="c,cplus", nicio="pio", pin="on" if ncpu >= 2 else "off",
-           vcpu_cpu=1, io_cpu=0, peer_cpu=0, elf=None, wbvmm=None, floor=True, verbose=False)
+           vcpu_cpu=1, io_cpu=0, peer_cpu=0, elf=None, wbvmm=None, wbvmm_net="", floor=True, verbose=False)
 i = 0
 while i < len(ARGS):
     a = ARGS[i]
@@ -99,8 +102,8 @@ while i < len(ARGS):
             die(f"{a} wants a whole number, got '{v}'", None, 2)
         opt[a[2:].replace("-", "_")] = int(v)
         i += 2
-    elif a in ("--modes", "--nicio", "--pin", "--elf", "--wbvmm"):
-        opt[a[2:]] = val()
+    elif a in ("--modes", "--nicio", "--pin", "--elf", "--wbvmm", "--wbvmm-net"):
+        opt[a[2:].replace("-", "_")] = val()
         i += 2
     elif a == "--no-floor":
         opt["floor"] = False
@@ -310,7 +313,7 @@ def main():
         stats = os.path.join(work, f"{tag}.json")
         err = open(os.path.join(work, f"{tag}.err"), "w")
         cmd = [wbvmm, "--kernel", elf, "--memory", "256M", "--cpus", "1", "--serial", f"file={serial}",
-               "--net", f"tap={tap},rev=0x20", f"--stats={stats}", "--cmdline", cmdline] + wb_pin_flags
+               "--net", f"tap={tap},rev=0x20" + (f",{opt['wbvmm_net']}" if opt["wbvmm_net"] else ""), f"--stats={stats}", "--cmdline", cmdline] + wb_pin_flags
         launch_cpu = opt["io_cpu"] if wb_pin_mode == "taskset" else None
         p = spawn(in_ns(ns, launch_cpu, cmd), stdout=subprocess.DEVNULL, stderr=err)
         deadline = time.time() + (limit or secs + 60)
@@ -546,8 +549,8 @@ el = time.monotonic() - t0
 print("floor: %d transactions in %.3f s = %.1f trans/s" % (n, el, n / el))
 '''
 
-    def floor_run():
-        p = spawn(in_ns(floor_ns, opt["vcpu_cpu"], [sys.executable, "-c", FLOOR_CLIENT, str(secs)]),
+    def floor_run(cpu):
+        p = spawn(in_ns(floor_ns, cpu, [sys.executable, "-c", FLOOR_CLIENT, str(secs)]),
                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
             o, _ = p.communicate(timeout=secs + 20)
@@ -561,6 +564,7 @@ print("floor: %d transactions in %.3f s = %.1f trans/s" % (n, el, n / el))
     # --- the runs ------------------------------------------------------------------------------
     res = {m: {"wbvmm": [], "qemu": []} for m in modes}
     floor = []
+    floor1 = []
     failures = []
     for r in range(runs):
         for m in modes:
@@ -615,13 +619,17 @@ print("floor: %d transactions in %.3f s = %.1f trans/s" % (n, el, n / el))
                     print(f"      | {line}")
             sys.stdout.flush()
         if floor_ns:
-            f = floor_run()
-            if f is None:
-                failures.append(f"floor run {r + 1}")
-                print(f"  run {r + 1} floor FAILED")
-            else:
-                floor.append(f)
-                print(f"  run {r + 1} floor {f:9.1f} trans/s (no VM: veth between two namespaces, Python client)")
+            variants = [(floor, opt["vcpu_cpu"], "client on the vCPU's CPU")]
+            if pin and opt["vcpu_cpu"] != opt["peer_cpu"]:
+                variants.append((floor1, opt["peer_cpu"], "client on the echo's CPU"))
+            for store, cpu, what in variants:
+                f = floor_run(cpu)
+                if f is None:
+                    failures.append(f"floor run {r + 1} ({what})")
+                    print(f"  run {r + 1} floor FAILED ({what})")
+                else:
+                    store.append(f)
+                    print(f"  run {r + 1} floor {f:9.1f} trans/s (no VM: veth between two namespaces, Python client; {what})")
             sys.stdout.flush()
 
     # --- report --------------------------------------------------------------------------------
@@ -664,10 +672,17 @@ print("floor: %d transactions in %.3f s = %.1f trans/s" % (n, el, n / el))
     if floor_med:
         print(f"floor (no VM, veth between two namespaces, Python 1-byte RR client vs socat): "
               f"{floor_med:.1f} trans/s median of {len(floor)} ({' '.join(f'{x:.0f}' for x in floor)})")
+        if floor1:
+            print(f"floor, client and echo on one CPU ({opt['peer_cpu']}): {med(floor1):.1f} trans/s median of {len(floor1)} "
+                  f"({' '.join(f'{x:.0f}' for x in floor1)})")
         for m in modes:
             w = med([e["tps"] for e in res[m]["wbvmm"]])
             if w:
-                print(f"ratio wbvmm/floor ({m}): {w / floor_med:.3f}")
+                print(f"ratio wbvmm/floor ({m}): {w / floor_med:.3f}"
+                      + (f" (to the one-CPU floor: {w / med(floor1):.3f})" if floor1 else ""))
+        if floor1:
+            print("  (the floor's client sleeps in recv() and is woken by the echo on the other CPU; the guest's")
+            print("   driver never sleeps, it polls, so a VM can beat this floor where cross-CPU wakeups are dear)")
     print()
     print("where the time goes (exits per transaction x probe's exit round trip vs time per transaction):")
     if exit_us is None:
@@ -678,8 +693,14 @@ print("floor: %d transactions in %.3f s = %.1f trans/s" % (n, el, n / el))
                 rs = res[m][side]
                 tps = med([e["tps"] for e in rs])
                 if side == "wbvmm":
-                    epx = med([e["loop"] for e in rs]) or med([e["all"] for e in rs])
-                    what = "exits to wbvmm (loop)"
+                    epx = med([e["kvm_loop"] for e in rs])
+                    what = "KVM exits (all kinds, loop)"
+                    if epx is None:
+                        epx = med([e["loop"] for e in rs])
+                        what = "exits to wbvmm (loop)"
+                    if epx is None:
+                        epx = med([e["all"] for e in rs])
+                        what = "exits to wbvmm (all)"
                 else:
                     epx = med([e["io_mmio"] for e in rs]) or med([e["kvm"] for e in rs])
                     what = "KVM exits (all kinds)" if not med([e["io_mmio"] for e in rs]) else "exits to QEMU"
@@ -689,6 +710,11 @@ print("floor: %d transactions in %.3f s = %.1f trans/s" % (n, el, n / el))
                           f" of {t:6.1f} us per transaction ({100 * epx * exit_us / t:.0f}%)")
         if floor_med:
             print(f"  floor      : {1e6 / floor_med:6.1f} us per transaction with no VM at all")
+        if not any(e["kvm"] is not None for m in modes for e in res[m]["wbvmm"]):
+            print("  note: wbvmm's --stats count exits that reach wbvmm; a doorbell served by a KVM ioeventfd")
+            print("  (C+ TxPoll, where wbvmm uses one) is still a guest exit, handled in the host kernel")
+            print("  (~3.7 us on these hosts, ARCHITECTURE.md), and is not in that count; QEMU's figure is")
+            print("  KVM's own count of every exit.")
     if failures:
         print()
         print(f"{len(failures)} run(s) failed: " + "; ".join(failures))
