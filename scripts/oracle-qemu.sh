@@ -22,6 +22,8 @@ here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 root=$(cd "$here/.." && pwd)
 # shellcheck source-path=SCRIPTDIR source=lib/common.sh
 . "$here/lib/common.sh"
+# shellcheck source-path=SCRIPTDIR source=lib/netns.sh
+. "$here/lib/netns.sh"
 
 elf=""
 secs=3
@@ -58,42 +60,25 @@ work=$(mktemp -d)
 peer_pid=""
 qemu_pid=""
 
-# Kill one PID we started, and its direct children (socat forks one per
-# connection), by PID only.
-kill_tree() {
-    local pid=$1 kids
-    [ -n "$pid" ] || return 0
-    kids=$(ps -o pid= --ppid "$pid" 2>/dev/null)
-    kill "$pid" 2>/dev/null
-    # shellcheck disable=SC2086
-    [ -n "$kids" ] && kill $kids 2>/dev/null
-    wait "$pid" 2>/dev/null
-    return 0
-}
+# wb_kill_tree: the PID we started and its direct children (socat forks one
+# per connection), by PID only.
 cleanup() {
-    kill_tree "$qemu_pid"
-    kill_tree "$peer_pid"
-    ip netns del "$ns" 2>/dev/null
+    wb_kill_tree "$qemu_pid"
+    wb_kill_tree "$peer_pid"
+    wb_netns_del "$ns"
     rm -rf "$work"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
-ip netns add "$ns" || wb_die "cannot create network namespace $ns"
-ip netns exec "$ns" ip link set lo up
-ip netns exec "$ns" ip tuntap add "$tap" mode tap || wb_die "cannot create tap $tap in $ns"
-ip netns exec "$ns" ip addr add "$host_ip/24" dev "$tap"
-ip netns exec "$ns" ip link set "$tap" up
+wb_netns_tap "$ns" "$tap" "$host_ip/24"
 # Echo peer: every connection echoes what it reads (PIPE). -T: a child
 # idle for 20 s goes away by itself.
 ip netns exec "$ns" socat -T 20 TCP-LISTEN:$port,bind=$host_ip,reuseaddr,fork PIPE \
     </dev/null >"$work/socat.log" 2>&1 &
 peer_pid=$!
 # Wait (bounded) until it listens.
-for _ in $(seq 50); do
-    ip netns exec "$ns" ss -ltn 2>/dev/null | grep -q ":$port " && break
-    sleep 0.1
-done
+wb_wait_listen "$ns" "$port" 50 || wb_die "the socat echo peer did not start listening within 5 s"
 
 pass=0
 fail=0
