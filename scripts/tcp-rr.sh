@@ -258,7 +258,7 @@ while kill -0 "$vm_pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do
         started=1
         sleep 0.3
         {
-            echo "threads while the test runs (ps -L; taskset -p):"
+            echo "threads while the test runs (ps -L; taskset -pc):"
             ps -L -o tid=,comm= -p "$vm_pid" 2>/dev/null | while read -r t c; do
                 printf '  wbvmm %-10s tid %-7s %s\n' "$c" "$t" "$(taskset -pc "$t" 2>/dev/null | sed 's/.*: //;s/^/CPUs /')"
             done
