@@ -127,6 +127,11 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a --stats JSON file as readable tables.
+    Stats {
+        /// The file written by --stats=PATH.
+        file: PathBuf,
+    },
 }
 
 fn parse_memory(s: &str) -> Result<u64, String> {
@@ -162,6 +167,23 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_VMM_ERROR as u8)
             }
         },
+        Some(Command::Stats { file }) => {
+            let parsed = std::fs::read_to_string(&file)
+                .map_err(|e| e.to_string())
+                .and_then(|t| {
+                    serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string())
+                });
+            match parsed {
+                Ok(v) => {
+                    print!("{}", wbvmm::stats_summary::summarize(&v));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("wbvmm stats: cannot read {}: {e}", file.display());
+                    ExitCode::from(EXIT_VMM_ERROR as u8)
+                }
+            }
+        }
         None => {
             let Some(kernel) = cli.kernel else {
                 eprintln!("wbvmm: --kernel PATH is required (see wbvmm --help)");
@@ -183,7 +205,16 @@ fn main() -> ExitCode {
                 io_affinity: cli.io_affinity,
             };
             vmm::install_termination_handlers();
-            match vmm::run(&cfg) {
+            let stats_path = cli.stats.clone();
+            let snapshot = move |r: &vmm::RunReport| {
+                // SIGUSR1: the running VM's statistics, to the --stats destination.
+                if let Err(e) =
+                    wbvmm::stats::write(r, stats_path.as_ref().and_then(|p| p.as_deref()))
+                {
+                    eprintln!("wbvmm: cannot write statistics: {e}");
+                }
+            };
+            match vmm::run(&cfg, &snapshot) {
                 Ok(report) => {
                     log::info!(
                         "setup {} us (process start to first KVM_RUN), resident overhead {} KiB beyond guest RAM",
@@ -195,10 +226,13 @@ fn main() -> ExitCode {
                             eprintln!("wbvmm: cannot write --stats: {e}");
                         }
                     }
-                    if let Some(line) = report.outcome.failure_line() {
+                    let Some(outcome) = report.outcome.as_ref() else {
+                        return ExitCode::from(EXIT_VMM_ERROR as u8);
+                    };
+                    if let Some(line) = outcome.failure_line() {
                         eprintln!("wbvmm: {line}");
                     }
-                    ExitCode::from(report.outcome.exit_code() as u8)
+                    ExitCode::from(outcome.exit_code() as u8)
                 }
                 Err(e) => {
                     eprintln!("wbvmm: {e}");

@@ -115,6 +115,8 @@ pub struct LevelIrq {
     trigger: EventFd,
     pub resample: EventFd,
     asserted: AtomicBool,
+    /// Times the line was raised (including re-raises after an EOI).
+    pub raised: AtomicU64,
 }
 
 impl LevelIrq {
@@ -127,6 +129,7 @@ impl LevelIrq {
             trigger,
             resample,
             asserted: AtomicBool::new(false),
+            raised: AtomicU64::new(0),
         })
     }
 
@@ -134,19 +137,20 @@ impl LevelIrq {
     pub fn on_resample(&self) {
         let _ = self.resample.read();
         if self.asserted.load(Ordering::Acquire) {
-            let _ = self.trigger.write(1);
+            self.trigger();
         }
     }
 }
 
 impl IrqLine for LevelIrq {
     fn trigger(&self) {
+        self.raised.fetch_add(1, Ordering::Relaxed);
         let _ = self.trigger.write(1);
     }
     fn set_level(&self, asserted: bool) {
         let was = self.asserted.swap(asserted, Ordering::AcqRel);
         if asserted && !was {
-            let _ = self.trigger.write(1);
+            self.trigger();
         }
     }
 }
@@ -257,6 +261,8 @@ pub struct NetDevice {
     pub irq: Arc<LevelIrq>,
     pub io: Arc<IoCounters>,
     pub doorbell: Option<Doorbell>,
+    /// The NIC's DMA path through the memslot mirror (for its lookup statistics).
+    pub dma: Arc<crate::memory::GuestRamDma>,
 }
 
 impl NetDevice {
@@ -265,7 +271,7 @@ impl NetDevice {
         vm: &Arc<VmFd>,
         root: &Arc<PciRoot>,
         buses: (&Arc<Bus>, &Arc<Bus>),
-        dma: Arc<dyn GuestDma>,
+        dma: Arc<crate::memory::GuestRamDma>,
         cfg: &NetConfig,
     ) -> Result<Self, NetError> {
         let tap = Arc::new(Tap::open(&cfg.tap, TapOptions { vnet_hdr: true })?);
@@ -275,7 +281,7 @@ impl NetDevice {
                 mac: cfg.mac,
                 revision: cfg.revision,
             },
-            dma,
+            dma.clone() as Arc<dyn GuestDma>,
             irq.clone(),
             tap.clone(),
         )?);
@@ -302,6 +308,7 @@ impl NetDevice {
             irq,
             io: Arc::new(IoCounters::default()),
             doorbell,
+            dma,
         })
     }
 

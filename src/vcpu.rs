@@ -8,7 +8,11 @@ use serde::Serialize;
 use wbvmm_devices::legacy::{ExitSink, GuestExitRequest};
 use wbvmm_devices::Bus;
 
+use crate::latency::{ExitKind, ExitLatencies};
 use crate::memory::{fill_open_bus, MemoryStats, MmioRoute, MmioRouter, SlotRegistry};
+use std::collections::HashMap;
+use std::sync::atomic::AtomicU64;
+use std::time::Instant;
 
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -126,11 +130,19 @@ impl ExitState {
     }
 
     /// Wait for the outcome, checking `interrupted` now and then (signals).
-    pub fn wait(&self, interrupted: &dyn Fn() -> bool) -> VmOutcome {
+    /// Returns None early when `snapshot()` says statistics are wanted meanwhile.
+    pub fn wait(
+        &self,
+        interrupted: &dyn Fn() -> bool,
+        snapshot: &dyn Fn() -> bool,
+    ) -> Option<VmOutcome> {
         let mut o = self.outcome.lock().unwrap_or_else(|e| e.into_inner());
         loop {
             if let Some(out) = o.clone() {
-                return out;
+                return Some(out);
+            }
+            if snapshot() {
+                return None;
             }
             if interrupted() {
                 drop(o);
@@ -186,6 +198,7 @@ impl ExitCounters {
 
 /// Everything a vCPU thread needs.
 pub struct VcpuContext {
+    pub mailbox: Arc<StatsMailbox>,
     pub id: u32,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
@@ -194,41 +207,106 @@ pub struct VcpuContext {
     pub mmio_cache: bool,
 }
 
-/// An all-ones read of an address no device claims ("open bus"); logged at a
-/// limited rate so a guest scanning ports cannot flood the log.
-fn open_bus(data: &mut [u8], counter: &mut u64, what: &str, addr: u64) {
-    data.fill(0xff);
-    *counter += 1;
-    if counter.is_power_of_two() {
-        log::debug!("unclaimed {what} read at {addr:#x} (seen {counter} times)");
+/// Exits counted per device and register offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct DeviceKey {
+    pub bus: &'static str,
+    pub device: &'static str,
+    pub offset: u64,
+}
+
+/// Everything one vCPU measured; merged across vCPUs for `--stats`.
+#[derive(Debug, Clone, Default)]
+pub struct VcpuStats {
+    pub exits: ExitCounters,
+    pub latency: Box<ExitLatencies>,
+    pub by_device: HashMap<DeviceKey, u64>,
+    pub memory: MemoryStats,
+}
+
+impl VcpuStats {
+    pub fn merge(&mut self, o: &VcpuStats) {
+        self.exits.add(&o.exits);
+        self.latency.merge(&o.latency);
+        for (k, v) in &o.by_device {
+            *self.by_device.entry(*k).or_default() += v;
+        }
+        self.memory.merge(&o.memory);
     }
 }
 
-/// Run the vCPU until the VM stops. Returns the exit counters and the MMIO router's
-/// statistics.
-pub fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> (ExitCounters, MemoryStats) {
-    let mut c = ExitCounters::default();
+/// Where vCPU threads leave copies of their statistics when asked (SIGUSR1), so a
+/// running VM can be reported without a lock on the exit path: a thread checks one
+/// atomic after each exit.
+#[derive(Default)]
+pub struct StatsMailbox {
+    pub request: AtomicU64,
+    /// Per vCPU: (request answered, statistics).
+    pub slots: Mutex<HashMap<u32, (u64, VcpuStats)>>,
+}
+
+fn count_device(stats: &mut VcpuStats, bus: &'static str, device: &'static str, offset: u64) {
+    *stats
+        .by_device
+        .entry(DeviceKey {
+            bus,
+            device,
+            offset,
+        })
+        .or_default() += 1;
+}
+
+/// Run the vCPU until the VM stops. Returns what it measured.
+pub fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
+    let mut st = VcpuStats::default();
     let mut router = MmioRouter::new(ctx.mmio_cache);
+    let mut answered = 0u64;
     let fail = |o: VmOutcome| ctx.exit.finish(o);
     while !ctx.exit.stopping() {
-        match vcpu.run() {
+        let result = vcpu.run();
+        let t0 = Instant::now();
+        let c = &mut st.exits;
+        let kind = match result {
             Ok(VcpuExit::IoIn(port, data)) => {
                 c.io_in += 1;
-                if !ctx.pio.read(u64::from(port), data) {
-                    open_bus(data, &mut c.unclaimed_pio, "port", u64::from(port));
+                let port = u64::from(port);
+                match ctx.pio.route(port) {
+                    Some(r) => {
+                        r.device.read(r.base, port - r.base, data);
+                        count_device(&mut st, "pio", r.device.name(), port - r.base);
+                    }
+                    None => {
+                        data.fill(0xff);
+                        c.unclaimed_pio += 1;
+                        count_device(&mut st, "pio", "unclaimed", port);
+                    }
                 }
+                Some(ExitKind::IoIn)
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 c.io_out += 1;
-                ctx.pio.write(u64::from(port), data);
+                let port = u64::from(port);
+                match ctx.pio.route(port) {
+                    Some(r) => {
+                        r.device.write(r.base, port - r.base, data);
+                        count_device(&mut st, "pio", r.device.name(), port - r.base);
+                    }
+                    None => count_device(&mut st, "pio", "unclaimed", port),
+                }
+                Some(ExitKind::IoOut)
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 c.mmio_read += 1;
                 // The router counts and rate-limit-logs unmapped accesses itself.
                 match router.route_mmio_in(addr, false, &ctx.memory, &ctx.mmio) {
-                    MmioRoute::Device(r) => r.device.read(r.base, addr - r.base, data),
+                    MmioRoute::Device(r) => {
+                        r.device.read(r.base, addr - r.base, data);
+                        let (name, off) = (r.device.name(), addr - r.base);
+                        count_device(&mut st, "mmio", name, off);
+                    }
                     MmioRoute::Unmapped | MmioRoute::ReadOnlyRam => fill_open_bus(data),
                 }
+                Some(ExitKind::MmioRead)
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 c.mmio_write += 1;
@@ -236,54 +314,89 @@ pub fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> (ExitCounters, MemoryStat
                     router.route_mmio_in(addr, true, &ctx.memory, &ctx.mmio)
                 {
                     r.device.write(r.base, addr - r.base, data);
+                    let (name, off) = (r.device.name(), addr - r.base);
+                    count_device(&mut st, "mmio", name, off);
                 }
+                Some(ExitKind::MmioWrite)
             }
             Ok(VcpuExit::Hlt) => {
                 // Only seen without an in-kernel LAPIC; nothing will wake this vCPU.
                 c.hlt += 1;
                 std::thread::sleep(std::time::Duration::from_millis(1));
+                None
             }
             Ok(VcpuExit::Shutdown) => {
                 let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
                 fail(VmOutcome::TripleFault { vcpu: ctx.id, rip });
+                None
             }
-            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
-                kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => fail(VmOutcome::PowerOff),
-                kvm_bindings::KVM_SYSTEM_EVENT_RESET => fail(VmOutcome::Reset),
-                other => fail(VmOutcome::Unexpected {
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => fail(VmOutcome::PowerOff),
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => fail(VmOutcome::Reset),
+                    other => fail(VmOutcome::Unexpected {
+                        vcpu: ctx.id,
+                        what: format!("KVM system event {other}"),
+                    }),
+                }
+                None
+            }
+            Ok(VcpuExit::FailEntry(reason, _cpu)) => {
+                fail(VmOutcome::FailEntry {
                     vcpu: ctx.id,
-                    what: format!("KVM system event {other}"),
-                }),
-            },
-            Ok(VcpuExit::FailEntry(reason, _cpu)) => fail(VmOutcome::FailEntry {
-                vcpu: ctx.id,
-                reason,
-            }),
+                    reason,
+                });
+                None
+            }
             Ok(VcpuExit::InternalError) => {
-                if let Some(outcome) = handle_internal_error(&mut vcpu, ctx.id, &mut c) {
+                if let Some(outcome) = handle_internal_error(&mut vcpu, ctx.id, c) {
                     fail(outcome);
                 }
+                Some(ExitKind::Other)
             }
-            Ok(VcpuExit::Intr) => c.interrupted += 1,
+            Ok(VcpuExit::Intr) => {
+                c.interrupted += 1;
+                None
+            }
             Ok(other) => {
                 c.other += 1;
                 fail(VmOutcome::Unexpected {
                     vcpu: ctx.id,
                     what: format!("unhandled exit {other:?}"),
                 });
+                None
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // A kick (EINTR) or an AP woken by SIPI (EAGAIN).
                 c.interrupted += 1;
                 vcpu.set_kvm_immediate_exit(0);
+                None
             }
-            Err(e) => fail(VmOutcome::Unexpected {
-                vcpu: ctx.id,
-                what: format!("KVM_RUN failed: {e}"),
-            }),
+            Err(e) => {
+                fail(VmOutcome::Unexpected {
+                    vcpu: ctx.id,
+                    what: format!("KVM_RUN failed: {e}"),
+                });
+                None
+            }
+        };
+        if let Some(k) = kind {
+            st.latency.record(k, t0.elapsed().as_nanos() as u64);
+        }
+        let req = ctx.mailbox.request.load(Ordering::Relaxed);
+        if req != answered {
+            answered = req;
+            let mut copy = st.clone();
+            copy.memory = router.stats();
+            ctx.mailbox
+                .slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(ctx.id, (req, copy));
         }
     }
-    (c, router.stats())
+    st.memory = router.stats();
+    st
 }
 
 /// KVM's emulator (which runs all guest kernel code on a nested PVM host) fails on
@@ -374,6 +487,6 @@ mod tests {
         s.request_exit(GuestExitRequest::DebugExit(5));
         s.request_exit(GuestExitRequest::Reset);
         assert!(s.stopping());
-        assert_eq!(s.wait(&|| false), VmOutcome::DebugExit(5));
+        assert_eq!(s.wait(&|| false, &|| false), Some(VmOutcome::DebugExit(5)));
     }
 }

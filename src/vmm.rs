@@ -20,11 +20,12 @@ use crate::boot::mptable::PciIntx;
 use crate::boot::{self, BootError, BootProtocol};
 use crate::config::{CpuFeatureEdits, SerialMode};
 use crate::cpuid::{self, CpuidParams};
+use crate::kvm_stats::{KvmStats, KvmStatsReader};
 use crate::layout::*;
 use crate::memory::{GuestRamDma, MemoryStats, SlotFlags, SlotIndexKind, SlotRegistry};
 use crate::net::{NetConfig, NetDevice, NetStats, NIC_GSI, NIC_PCI_DEVICE};
 use crate::terminal::{EscapeParser, FdWriter, Input, RawModeGuard};
-use crate::vcpu::{self, ExitCounters, ExitState, VcpuContext, VmOutcome};
+use crate::vcpu::{self, DeviceKey, ExitCounters, ExitState, VcpuContext, VcpuStats, VmOutcome};
 use wbvmm_devices::pci::PciRoot;
 
 #[derive(Debug, Error)]
@@ -122,6 +123,8 @@ pub fn open_kvm() -> Result<Kvm, VmmError> {
 /// An edge interrupt line backed by a KVM irqfd.
 pub struct IrqFdLine {
     evt: EventFd,
+    /// Interrupts raised, for the statistics.
+    pub raised: std::sync::atomic::AtomicU64,
 }
 
 impl IrqFdLine {
@@ -129,12 +132,16 @@ impl IrqFdLine {
         let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("an interrupt eventfd"))?;
         vm.register_irqfd(&evt, gsi)
             .map_err(kvm_err("register an irqfd"))?;
-        Ok(Self { evt })
+        Ok(Self {
+            evt,
+            raised: Default::default(),
+        })
     }
 }
 
 impl IrqLine for IrqFdLine {
     fn trigger(&self) {
+        self.raised.fetch_add(1, Ordering::Relaxed);
         // EAGAIN means the counter is saturated: the interrupt is already pending.
         let _ = self.evt.write(1);
     }
@@ -381,6 +388,10 @@ pub struct Vmm {
     pub net: Option<Arc<NetDevice>>,
     cpu_affinity: VcpuAffinity,
     io_affinity: Option<CpuList>,
+    mailbox: Arc<vcpu::StatsMailbox>,
+    serial_irq: Arc<IrqFdLine>,
+    /// KVM's binary statistics for the VM and each vCPU, where the host has them.
+    kvm_stats: Option<(KvmStatsReader, Vec<KvmStatsReader>)>,
     /// Last: the host memory must outlive the registry and the VM fd.
     pub ram: GuestRam,
 }
@@ -484,8 +495,9 @@ impl Vmm {
             ),
         };
         let rx_evt = serial_rx_space.clone();
+        let serial_irq = Arc::new(IrqFdLine::new(&vm, COM1_IRQ)?);
         let serial = Arc::new(SerialDevice::new(
-            Arc::new(IrqFdLine::new(&vm, COM1_IRQ)?),
+            serial_irq.clone(),
             out,
             Arc::new(move || {
                 let _ = rx_evt.write(1);
@@ -502,8 +514,7 @@ impl Vmm {
         pio.insert(pci.clone(), PciRoot::CONFIG_PORT, PciRoot::CONFIG_LEN)?;
         let net = match &config.net {
             Some(nc) => {
-                let dma: Arc<dyn wbvmm_devices::GuestDma> =
-                    Arc::new(GuestRamDma::new(memory.clone()));
+                let dma = Arc::new(GuestRamDma::new(memory.clone()));
                 Some(Arc::new(NetDevice::create(
                     &vm,
                     &pci,
@@ -522,6 +533,13 @@ impl Vmm {
             );
         }
         let tsc_deadline = kvm.check_extension(Cap::TscDeadlineTimer);
+        let mut kvm_stats = match KvmStatsReader::open(vm.as_ref()) {
+            Ok(r) => Some((r, Vec::new())),
+            Err(e) => {
+                log::debug!("{e}");
+                None
+            }
+        };
         let mut vcpus = Vec::new();
         for id in 0..config.cpus {
             let vcpu = vm
@@ -537,6 +555,12 @@ impl Vmm {
             configure_vcpu(&kvm, &vcpu, &params)?;
             if id == 0 {
                 set_boot_registers(&vcpu, mem, &boot)?;
+            }
+            if let Some((_, readers)) = kvm_stats.as_mut() {
+                match KvmStatsReader::open(&vcpu) {
+                    Ok(r) => readers.push(r),
+                    Err(e) => log::debug!("no KVM stats for vCPU {id}: {e}"),
+                }
             }
             vcpus.push(vcpu);
         }
@@ -559,6 +583,9 @@ impl Vmm {
             net,
             cpu_affinity: config.cpu_affinity.clone(),
             io_affinity: config.io_affinity.clone(),
+            mailbox: Default::default(),
+            serial_irq,
+            kvm_stats,
             ram,
         })
     }
@@ -579,6 +606,7 @@ impl Vmm {
         let mut tids = Vec::new();
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
             let ctx = VcpuContext {
+                mailbox: self.mailbox.clone(),
                 id: id as u32,
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
@@ -637,7 +665,7 @@ fn install_kick_handler() -> Result<(), VmmError> {
 /// A running VM: its threads and shared state.
 pub struct RunningVm {
     pub vmm: Vmm,
-    threads: Vec<JoinHandle<(ExitCounters, MemoryStats)>>,
+    threads: Vec<JoinHandle<VcpuStats>>,
     pub tids: Vec<i32>,
     io: Option<IoThread>,
     setup_time: std::time::Duration,
@@ -645,12 +673,19 @@ pub struct RunningVm {
 
 /// Set by SIGINT/SIGTERM: wbvmm stops the guest and restores the terminal.
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+/// Set by SIGUSR1: report statistics of the running VM.
+static SNAPSHOT: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_terminate(_: libc::c_int) {
     INTERRUPTED.store(true, Ordering::SeqCst);
 }
 
-/// Catch SIGINT/SIGTERM so every exit path restores the terminal.
+extern "C" fn on_usr1(_: libc::c_int) {
+    SNAPSHOT.store(true, Ordering::SeqCst);
+}
+
+/// Catch SIGINT/SIGTERM so every exit path restores the terminal, and SIGUSR1 for
+/// statistics of the running VM.
 pub fn install_termination_handlers() {
     // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
     unsafe {
@@ -662,6 +697,7 @@ pub fn install_termination_handlers() {
             libc::SIGTERM,
             on_terminate as *const () as libc::sighandler_t,
         );
+        libc::signal(libc::SIGUSR1, on_usr1 as *const () as libc::sighandler_t);
     }
 }
 
@@ -670,9 +706,14 @@ pub static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::O
 
 /// The result of a run.
 pub struct RunReport {
-    pub outcome: VmOutcome,
+    /// None while the VM still runs (a SIGUSR1 snapshot).
+    pub outcome: Option<VmOutcome>,
     pub exits: ExitCounters,
+    pub exit_latency: Box<crate::latency::ExitLatencies>,
+    pub exits_by_device: Vec<(DeviceKey, u64)>,
+    pub interrupts: InterruptCounts,
     pub memory: MemoryStats,
+    pub kvm: Option<KvmReport>,
     pub net: Option<NetStats>,
     pub vcpu_tids: Vec<i32>,
     pub io_tid: i32,
@@ -680,6 +721,21 @@ pub struct RunReport {
     pub setup_time: std::time::Duration,
     /// wbvmm's resident memory beyond the guest RAM pages that are resident.
     pub rss_overhead_bytes: u64,
+}
+
+/// Interrupts wbvmm raised, by source.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct InterruptCounts {
+    pub serial: u64,
+    pub nic: u64,
+}
+
+/// KVM's own statistics, where the host offers them (KVM_GET_STATS_FD).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct KvmReport {
+    pub vm: KvmStats,
+    /// Summed over vCPUs.
+    pub vcpu: KvmStats,
 }
 
 /// Resident bytes of the guest RAM mappings (mincore), so that they can be taken
@@ -718,33 +774,120 @@ fn process_rss_bytes() -> u64 {
 
 impl RunningVm {
     /// Wait until the VM ends, stop every thread, and report.
-    pub fn wait(mut self) -> RunReport {
-        let outcome = self.vmm.exit.wait(&|| INTERRUPTED.load(Ordering::SeqCst));
-        self.stop_threads();
-        let mut exits = ExitCounters::default();
-        let mut memory = MemoryStats::for_registry(&self.vmm.memory);
-        for h in self.threads.drain(..) {
-            if let Ok((c, m)) = h.join() {
-                exits.add(&c);
-                memory.merge(&m);
+    /// Wait until the VM ends, stop every thread, and report. `on_snapshot` gets a
+    /// report of the running VM each time SIGUSR1 arrives.
+    pub fn wait_with(mut self, on_snapshot: &dyn Fn(&RunReport)) -> RunReport {
+        let outcome = loop {
+            let o = self
+                .vmm
+                .exit
+                .wait(&|| INTERRUPTED.load(Ordering::SeqCst), &|| {
+                    SNAPSHOT.load(Ordering::SeqCst)
+                });
+            if let Some(o) = o {
+                break o;
             }
-        }
+            SNAPSHOT.store(false, Ordering::SeqCst);
+            on_snapshot(&self.snapshot());
+        };
+        self.stop_threads();
+        let per_vcpu: Vec<VcpuStats> = self
+            .threads
+            .drain(..)
+            .filter_map(|h| h.join().ok())
+            .collect();
         let io_tid = self.io.as_ref().map(|io| io.tid).unwrap_or(0);
         if let Some(io) = self.io.take() {
             io.stop();
         }
         self.vmm.serial.flush_output();
-        let rss_overhead_bytes =
-            process_rss_bytes().saturating_sub(guest_resident_bytes(&self.vmm.ram.mem));
+        self.report(Some(outcome), &per_vcpu, io_tid)
+    }
+
+    pub fn wait(self) -> RunReport {
+        self.wait_with(&|_| {})
+    }
+
+    /// Ask every vCPU for a copy of its statistics (kicking it out of KVM_RUN so it
+    /// answers promptly) and report the running VM.
+    pub fn snapshot(&self) -> RunReport {
+        let mb = &self.vmm.mailbox;
+        let req = mb.request.fetch_add(1, Ordering::SeqCst) + 1;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_millis(500);
+        loop {
+            let done = {
+                let slots = mb.slots.lock().unwrap_or_else(|e| e.into_inner());
+                (0..self.tids.len() as u32).all(|i| slots.get(&i).is_some_and(|(r, _)| *r >= req))
+            };
+            if done || std::time::Instant::now() > deadline {
+                break;
+            }
+            for h in self.threads.iter().filter(|h| !h.is_finished()) {
+                let _ = h.kill(SIGRTMIN());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        let per_vcpu: Vec<VcpuStats> = mb
+            .slots
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .map(|(_, s)| s.clone())
+            .collect();
+        self.report(
+            None,
+            &per_vcpu,
+            self.io.as_ref().map(|io| io.tid).unwrap_or(0),
+        )
+    }
+
+    fn report(&self, outcome: Option<VmOutcome>, per_vcpu: &[VcpuStats], io_tid: i32) -> RunReport {
+        let mut all = VcpuStats {
+            memory: MemoryStats::for_registry(&self.vmm.memory),
+            ..Default::default()
+        };
+        for v in per_vcpu {
+            all.merge(v);
+        }
+        if let Some(n) = &self.vmm.net {
+            all.memory.lookups.dma.merge(&n.dma.stats());
+        }
+        let mut exits_by_device: Vec<(DeviceKey, u64)> = all.by_device.into_iter().collect();
+        exits_by_device.sort_by_key(|e| std::cmp::Reverse(e.1));
+        let kvm = self.vmm.kvm_stats.as_ref().map(|(vm, vcpus)| {
+            let mut vcpu = KvmStats::default();
+            for r in vcpus {
+                if let Ok(s) = r.sample() {
+                    vcpu.add(&s);
+                }
+            }
+            KvmReport {
+                vm: vm.sample().unwrap_or_default(),
+                vcpu,
+            }
+        });
         RunReport {
             outcome,
-            exits,
-            memory,
+            exits: all.exits,
+            exit_latency: all.latency,
+            exits_by_device,
+            interrupts: InterruptCounts {
+                serial: self.vmm.serial_irq.raised.load(Ordering::Relaxed),
+                nic: self
+                    .vmm
+                    .net
+                    .as_ref()
+                    .map(|n| n.irq.raised.load(Ordering::Relaxed))
+                    .unwrap_or(0),
+            },
+            memory: all.memory,
+            kvm,
             vcpu_tids: self.tids.clone(),
             io_tid,
             net: self.vmm.net.as_ref().map(|n| n.stats()),
             setup_time: self.setup_time,
-            rss_overhead_bytes,
+            rss_overhead_bytes: process_rss_bytes()
+                .saturating_sub(guest_resident_bytes(&self.vmm.ram.mem)),
         }
     }
 
@@ -998,8 +1141,8 @@ impl IoThread {
 }
 
 /// Build, run and tear down a VM; the whole life of `wbvmm --kernel ...`.
-pub fn run(config: &VmConfig) -> Result<RunReport, VmmError> {
+pub fn run(config: &VmConfig, on_snapshot: &dyn Fn(&RunReport)) -> Result<RunReport, VmmError> {
     let vmm = Vmm::new(config)?;
     let running = vmm.start()?;
-    Ok(running.wait())
+    Ok(running.wait_with(on_snapshot))
 }

@@ -184,12 +184,19 @@ fn concurrent_changes_never_give_stale_answers() {
     let g_init = bus.generation();
     const ROM: u64 = 0x8000_0000;
     let stop = Arc::new(AtomicBool::new(false));
+    // The writer starts only once the reader is routing, so the two overlap however
+    // fast the writer is (release builds finish 5000 changes in microseconds).
+    let started = Arc::new(AtomicBool::new(false));
     let writer = {
-        let (reg, bus, stop) = (reg.clone(), bus.clone(), stop.clone());
+        let (reg, bus, stop, started) = (reg.clone(), bus.clone(), stop.clone(), started.clone());
         std::thread::spawn(move || {
+            while !started.load(Ordering::Acquire) {
+                std::hint::spin_loop();
+            }
             let mut j = 0u64;
             let mut rom = None;
-            while !stop.load(Ordering::Relaxed) && j < 5_000 {
+            // At least 500 changes whatever the reader does, so they overlap.
+            while (j < 500 || !stop.load(Ordering::Relaxed)) && j < 5_000 {
                 bus.relocate(base(j), base(j + 1)).unwrap();
                 j += 1;
                 rom = match rom {
@@ -209,7 +216,14 @@ fn concurrent_changes_never_give_stale_answers() {
         .chain([ROM, ROM + 8])
         .collect();
     let mut checked = 0u64;
-    for round in 0..60_000u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    for round in 0..u64::MAX {
+        if std::time::Instant::now() > deadline {
+            break;
+        }
+        if round == 64 {
+            started.store(true, Ordering::Release);
+        }
         let addr = addrs[(round as usize * 7) % addrs.len()];
         let g0 = bus.generation();
         let snap = reg.load();
@@ -238,7 +252,7 @@ fn concurrent_changes_never_give_stale_answers() {
             snap.generation()
         );
         checked += 1;
-        if round % 4096 == 0 && writer.is_finished() {
+        if round >= 60_000 && round % 4096 == 0 && writer.is_finished() {
             break;
         }
     }

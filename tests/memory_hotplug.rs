@@ -94,7 +94,11 @@ fn run(index: SlotIndexKind, mmio_cache: bool) {
     running.vmm.memory.remove(id).expect("remove the slot");
     let out = wait_for(&serial, &ones, 2, Duration::from_secs(30));
     let report = running.wait();
-    assert_eq!(report.outcome, VmOutcome::DebugExit(0), "serial:\n{out}");
+    assert_eq!(
+        report.outcome,
+        Some(VmOutcome::DebugExit(0)),
+        "serial:\n{out}"
+    );
     // After the removal the guest's reads exit to wbvmm and are routed as unmapped.
     assert!(report.memory.mmio.unmapped_reads > 0, "{:?}", report.memory);
     let _ = std::fs::remove_file(&serial);

@@ -19,6 +19,10 @@ pub trait BusDevice: Send + Sync {
     fn read(&self, base: u64, offset: u64, data: &mut [u8]);
     /// Write `data` at `offset` from the start of the device's range.
     fn write(&self, base: u64, offset: u64, data: &[u8]);
+    /// A short name for statistics ("exits by device").
+    fn name(&self) -> &'static str {
+        "device"
+    }
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]

@@ -134,6 +134,9 @@ impl SerialDevice {
 }
 
 impl BusDevice for SerialDevice {
+    fn name(&self) -> &'static str {
+        "com1"
+    }
     fn read(&self, _base: u64, offset: u64, data: &mut [u8]) {
         let mut s = self.lock();
         for (i, b) in data.iter_mut().enumerate() {
@@ -176,6 +179,9 @@ impl I8042 {
 }
 
 impl BusDevice for I8042 {
+    fn name(&self) -> &'static str {
+        "i8042"
+    }
     fn read(&self, _base: u64, offset: u64, data: &mut [u8]) {
         let mut d = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         for b in data.iter_mut() {
@@ -203,6 +209,9 @@ impl DebugExit {
 }
 
 impl BusDevice for DebugExit {
+    fn name(&self) -> &'static str {
+        "debug-exit"
+    }
     fn read(&self, _base: u64, _offset: u64, data: &mut [u8]) {
         data.fill(0xff);
     }
@@ -225,6 +234,9 @@ pub struct IgnoredPort {
 }
 
 impl BusDevice for IgnoredPort {
+    fn name(&self) -> &'static str {
+        "ignored-port"
+    }
     fn read(&self, _base: u64, _offset: u64, data: &mut [u8]) {
         data.fill(self.read_value);
     }

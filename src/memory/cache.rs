@@ -233,7 +233,7 @@ impl RateLimitedLog {
             .is_none_or(|s| now.duration_since(s) >= self.window);
         if expired {
             if self.suppressed > 0 {
-                log::warn!("{} similar messages suppressed", self.suppressed);
+                log::info!("{} similar messages suppressed", self.suppressed);
                 self.suppressed = 0;
             }
             self.window_start = Some(now);
@@ -395,7 +395,7 @@ fn note_unmapped(mmio: &mut MmioStats, log: &mut RateLimitedLog, addr: u64, is_w
     // unmapped access when nobody would see the message anyway.
     if log::log_enabled!(log::Level::Warn) && log.allow() {
         let what = if is_write { "write to" } else { "read of" };
-        log::warn!("guest MMIO {what} unmapped address {addr:#x} (open bus)");
+        log::info!("guest MMIO {what} unmapped address {addr:#x} (open bus)");
     }
 }
 

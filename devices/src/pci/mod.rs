@@ -541,6 +541,9 @@ impl PciRoot {
 }
 
 impl BusDevice for PciRoot {
+    fn name(&self) -> &'static str {
+        "pci-config"
+    }
     fn read(&self, _base: u64, offset: u64, data: &mut [u8]) {
         let st = self.lock();
         match offset {

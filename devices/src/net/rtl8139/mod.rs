@@ -880,6 +880,9 @@ fn reg_span(off: usize) -> (usize, usize) {
 }
 
 impl BusDevice for Rtl8139 {
+    fn name(&self) -> &'static str {
+        "rtl8139"
+    }
     fn read(&self, _base: u64, offset: u64, data: &mut [u8]) {
         let mut st = self.lock();
         st.update_timer();
