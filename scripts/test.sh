@@ -27,6 +27,13 @@ echo "== cargo test (release profile, whole workspace) =="
 # Release: the binary the user runs, and no second (debug) build of every dependency.
 cargo test --release --workspace --no-fail-fast "$@"
 
+echo "== oracle: the test guest's RTL8139 driver against QEMU's own rtl8139 =="
+if [ "$KVM_OK" = 1 ]; then
+    "$REPO/scripts/oracle-qemu.sh" --secs 2
+else
+    echo "!!! SKIPPED the QEMU oracle: it needs /dev/kvm !!!" >&2
+fi
+
 if [ "$KVM_OK" = 0 ]; then
     echo "!!! REMINDER: /dev/kvm was unavailable; the guest-booting integration tests were SKIPPED, not passed !!!" >&2
 fi
