@@ -69,7 +69,7 @@ struct Cli {
     slot_index: SlotIndexKind,
 
     /// The per-vCPU MMIO-miss cache in front of the device bus: on or off.
-    #[arg(long, value_name = "on|off", default_value = "on", value_parser = parse_on_off)]
+    #[arg(long, value_name = "on|off", default_value = "on", action = clap::ArgAction::Set, value_parser = parse_on_off)]
     mmio_cache: bool,
 
     /// An RTL8139 NIC on a pre-created host tap: tap=NAME[,mac=MAC][,rev=0x20|0x10].

@@ -141,6 +141,51 @@ fn many_slots_boot_and_pass_the_memory_check() {
 }
 
 #[test]
+fn mmio_cache_and_slot_index_flags_take_effect() {
+    if !kvm_available("mmio_cache_and_slot_index_flags_take_effect") {
+        return;
+    }
+    for (cache, index) in [("on", "linear"), ("off", "size-sorted")] {
+        let o = boot_testguest(
+            "mmio-loop=0xd0000000,40",
+            &[
+                "--mmio-cache",
+                cache,
+                "--slot-index",
+                index,
+                "--mem-slots",
+                "16",
+                "--stats",
+            ],
+            None,
+        );
+        assert_eq!(o.code, Some(0), "{}", o.show());
+        let json = &o.stderr[o.stderr.find('{').expect("stats JSON")..];
+        let v: serde_json::Value = serde_json::from_str(json).expect("stats JSON");
+        let mc = &v["memory"]["miss_cache"];
+        assert_eq!(mc["enabled"].as_bool(), Some(cache == "on"), "{}", o.show());
+        assert_eq!(v["memory"]["slot_index"].as_str(), Some(index));
+        let exit_lookups = v["memory"]["lookups"]["exit"]["lookups"].as_u64().unwrap();
+        if cache == "on" {
+            assert!(
+                mc["hits"].as_u64().unwrap() >= 39 && exit_lookups <= 1,
+                "{}",
+                o.show()
+            );
+        } else {
+            // Every exit walks the mirror: 16 slots, linear scan of a size-sorted list.
+            assert_eq!(exit_lookups, 40, "{}", o.show());
+            assert!(
+                v["memory"]["lookups"]["exit"]["mean_nodes"]
+                    .as_f64()
+                    .unwrap()
+                    >= 1.0
+            );
+        }
+    }
+}
+
+#[test]
 fn bad_memory_flags_are_clean_errors() {
     let o = wbvmm(
         &["--kernel", "x", "--mem-slots", "0"],
