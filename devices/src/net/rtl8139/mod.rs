@@ -21,6 +21,12 @@
 //!   C+ mode an ISR/IMR/CR/CpCmd/RDSAR write, which 8139cp does after refilling).
 //! - The timer (TCTR/TimerInt): call [`Rtl8139::poll_timer`] at
 //!   [`Rtl8139::next_timer_deadline`]; register accesses also check it.
+//! - All state sits behind one mutex. The `IrqLine` and `FrameSink` are called
+//!   with it held (so line changes and frames are ordered): they must not call
+//!   back into the device.
+//! - An ioeventfd registered for TPPoll must follow BAR moves: after the bus
+//!   generation changes, [`crate::pci::PciRoot::bar_mapping`] says where each BAR
+//!   decodes now (or that it is disabled).
 //!
 //! ```text
 //! let tap = Arc::new(Tap::open("tap0", TapOptions { vnet_hdr: true })?);
