@@ -211,4 +211,58 @@ mod tests {
         assert!(parse_ipv4(&f).is_none());
         assert!(parse_ipv4(&f[..33]).is_none());
     }
+
+    use proptest::prelude::*;
+
+    fn naive(data: &[u8]) -> u16 {
+        let mut s: u32 = 0;
+        for (i, b) in data.iter().enumerate() {
+            s += if i % 2 == 0 {
+                (*b as u32) << 8
+            } else {
+                *b as u32
+            };
+        }
+        while s >> 16 != 0 {
+            s = (s & 0xffff) + (s >> 16);
+        }
+        s as u16
+    }
+
+    proptest! {
+        /// Any bytes: parsing never panics, and whatever parses yields checksums
+        /// that verify by an independent, naive sum.
+        #[test]
+        fn parse_and_fix_arbitrary(mut f in proptest::collection::vec(any::<u8>(), 0..200),
+                                   ihl in 5u8..16, proto in prop_oneof![Just(6u8), Just(17u8), any::<u8>()],
+                                   ip_len in 0u16..220) {
+            if f.len() >= 34 {
+                f[12] = 0x08;
+                f[13] = 0x00;
+                f[14] = 0x40 | ihl;
+                f[16..18].copy_from_slice(&ip_len.to_be_bytes());
+                f[20] = 0;
+                f[21] = 0;
+                f[23] = proto;
+            }
+            if let Some(ip) = parse_ipv4(&f) {
+                prop_assert!(ETH_HLEN + ip.ip_len <= f.len());
+                prop_assert!(ip.ihl >= 20 && ip.ihl <= ip.ip_len);
+                let _ = tcp_header_len(&f, &ip);
+                fix_ip_checksum(&mut f, &ip);
+                prop_assert_eq!(naive(&f[ETH_HLEN..ETH_HLEN + ip.ihl]), 0xffff);
+                prop_assert!(ip_checksum_ok(&f, &ip));
+                if fix_l4_checksum(&mut f, &ip) {
+                    let mut ph = Vec::new();
+                    ph.extend_from_slice(&f[26..34]);
+                    ph.push(0);
+                    ph.push(ip.proto);
+                    ph.extend_from_slice(&(ip.l4_len() as u16).to_be_bytes());
+                    ph.extend_from_slice(&f[ip.l4_off()..ETH_HLEN + ip.ip_len]);
+                    prop_assert_eq!(naive(&ph), 0xffff);
+                    prop_assert_eq!(l4_checksum_ok(&f, &ip), Some(true));
+                }
+            }
+        }
+    }
 }

@@ -10,7 +10,8 @@
 //! - Interrupts are level-triggered: the device calls `IrqLine::set_level(true)` when
 //!   `ISR & IMR` becomes non-zero and `set_level(false)` when it becomes zero
 //!   (and while PCI INTx-disable is set). [`Rtl8139::irq_asserted`] answers a
-//!   resample request.
+//!   resample request. After an ISR write that leaves pending bits it calls
+//!   `set_level(true)` again (QEMU's fresh edge; a no-op for a level backend).
 //! - TX happens inside the doorbell register write (TSD in C mode, TPPoll in C+
 //!   mode). With an ioeventfd on TPPoll (offset 0xD9, 1 byte, value 0x40) the I/O
 //!   thread calls [`Rtl8139::process_tx`] instead.
@@ -21,6 +22,12 @@
 //!   C+ mode an ISR/IMR/CR/CpCmd/RDSAR write, which 8139cp does after refilling).
 //! - The timer (TCTR/TimerInt): call [`Rtl8139::poll_timer`] at
 //!   [`Rtl8139::next_timer_deadline`]; register accesses also check it.
+//! - All state sits behind one mutex. The `IrqLine` and `FrameSink` are called
+//!   with it held (so line changes and frames are ordered): they must not call
+//!   back into the device.
+//! - An ioeventfd registered for TPPoll must follow BAR moves: after the bus
+//!   generation changes, [`crate::pci::PciRoot::bar_mapping`] says where each BAR
+//!   decodes now (or that it is disabled).
 //!
 //! ```text
 //! let tap = Arc::new(Tap::open("tap0", TapOptions { vnet_hdr: true })?);
@@ -246,6 +253,8 @@ pub(crate) struct State {
     eeprom: Eeprom,
     pci_command: u16,
     irq_level: bool,
+    /// An ISR write happened: re-assert if still pending (a fresh edge).
+    irq_reassert: bool,
     stats: Rtl8139Stats,
     /// The I/O thread was told "full"; tell it when space may be back.
     rx_blocked: bool,
@@ -324,6 +333,7 @@ impl Rtl8139 {
             eeprom: Eeprom::new(cfg.mac, VENDOR_ID, DEVICE_ID),
             pci_command: 0,
             irq_level: false,
+            irq_reassert: false,
             stats: Rtl8139Stats::default(),
             rx_blocked: false,
             signal_rx_space: false,
@@ -513,12 +523,19 @@ impl State {
 
     fn update_irq(&mut self) {
         let level = (self.isr & self.imr) != 0 && self.pci_command & PCI_COMMAND_INTX_DISABLE == 0;
+        let reassert = std::mem::take(&mut self.irq_reassert);
         if level != self.irq_level {
             self.irq_level = level;
             if level {
                 self.stats.irqs += 1;
             }
             self.irq.set_level(level);
+        } else if level && reassert {
+            // The guest acked some bits but others are still pending: assert
+            // again, as QEMU does, so a backend that only knows edges (the
+            // `IrqLine::set_level` default pulses) cannot lose the interrupt. A
+            // level backend sees a no-op.
+            self.irq.set_level(true);
         }
     }
 
@@ -696,6 +713,7 @@ impl State {
             }
             ISR => {
                 self.isr &= !((val & mask) as u16);
+                self.irq_reassert = true;
                 self.wake_rx();
             }
             TCR => {

@@ -307,6 +307,12 @@ fn isr_write_one_to_clear_and_irq_level() {
     // Writing 0 clears nothing; reads have no side effect.
     h.w16(0x3e, 0);
     assert_eq!(h.r16(0x3e), INT_LINKCHG);
+    // Acking one bit while another is pending re-asserts (a fresh edge for
+    // edge-only backends).
+    h.w16(0x3c, 0xffff);
+    h.w8(0xd9, TPPOLL_FSWINT);
+    h.w16(0x3e, INT_SWINT);
+    assert!(h.level());
     h.dev.set_link(true);
     h.w16(0x3e, INT_LINKCHG);
     assert_eq!(h.r16(0x3e), 0);
@@ -1362,4 +1368,36 @@ fn perf_smoke() {
         "per packet: C RX 1514B {rx:?} (incl. CAPR write), C RX 60B {rx_small:?}, \
          C TX 1514B {tx:?}, C+ TX 1514B {tx_cp:?} (incl. descriptor+buffer poke)"
     );
+}
+
+#[test]
+fn isr_ack_with_bits_left_reasserts_for_edge_backends() {
+    #[derive(Default)]
+    struct Edges(std::sync::atomic::AtomicU32);
+    impl IrqLine for Edges {
+        fn trigger(&self) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    let edges = Arc::new(Edges::default());
+    let dev = Rtl8139::new(
+        Rtl8139Config::default(),
+        Arc::new(VecGuestMemory::new(0, 4096)),
+        edges.clone(),
+        Arc::new(RecordingSink::default()),
+    )
+    .unwrap();
+    dev.write(0, 0x3c, &0xffffu16.to_le_bytes());
+    dev.write(0, 0xd9, &[TPPOLL_FSWINT]);
+    dev.set_link(false);
+    assert_eq!(edges.0.load(Ordering::SeqCst), 1);
+    // Ack SWInt; LinkChg still pending: a new edge.
+    dev.write(0, 0x3e, &INT_SWINT.to_le_bytes());
+    assert_eq!(edges.0.load(Ordering::SeqCst), 2);
+    // Ack the rest: no edge.
+    dev.write(0, 0x3e, &INT_LINKCHG.to_le_bytes());
+    assert_eq!(edges.0.load(Ordering::SeqCst), 2);
+    // A plain register write does not pulse.
+    dev.write(0, 0x3c, &0xffffu16.to_le_bytes());
+    assert_eq!(edges.0.load(Ordering::SeqCst), 2);
 }
