@@ -86,7 +86,9 @@ fn linux_drivers_ping_the_host_where_kernel_mode_is_native() {
         );
         return;
     }
-    let Some(ns) = NetNs::new("linuxnet", 30) else { return };
+    let Some(ns) = NetNs::new("linuxnet", 30) else {
+        return;
+    };
     for (rev, driver) in [("0x10", "8139too"), ("0x20", "8139cp")] {
         let cmdline = format!(
             "{CMDLINE} wbvmm.run=ping:{} wbvmm.ip={}/24 wbvmm.end=reboot",
@@ -108,8 +110,16 @@ fn linux_drivers_ping_the_host_where_kernel_mode_is_native() {
             ],
             Duration::from_secs(180),
         );
-        assert!(o.stdout.contains(&format!("driver={driver}")), "rev {rev}\n{}", o.show());
-        assert!(o.stdout.contains("result rc=0"), "rev {rev}: ping failed\n{}", o.show());
+        assert!(
+            o.stdout.contains(&format!("driver={driver}")),
+            "rev {rev}\n{}",
+            o.show()
+        );
+        assert!(
+            o.stdout.contains("result rc=0"),
+            "rev {rev}: ping failed\n{}",
+            o.show()
+        );
         assert_eq!(o.code, Some(0), "{}", o.show());
     }
 }
