@@ -22,7 +22,9 @@ use crate::config::{CpuFeatureEdits, SerialMode};
 use crate::cpuid::{self, CpuidParams};
 use crate::kvm_stats::{KvmStats, KvmStatsReader};
 use crate::layout::*;
-use crate::memory::{GuestRamDma, MemoryStats, SlotFlags, SlotIndexKind, SlotRegistry};
+use crate::memory::{
+    GuestRamDma, HostMapping, MemoryStats, SlotFlags, SlotIndexKind, SlotRegistry,
+};
 use crate::net::{NetConfig, NetDevice, NetStats, NIC_GSI, NIC_PCI_DEVICE};
 use crate::terminal::{EscapeParser, FdWriter, Input, RawModeGuard};
 use crate::vcpu::{self, DeviceKey, ExitCounters, ExitState, VcpuContext, VcpuStats, VmOutcome};
@@ -45,8 +47,6 @@ pub enum VmmError {
     },
     #[error("--cpus {requested} is more than this host's KVM allows ({max})")]
     TooManyCpus { requested: u32, max: u32 },
-    #[error("cannot allocate {size} bytes of guest memory: {source}; use a smaller --memory")]
-    GuestMemoryAlloc { size: u64, source: std::io::Error },
     #[error(transparent)]
     Memory(#[from] crate::memory::MemoryError),
     #[error(
@@ -164,55 +164,23 @@ pub fn host_ram_bytes() -> u64 {
 /// Guest RAM: one anonymous host mapping holding every RAM range back to back (the
 /// memslot registry splits it over `--mem-slots` slots), not reserved up front.
 pub struct GuestRam {
-    host: *mut u8,
-    len: usize,
-    /// A vm-memory view of the same mapping, for the kernel loader.
+    /// A vm-memory view of the mapping, for the kernel loader. Declared first so it
+    /// is dropped before the mapping it views.
     pub mem: GuestMemoryMmap,
     pub ranges: Vec<(u64, u64)>,
+    mapping: HostMapping,
 }
-
-// SAFETY: the mapping is plain memory shared with the guest; every access to it goes
-// through vm-memory's volatile accessors or the registry's bounds-checked DMA.
-unsafe impl Send for GuestRam {}
-unsafe impl Sync for GuestRam {}
 
 impl GuestRam {
     pub fn host_base(&self) -> u64 {
-        self.host as u64
-    }
-}
-
-impl Drop for GuestRam {
-    fn drop(&mut self) {
-        // SAFETY: unmaps the mapping made in `allocate_guest_memory`; the registry and
-        // every vCPU thread are gone by now (they are dropped and joined first).
-        unsafe {
-            libc::munmap(self.host.cast(), self.len);
-        }
+        self.mapping.addr()
     }
 }
 
 pub fn allocate_guest_memory(mem_size: u64) -> Result<GuestRam, VmmError> {
     let ranges = ram_ranges(mem_size);
-    let len = mem_size as usize;
-    // SAFETY: a fresh anonymous mapping; checked for failure below.
-    let host = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if host == libc::MAP_FAILED {
-        return Err(VmmError::GuestMemoryAlloc {
-            size: mem_size,
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    let host = host.cast::<u8>();
+    let mapping = HostMapping::new(0, mem_size)?;
+    let host = mapping.addr() as *mut u8;
     let mut regions = Vec::new();
     let mut offset = 0usize;
     for &(gpa, size) in &ranges {
@@ -236,10 +204,9 @@ pub fn allocate_guest_memory(mem_size: u64) -> Result<GuestRam, VmmError> {
     let mem = GuestMemoryMmap::from_regions(regions)
         .map_err(|e| VmmError::GuestMemoryLayout(e.to_string()))?;
     Ok(GuestRam {
-        host,
-        len,
         mem,
         ranges,
+        mapping,
     })
 }
 

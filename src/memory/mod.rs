@@ -60,7 +60,9 @@ pub use index::{
     AnyIndex, BTreeIndex, BinaryIndex, LinearIndex, Overlap, RangeIndex, RangeItem,
     SizeSortedIndex, SlotIndexKind, UnknownSlotIndex,
 };
-pub use registry::{split_layout, FakeBackend, MemSnapshot, SlotBackend, SlotProbe, SlotRegistry};
+pub use registry::{
+    split_layout, FakeBackend, HostMapping, MemSnapshot, SlotBackend, SlotProbe, SlotRegistry,
+};
 pub use stats::{IndexStats, LookupStats, MemoryStats, MissCacheStats, MmioStats};
 pub use wbtree::WbTree;
 

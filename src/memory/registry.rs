@@ -205,15 +205,17 @@ struct FakeSlots {
     by_gpa: std::collections::BTreeMap<u64, u32>,
 }
 
-/// An anonymous mapping owned by the registry; unmapped on drop.
+/// An anonymous mapping of guest RAM (the registry's own slots, and the VMM's main
+/// RAM); unmapped on drop.
 #[derive(Debug)]
-struct HostMapping {
+pub struct HostMapping {
     addr: u64,
     size: u64,
 }
 
 impl HostMapping {
-    fn new(gpa: u64, size: u64) -> Result<Self, MemoryError> {
+    /// Map `size` bytes for guest memory at `gpa` (`gpa` only labels errors).
+    pub fn new(gpa: u64, size: u64) -> Result<Self, MemoryError> {
         let len = usize::try_from(size).map_err(|_| MemoryError::Mmap {
             gpa,
             size,
@@ -242,6 +244,10 @@ impl HostMapping {
             addr: p as u64,
             size,
         })
+    }
+
+    pub fn addr(&self) -> u64 {
+        self.addr
     }
 }
 
