@@ -1316,60 +1316,6 @@ fn linux_8139too_probe_and_open_sequence() {
     assert!(!h.level());
 }
 
-/// Rough per-packet cost; run with
-/// `cargo test -p wbvmm-devices --release perf_smoke -- --ignored --nocapture`.
-#[test]
-#[ignore]
-fn perf_smoke() {
-    use std::time::Instant;
-    let h = H::new(REVISION_C);
-    c_mode_up(&h);
-    let f = frame_to(MAC, 1514);
-    let n = 200_000u32;
-    let t = Instant::now();
-    let mut cur: u16 = 0;
-    for _ in 0..n {
-        assert_eq!(h.dev.receive(&f), RxResult::Accepted);
-        cur = cur.wrapping_add(1524) & !3;
-        cur %= 8192;
-        h.w16(0x38, cur.wrapping_sub(16));
-    }
-    let rx = t.elapsed() / n;
-    let small = frame_to(MAC, 60);
-    let t = Instant::now();
-    for _ in 0..n {
-        h.dev.receive(&small);
-        let w = h.r16(0x3a);
-        h.w16(0x38, w.wrapping_sub(16));
-    }
-    let rx_small = t.elapsed() / n;
-    h.poke(0x1_0000, &f);
-    let t = Instant::now();
-    for i in 0..n {
-        h.w32(0x10 + 4 * (i % 4) as u64, 1514);
-        if i % 1024 == 0 {
-            h.sink.take();
-        }
-    }
-    let tx = t.elapsed() / n;
-    h.sink.take();
-    let h2 = H::new(REVISION_CPLUS);
-    cplus_up(&h2, 0x2b);
-    let t = Instant::now();
-    for i in 0..n as u64 {
-        send_one(&h2, i % 64, &f, 0, 0);
-        h2.w8(0xd9, TPPOLL_NPQ);
-        if i % 1024 == 0 {
-            h2.sink.take();
-        }
-    }
-    let tx_cp = t.elapsed() / n;
-    eprintln!(
-        "per packet: C RX 1514B {rx:?} (incl. CAPR write), C RX 60B {rx_small:?}, \
-         C TX 1514B {tx:?}, C+ TX 1514B {tx_cp:?} (incl. descriptor+buffer poke)"
-    );
-}
-
 #[test]
 fn isr_ack_with_bits_left_reasserts_for_edge_backends() {
     #[derive(Default)]
