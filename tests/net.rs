@@ -245,3 +245,56 @@ fn tap_errors_are_clear() {
     let first = first.join().unwrap();
     assert_eq!(first.code, Some(0), "{}", first.show());
 }
+
+#[test]
+fn receive_filter_drops_unwanted_multicast_and_takes_unicast() {
+    if !kvm_available("receive_filter_drops_unwanted_multicast_and_takes_unicast") {
+        return;
+    }
+    let Some(mut ns) = NetNs::new("netmcast", 26) else {
+        return;
+    };
+    assert!(ns.exec_ok(&[
+        "ip",
+        "neigh",
+        "add",
+        &ns.guest_ip.clone(),
+        "lladdr",
+        "52:54:00:12:34:56",
+        "dev",
+        "wbt0"
+    ]));
+    // The guest's driver accepts broadcast and its own address only (RCR AM clear, MAR
+    // zero), as 8139too does until a multicast group is joined. 30 datagrams to a
+    // multicast group and 30 to the guest, sent from inside the namespace.
+    let script = format!(
+        "import socket,time\n\
+         time.sleep(1)\n\
+         s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+         s.setsockopt(socket.IPPROTO_IP,socket.IP_MULTICAST_IF,socket.inet_aton('{host}'))\n\
+         for i in range(30):\n\
+         \x20   s.sendto(b'm',('239.1.2.3',9999)); s.sendto(b'u',('{guest}',9999)); time.sleep(0.005)\n",
+        host = ns.host_ip,
+        guest = ns.guest_ip
+    );
+    ns.spawn(&["timeout", "20", "python3", "-c", &script]);
+    let o = guest(
+        &ns,
+        "tap=wbt0",
+        "net=up mmio-loop=0xd0000000,30000",
+        &["--stats"],
+    );
+    assert_eq!(o.code, Some(0), "{}", o.show());
+    let v = stats(&o);
+    let net = &v["net"];
+    assert!(
+        net["rx_filtered"].as_u64().unwrap() >= 30,
+        "multicast frames must be filtered\n{}",
+        o.show()
+    );
+    assert!(
+        net["rx_packets"].as_u64().unwrap() >= 30,
+        "unicast frames must be received\n{}",
+        o.show()
+    );
+}
