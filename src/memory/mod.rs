@@ -12,7 +12,7 @@
 //!
 //! # Wiring (for the VMM)
 //!
-//! ```ignore
+//! ```text
 //! // Setup (main thread). `--slot-index NAME` parses with `SlotIndexKind::from_str`.
 //! let vm = Arc::new(kvm.create_vm()?);
 //! let reg = Arc::new(SlotRegistry::new(vm.clone(), slot_index));
