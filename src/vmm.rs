@@ -391,7 +391,15 @@ impl Vmm {
                 host,
             });
         }
+        let since_start = || {
+            PROCESS_START
+                .get()
+                .map(|t| t.elapsed().as_micros())
+                .unwrap_or(0)
+        };
+        log::debug!("setup: KVM opened at {} us", since_start());
         let vm = Arc::new(create_vm(&kvm)?);
+        log::debug!("setup: VM created at {} us", since_start());
         let ram = allocate_guest_memory(config.mem_size)?;
         let mem = &ram.mem;
         let memory = Arc::new(SlotRegistry::new(vm.clone(), config.slot_index));
@@ -407,9 +415,17 @@ impl Vmm {
         // inside KVM, under different locks: do them at the same time, and load the
         // kernel meanwhile.
         let boot = std::thread::scope(|s| {
-            let registration = s.spawn(|| register_guest_memory(&memory, &ram, nslots));
+            let registration = s.spawn(|| {
+                let r = register_guest_memory(&memory, &ram, nslots);
+                log::debug!(
+                    "setup: {nslots} memslot(s) registered at {} us",
+                    since_start()
+                );
+                r
+            });
             let rest = (|| {
                 create_irqchip_and_pit(&vm)?;
+                log::debug!("setup: irqchip and PIT at {} us", since_start());
                 let boot = boot::load(
                     mem,
                     &boot::KernelSpec {
@@ -441,6 +457,7 @@ impl Vmm {
             Ok::<_, VmmError>(boot)
         })?;
 
+        log::debug!("setup: memory, irqchip, kernel at {} us", since_start());
         let exit = Arc::new(ExitState::default());
         let pio = Arc::new(Bus::new());
         let mmio = Arc::new(Bus::new());
@@ -507,6 +524,7 @@ impl Vmm {
                 None
             }
         };
+        log::debug!("setup: devices at {} us", since_start());
         let mut vcpus = Vec::new();
         for id in 0..config.cpus {
             let vcpu = vm
@@ -532,6 +550,7 @@ impl Vmm {
             vcpus.push(vcpu);
         }
 
+        log::debug!("setup: vCPUs at {} us", since_start());
         Ok(Self {
             kvm,
             vm,
