@@ -1,6 +1,7 @@
 //! wbvmm: a KVM virtual machine monitor.
 pub mod affinity;
 pub mod boot;
+pub mod coalesced;
 pub mod config;
 pub mod cpuid;
 pub mod kvm_stats;

@@ -8,6 +8,7 @@ use serde::Serialize;
 use wbvmm_devices::legacy::{ExitSink, GuestExitRequest};
 use wbvmm_devices::Bus;
 
+use crate::coalesced::CoalescedRing;
 use crate::latency::{ExitKind, ExitLatencies};
 use crate::memory::{fill_open_bus, MemoryStats, MmioRoute, MmioRouter, SlotRegistry};
 use std::collections::HashMap;
@@ -199,6 +200,8 @@ impl ExitCounters {
 /// Everything a vCPU thread needs.
 pub struct VcpuContext {
     pub mailbox: Arc<StatsMailbox>,
+    /// Writes KVM queued without an exit; replayed before any other exit is handled.
+    pub coalesced: Option<Arc<CoalescedRing>>,
     pub id: u32,
     pub pio: Arc<Bus>,
     pub mmio: Arc<Bus>,
@@ -256,6 +259,14 @@ fn count_device(stats: &mut VcpuStats, bus: &'static str, device: &'static str, 
         .or_default() += 1;
 }
 
+/// Replay queued writes on their buses, in order.
+pub fn replay_coalesced(ring: &CoalescedRing, pio: &Bus, mmio: &Bus) {
+    ring.drain(|w| {
+        let bus = if w.pio { pio } else { mmio };
+        bus.write(w.addr, &w.data[..w.len]);
+    });
+}
+
 /// Run the vCPU until the VM stops. Returns what it measured.
 pub fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
     let mut st = VcpuStats::default();
@@ -265,6 +276,9 @@ pub fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
     while !ctx.exit.stopping() {
         let result = vcpu.run();
         let t0 = Instant::now();
+        if let Some(ring) = &ctx.coalesced {
+            replay_coalesced(ring, &ctx.pio, &ctx.mmio);
+        }
         let c = &mut st.exits;
         let kind = match result {
             Ok(VcpuExit::IoIn(port, data)) => {

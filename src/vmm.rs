@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use kvm_bindings::{kvm_pit_config, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY};
-use kvm_ioctls::{Cap, Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{Cap, IoEventAddress, Kvm, VcpuFd, VmFd};
 use thiserror::Error;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -18,6 +18,7 @@ use wbvmm_devices::{Bus, IrqLine};
 use crate::affinity::{self, CpuList, VcpuAffinity};
 use crate::boot::mptable::PciIntx;
 use crate::boot::{self, BootError, BootProtocol};
+use crate::coalesced::CoalescedRing;
 use crate::config::{CpuFeatureEdits, SerialMode};
 use crate::cpuid::{self, CpuidParams};
 use crate::kvm_stats::{KvmStats, KvmStatsReader};
@@ -356,6 +357,7 @@ pub struct Vmm {
     cpu_affinity: VcpuAffinity,
     io_affinity: Option<CpuList>,
     mailbox: Arc<vcpu::StatsMailbox>,
+    coalesced: Option<Arc<CoalescedRing>>,
     serial_irq: Arc<IrqFdLine>,
     /// KVM's binary statistics for the VM and each vCPU, where the host has them.
     kvm_stats: Option<(KvmStatsReader, Vec<KvmStatsReader>)>,
@@ -550,6 +552,17 @@ impl Vmm {
             vcpus.push(vcpu);
         }
 
+        // The UART's transmit register needs no answer: let KVM queue those writes
+        // instead of exiting for each byte (replayed in order before the next exit,
+        // and by the I/O thread every few ms).
+        let coalesced = match (kvm.check_extension(Cap::CoalescedPio), vcpus.first()) {
+            (true, Some(v0)) => vm
+                .register_coalesced_mmio(IoEventAddress::Pio(COM1_BASE), 1)
+                .ok()
+                .and_then(|()| CoalescedRing::map(v0).ok())
+                .map(Arc::new),
+            _ => None,
+        };
         log::debug!("setup: vCPUs at {} us", since_start());
         Ok(Self {
             kvm,
@@ -570,6 +583,7 @@ impl Vmm {
             cpu_affinity: config.cpu_affinity.clone(),
             io_affinity: config.io_affinity.clone(),
             mailbox: Default::default(),
+            coalesced,
             serial_irq,
             kvm_stats,
             ram,
@@ -586,6 +600,9 @@ impl Vmm {
             self.serial_mode == SerialMode::Stdio,
             self.net.clone(),
             self.io_affinity.clone(),
+            self.coalesced
+                .clone()
+                .map(|r| (r, self.pio.clone(), self.mmio.clone())),
         )?;
         let setup_time = PROCESS_START.get().map(|t| t.elapsed()).unwrap_or_default();
         let mut threads = Vec::new();
@@ -593,6 +610,7 @@ impl Vmm {
         for (id, vcpu) in self.vcpus.drain(..).enumerate() {
             let ctx = VcpuContext {
                 mailbox: self.mailbox.clone(),
+                coalesced: self.coalesced.clone(),
                 id: id as u32,
                 pio: self.pio.clone(),
                 mmio: self.mmio.clone(),
@@ -786,6 +804,9 @@ impl RunningVm {
         if let Some(io) = self.io.take() {
             io.stop();
         }
+        if let Some(ring) = &self.vmm.coalesced {
+            vcpu::replay_coalesced(ring, &self.vmm.pio, &self.vmm.mmio);
+        }
         self.vmm.serial.flush_output();
         self.report(Some(outcome), &per_vcpu, io_tid)
     }
@@ -921,6 +942,7 @@ impl IoThread {
         stdin_input: bool,
         net: Option<Arc<NetDevice>>,
         pin: Option<CpuList>,
+        coalesced: Option<(Arc<CoalescedRing>, Arc<Bus>, Arc<Bus>)>,
     ) -> Result<Self, VmmError> {
         use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("an eventfd"))?);
@@ -1006,11 +1028,17 @@ impl IoThread {
                 let mut buf = [0u8; 1024];
                 let mut stdin_open = stdin_watched;
                 loop {
-                    let n = match epoll.wait(-1, &mut events) {
+                    // With queued UART writes, wake every 10 ms to show an idle
+                    // guest's output.
+                    let timeout = if coalesced.is_some() { 10 } else { -1 };
+                    let n = match epoll.wait(timeout, &mut events) {
                         Ok(n) => n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                         Err(_) => return,
                     };
+                    if let Some((ring, pio, mmio)) = &coalesced {
+                        vcpu::replay_coalesced(ring, pio, mmio);
+                    }
                     for ev in &events[..n] {
                         match ev.data() {
                             TOKEN_STOP => return,
