@@ -259,12 +259,12 @@ fn count_device(stats: &mut VcpuStats, bus: &'static str, device: &'static str, 
         .or_default() += 1;
 }
 
-/// Replay queued writes on their buses, in order.
-pub fn replay_coalesced(ring: &CoalescedRing, pio: &Bus, mmio: &Bus) {
+/// Replay queued writes on their buses, in order; returns how many there were.
+pub fn replay_coalesced(ring: &CoalescedRing, pio: &Bus, mmio: &Bus) -> usize {
     ring.drain(|w| {
         let bus = if w.pio { pio } else { mmio };
         bus.write(w.addr, &w.data[..w.len]);
-    });
+    })
 }
 
 /// Run the vCPU until the VM stops. Returns what it measured.
