@@ -14,8 +14,8 @@ use wbvmm_devices::net::rtl8139::{
 };
 use wbvmm_devices::net::tap::{Tap, TapError, TapOptions};
 use wbvmm_devices::net::RxResult;
-use wbvmm_devices::pci::{PciError, PciPlacement, PciRoot};
-use wbvmm_devices::{Bus, GuestDma, IrqLine};
+use wbvmm_devices::pci::{BarSpec, PciDevice, PciError, PciIds, PciPlacement, PciRoot};
+use wbvmm_devices::{Bus, BusDevice, GuestDma, IrqLine};
 
 /// Where the NIC sits: 00:03.0 (as under QEMU), INTA routed to IOAPIC pin 16 (pins
 /// 16-23 are the IOAPIC-only ones in KVM's default routing), BARs where a BIOS would
@@ -254,6 +254,181 @@ impl Doorbell {
     }
 }
 
+/// Frame-length doorbells for C mode. A TSD write carries the frame's length, so a
+/// plain ioeventfd would lose it; but a guest sending same-sized frames (a
+/// request/response test, a bulk transfer) writes the same value again and again.
+/// After `LEARN_AFTER` identical writes to TSDn, an ioeventfd with that exact value as
+/// its datamatch takes over: those writes complete inside KVM and are replayed here
+/// with the value they must have had. Any other value still exits. Before the NIC
+/// serves any register access, pending doorbells are replayed, so the guest never
+/// sees TSD/TSR status older than its own writes.
+pub struct TsdDoorbells {
+    vm: Arc<VmFd>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    pub evts: [EventFd; 4],
+    state: std::sync::Mutex<TsdLearnState>,
+}
+
+const LEARN_AFTER: u32 = 4;
+const TSD0: u64 = 0x10;
+
+#[derive(Default)]
+struct TsdLearnState {
+    /// Per TSDn: the last value written and how many times in a row.
+    last: [(u32, u32); 4],
+    /// Per TSDn: the registered (address, is_pio, value).
+    armed: [Option<(u64, bool, u32)>; 4],
+    /// Bus generations when arming: a BAR move disarms everything.
+    gens: (u64, u64),
+}
+
+impl TsdDoorbells {
+    fn new(vm: Arc<VmFd>, pio: Arc<Bus>, mmio: Arc<Bus>) -> Result<Self, NetError> {
+        let e = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::Irq);
+        Ok(Self {
+            vm,
+            pio,
+            mmio,
+            evts: [e()?, e()?, e()?, e()?],
+            state: Default::default(),
+        })
+    }
+
+    /// Stop absorbing writes to TSDn; writes absorbed before are replayed first
+    /// (unregister, then drain: nothing new can arrive in between).
+    fn disarm(&self, st: &mut TsdLearnState, n: usize, nic: &Rtl8139) {
+        if let Some((addr, pio, v)) = st.armed[n].take() {
+            let a = if pio {
+                IoEventAddress::Pio(addr)
+            } else {
+                IoEventAddress::Mmio(addr)
+            };
+            let _ = self.vm.unregister_ioevent(&self.evts[n], &a, v);
+            if let Ok(count) = self.evts[n].read() {
+                for _ in 0..count {
+                    nic.write(
+                        addr - (TSD0 + 4 * n as u64),
+                        TSD0 + 4 * n as u64,
+                        &v.to_le_bytes(),
+                    );
+                }
+            }
+        }
+    }
+
+    /// Replay writes KVM absorbed, then return. Serialised with `observe`, so a
+    /// register access never overtakes a replay.
+    pub fn replay(&self, nic: &Rtl8139) {
+        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.replay_locked(&st, nic);
+    }
+
+    fn replay_locked(&self, st: &TsdLearnState, nic: &Rtl8139) {
+        for n in 0..4 {
+            let Some((addr, _, v)) = st.armed[n] else {
+                continue;
+            };
+            if let Ok(count) = self.evts[n].read() {
+                let base = addr - (TSD0 + 4 * n as u64);
+                for _ in 0..count {
+                    nic.write(base, TSD0 + 4 * n as u64, &v.to_le_bytes());
+                }
+            }
+        }
+    }
+
+    /// Before every register access from a vCPU: replay pending doorbells; for a TSD
+    /// write, learn its value.
+    fn observe(&self, nic: &Rtl8139, base: u64, offset: u64, write: Option<&[u8]>) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        self.replay_locked(&st, nic);
+        let Some(data) = write else { return };
+        if !(TSD0..TSD0 + 16).contains(&offset) || !offset.is_multiple_of(4) || data.len() != 4 {
+            return;
+        }
+        let n = ((offset - TSD0) / 4) as usize;
+        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
+        let gens = (self.pio.generation(), self.mmio.generation());
+        if gens != st.gens {
+            for i in 0..4 {
+                self.disarm(&mut st, i, nic);
+            }
+            st.gens = gens;
+        }
+        let (last, count) = st.last[n];
+        st.last[n] = if last == v {
+            (v, count.saturating_add(1))
+        } else {
+            (v, 1)
+        };
+        // Only C-mode TSDs: in C+ mode these offsets are the tally-dump register.
+        if st.last[n].1 >= LEARN_AFTER && st.armed[n].map(|a| a.2) != Some(v) && !nic_in_cplus(nic)
+        {
+            self.disarm(&mut st, n, nic);
+            let is_pio = base < 0x1_0000;
+            let addr = base + offset;
+            let a = if is_pio {
+                IoEventAddress::Pio(addr)
+            } else {
+                IoEventAddress::Mmio(addr)
+            };
+            if self.vm.register_ioevent(&self.evts[n], &a, v).is_ok() {
+                st.armed[n] = Some((addr, is_pio, v));
+            }
+        }
+    }
+}
+
+/// Is the chip in C+ mode? (CpCmd at 0xE0 has C+ TX or RX enabled.)
+fn nic_in_cplus(nic: &Rtl8139) -> bool {
+    let mut b = [0u8; 2];
+    nic.read(0, 0xe0, &mut b);
+    u16::from_le_bytes(b) & 0x3 != 0
+}
+
+/// What the buses and the PCI root see: the NIC, with the C-mode doorbell learner
+/// in front of its registers.
+pub struct NicFrontend {
+    pub nic: Arc<Rtl8139>,
+    pub tsd: TsdDoorbells,
+}
+
+impl BusDevice for NicFrontend {
+    fn read(&self, base: u64, offset: u64, data: &mut [u8]) {
+        self.tsd.observe(&self.nic, base, offset, None);
+        self.nic.read(base, offset, data);
+    }
+    fn write(&self, base: u64, offset: u64, data: &[u8]) {
+        self.tsd.observe(&self.nic, base, offset, Some(data));
+        self.nic.write(base, offset, data);
+    }
+    fn name(&self) -> &'static str {
+        self.nic.name()
+    }
+}
+
+impl PciDevice for NicFrontend {
+    fn ids(&self) -> PciIds {
+        self.nic.ids()
+    }
+    fn bars(&self) -> Vec<BarSpec> {
+        self.nic.bars()
+    }
+    fn interrupt_pin(&self) -> u8 {
+        self.nic.interrupt_pin()
+    }
+    fn command_written(&self, command: u16) {
+        self.nic.command_written(command)
+    }
+    fn config_read_ext(&self, offset: u8) -> u32 {
+        self.nic.config_read_ext(offset)
+    }
+    fn config_write_ext(&self, offset: u8, data: &[u8]) {
+        self.nic.config_write_ext(offset, data)
+    }
+}
+
 /// The NIC as the VMM holds it.
 pub struct NetDevice {
     pub nic: Arc<Rtl8139>,
@@ -261,6 +436,8 @@ pub struct NetDevice {
     pub irq: Arc<LevelIrq>,
     pub io: Arc<IoCounters>,
     pub doorbell: Option<Doorbell>,
+    /// The NIC behind its C-mode TSD doorbell learner (what the buses hold).
+    pub frontend: Option<Arc<NicFrontend>>,
     /// The NIC's DMA path through the memslot mirror (for its lookup statistics).
     pub dma: Arc<crate::memory::GuestRamDma>,
 }
@@ -285,14 +462,25 @@ impl NetDevice {
             irq.clone(),
             tap.clone(),
         )?);
-        root.add_device(
-            nic.clone(),
-            PciPlacement {
-                device: Some(NIC_PCI_DEVICE),
-                irq: NIC_GSI as u8,
-                bar_addresses: vec![NIC_IO_BAR, NIC_MMIO_BAR],
-            },
-        )?;
+        let placement = PciPlacement {
+            device: Some(NIC_PCI_DEVICE),
+            irq: NIC_GSI as u8,
+            bar_addresses: vec![NIC_IO_BAR, NIC_MMIO_BAR],
+        };
+        let frontend = match cfg.tx {
+            TxDoorbell::IoEventFd => {
+                let f = Arc::new(NicFrontend {
+                    nic: nic.clone(),
+                    tsd: TsdDoorbells::new(vm.clone(), buses.0.clone(), buses.1.clone())?,
+                });
+                root.add_device(f.clone(), placement)?;
+                Some(f)
+            }
+            TxDoorbell::Exit => {
+                root.add_device(nic.clone(), placement)?;
+                None
+            }
+        };
         let doorbell = match cfg.tx {
             TxDoorbell::IoEventFd => Some(Doorbell::new(
                 vm.clone(),
@@ -303,6 +491,7 @@ impl NetDevice {
             TxDoorbell::Exit => None,
         };
         Ok(Self {
+            frontend,
             nic,
             tap,
             irq,

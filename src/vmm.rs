@@ -931,6 +931,8 @@ const TOKEN_TAP: u64 = 3;
 const TOKEN_NIC_SPACE: u64 = 4;
 const TOKEN_NIC_RESAMPLE: u64 = 5;
 const TOKEN_NIC_DOORBELL: u64 = 6;
+/// Tokens 8..12: the C-mode TSD0-3 doorbells.
+const TOKEN_TSD0: u64 = 8;
 /// Frames moved per wake-up before other sources get a turn.
 const RX_BUDGET: usize = 64;
 
@@ -972,7 +974,14 @@ impl IoThread {
                 n.doorbell
                     .as_ref()
                     .map(|d| (d.evt.as_raw_fd(), TOKEN_NIC_DOORBELL)),
-            ) {
+            )
+            .chain(n.frontend.iter().flat_map(|f| {
+                f.tsd
+                    .evts
+                    .iter()
+                    .enumerate()
+                    .map(|(i, e)| (e.as_raw_fd(), TOKEN_TSD0 + i as u64))
+            })) {
                 epoll
                     .ctl(
                         ControlOperation::Add,
@@ -1091,6 +1100,11 @@ impl IoThread {
                                     let _ = d.1.evt.read();
                                     d.0.nic.process_tx();
                                     d.1.follow_bars();
+                                }
+                            }
+                            t if (TOKEN_TSD0..TOKEN_TSD0 + 4).contains(&t) => {
+                                if let Some(f) = net.as_ref().and_then(|n| n.frontend.as_ref()) {
+                                    f.tsd.replay(&f.nic);
                                 }
                             }
                             TOKEN_NIC_RESAMPLE => {
