@@ -172,9 +172,26 @@ pub struct GuestRam {
     mapping: HostMapping,
 }
 
+/// At most this much low memory is backed before the guest starts.
+const PREFAULT_MAX: u64 = 16 << 20;
+
 impl GuestRam {
     pub fn host_base(&self) -> u64 {
         self.mapping.addr()
+    }
+
+    /// Back the first `len` bytes of guest RAM (best effort).
+    pub fn prefault(&self, len: u64) {
+        let first = self.ranges.first().map(|r| r.1).unwrap_or(0);
+        let len = len.min(first) as usize;
+        // SAFETY: [addr, addr + len) lies in the first RAM range of our mapping.
+        unsafe {
+            libc::madvise(
+                self.mapping.addr() as *mut libc::c_void,
+                len,
+                libc::MADV_POPULATE_WRITE,
+            );
+        }
     }
 }
 
@@ -416,18 +433,11 @@ impl Vmm {
         // Registering RAM and creating the in-kernel irqchip each cost milliseconds
         // inside KVM, under different locks: do them at the same time, and load the
         // kernel meanwhile.
+        // Memslots before the in-kernel irqchip: measured here, registering 256 MiB
+        // takes ~0.1 ms before KVM_CREATE_IRQCHIP and 5-11 ms after it. The kernel is
+        // loaded meanwhile on another thread (it only touches host memory).
         let boot = std::thread::scope(|s| {
-            let registration = s.spawn(|| {
-                let r = register_guest_memory(&memory, &ram, nslots);
-                log::debug!(
-                    "setup: {nslots} memslot(s) registered at {} us",
-                    since_start()
-                );
-                r
-            });
-            let rest = (|| {
-                create_irqchip_and_pit(&vm)?;
-                log::debug!("setup: irqchip and PIT at {} us", since_start());
+            let loading = s.spawn(|| {
                 let boot = boot::load(
                     mem,
                     &boot::KernelSpec {
@@ -447,16 +457,29 @@ impl Vmm {
                     })
                     .collect();
                 boot::write_mptable(mem, config.cpus, &intx)?;
+                // Back what the guest touches first (boot structures, the image and
+                // its zero-filled tail) now, off the critical path: each such page
+                // would otherwise cost a fault inside a KVM exit.
+                ram.prefault(boot.kernel_end.min(PREFAULT_MAX));
                 Ok::<_, VmmError>(boot)
+            });
+            let kvm_side = (|| {
+                register_guest_memory(&memory, &ram, nslots)?;
+                log::debug!(
+                    "setup: {nslots} memslot(s) registered at {} us",
+                    since_start()
+                );
+                create_irqchip_and_pit(&vm)?;
+                log::debug!("setup: irqchip and PIT at {} us", since_start());
+                Ok::<_, VmmError>(())
             })();
-            let registered = registration.join().unwrap_or_else(|_| {
+            let boot = loading.join().unwrap_or_else(|_| {
                 Err(VmmError::GuestMemoryLayout(
-                    "memory registration panicked".into(),
+                    "kernel loading panicked".into(),
                 ))
             });
-            let boot = rest?;
-            registered?;
-            Ok::<_, VmmError>(boot)
+            kvm_side?;
+            boot
         })?;
 
         log::debug!("setup: memory, irqchip, kernel at {} us", since_start());
