@@ -78,6 +78,28 @@ fn scan_overlap<T: RangeItem>(v: &[T], start: u64, end: u64) -> Option<&T> {
     v.iter().find(|r| start < r.end() && r.start() < end)
 }
 
+// The two linear indexes differ only in the order they keep; they scan alike.
+
+fn scan_remove<T: RangeItem>(v: &mut Vec<T>, start: u64) -> Option<T> {
+    let pos = v.iter().position(|r| r.start() == start)?;
+    Some(v.remove(pos))
+}
+
+/// First range containing `addr`, and the nodes visited (position + 1, or all on a miss).
+#[inline]
+fn scan_lookup<T: RangeItem>(v: &[T], addr: u64) -> (Option<&T>, u32) {
+    match v.iter().position(|r| r.contains(addr)) {
+        Some(i) => (Some(&v[i]), i as u32 + 1),
+        None => (None, v.len() as u32),
+    }
+}
+
+fn sorted_copy<T: RangeItem + Clone>(v: &[T]) -> Vec<T> {
+    let mut out = v.to_vec();
+    out.sort_by_key(|r| r.start());
+    out
+}
+
 fn overlap_err<T: RangeItem>(o: &T) -> Overlap {
     Overlap {
         start: o.start(),
@@ -105,17 +127,11 @@ impl<T: RangeItem> RangeIndex<T> for LinearIndex<T> {
         Ok(())
     }
     fn remove(&mut self, start: u64) -> Option<T> {
-        let pos = self.0.iter().position(|r| r.start() == start)?;
-        Some(self.0.remove(pos))
+        scan_remove(&mut self.0, start)
     }
     #[inline]
     fn lookup(&self, addr: u64, _hint: &mut u32) -> (Option<&T>, u32) {
-        for (i, r) in self.0.iter().enumerate() {
-            if r.contains(addr) {
-                return (Some(r), i as u32 + 1);
-            }
-        }
-        (None, self.0.len() as u32)
+        scan_lookup(&self.0, addr)
     }
     fn overlapping(&self, start: u64, end: u64) -> Option<&T> {
         scan_overlap(&self.0, start, end)
@@ -127,9 +143,7 @@ impl<T: RangeItem> RangeIndex<T> for LinearIndex<T> {
         self.0.capacity() * std::mem::size_of::<T>()
     }
     fn items(&self) -> Vec<T> {
-        let mut v = self.0.clone();
-        v.sort_by_key(|r| r.start());
-        v
+        sorted_copy(&self.0)
     }
 }
 
@@ -159,17 +173,11 @@ impl<T: RangeItem> RangeIndex<T> for SizeSortedIndex<T> {
         Ok(())
     }
     fn remove(&mut self, start: u64) -> Option<T> {
-        let pos = self.0.iter().position(|r| r.start() == start)?;
-        Some(self.0.remove(pos))
+        scan_remove(&mut self.0, start)
     }
     #[inline]
     fn lookup(&self, addr: u64, _hint: &mut u32) -> (Option<&T>, u32) {
-        for (i, r) in self.0.iter().enumerate() {
-            if r.contains(addr) {
-                return (Some(r), i as u32 + 1);
-            }
-        }
-        (None, self.0.len() as u32)
+        scan_lookup(&self.0, addr)
     }
     fn overlapping(&self, start: u64, end: u64) -> Option<&T> {
         scan_overlap(&self.0, start, end)
@@ -181,9 +189,7 @@ impl<T: RangeItem> RangeIndex<T> for SizeSortedIndex<T> {
         self.0.capacity() * std::mem::size_of::<T>()
     }
     fn items(&self) -> Vec<T> {
-        let mut v = self.0.clone();
-        v.sort_by_key(|r| r.start());
-        v
+        sorted_copy(&self.0)
     }
 }
 
