@@ -3,7 +3,7 @@
 //! Words are separated by spaces and run in order; `exit=N` only sets the
 //! final status, which is reported through the debug-exit port after the
 //! last word. Exit statuses: 0 default, 3 memcheck failure or no memmap,
-//! 4 timeout (watch, echo), 5 reset did not reset, 6 triple-fault did not
+//! 4 timeout (watch, echo, hold), 5 reset did not reset, 6 triple-fault did not
 //! end the VM, 0x7e panic, 0x7f unexpected exception.
 
 use crate::io::{self, rdtsc};
@@ -20,6 +20,10 @@ pub const EXIT_TRIPLE_FAULT_FAILED: u32 = 6;
 
 /// Bound on polling loops that wait for the host or the user.
 const POLL_TIMEOUT_NS: u64 = 60_000_000_000;
+/// `hold` waits this long for the host unless told otherwise; a bound for a
+/// broken test, never a pass condition.
+const HOLD_DEFAULT_SECS: u64 = 600;
+const HOLD_MAX_SECS: u64 = 3600;
 
 /// Runs every word; returns the exit status (`exit=N`, default 0). Words
 /// that fail fatally end the VM themselves.
@@ -43,6 +47,14 @@ pub fn run(info: &BootInfo) -> u32 {
         match (name, arg) {
             ("banner", None) => banner(info),
             ("echo", None) => echo(),
+            ("hold", None) => hold(HOLD_DEFAULT_SECS),
+            ("hold", Some(a)) => match parse_num(a) {
+                Some(n) if (1..=HOLD_MAX_SECS).contains(&n) => hold(n),
+                _ => println!(
+                    "hold: bad argument {} (want seconds, 1..{})",
+                    a, HOLD_MAX_SECS
+                ),
+            },
             ("cpus", None) => cpus(),
             ("memcheck", None) => memcheck(info),
             ("mmio-loop", Some(a)) => match parse_pair(a) {
@@ -93,7 +105,8 @@ pub fn run(info: &BootInfo) -> u32 {
             }
             // Network settings: already taken before the first word.
             (
-                "ip" | "peer" | "count" | "port" | "secs" | "nic" | "nicio" | "nicbars" | "nicrx",
+                "ip" | "peer" | "count" | "port" | "secs" | "trans" | "nic" | "nicio" | "nicbars"
+                | "nicrx",
                 Some(_),
             ) => {}
             _ => println!("testguest: unknown word {}", word),
@@ -171,34 +184,58 @@ fn banner(info: &BootInfo) {
     );
 }
 
-/// Reads one line from COM1 (up to '\n' or '\r'; a '\n' right after a
-/// '\r' is skipped so CRLF input gives one line) and prints it back.
-fn echo() {
+/// Reads one line from COM1 into `buf` (up to '\n' or '\r'; a '\n' right
+/// after a '\r' is skipped so CRLF input gives one line; an overlong line
+/// keeps its first `buf.len()` bytes). None when `deadline` passes first.
+fn read_line(buf: &mut [u8], deadline: &tsc::Deadline) -> Option<usize> {
     static AFTER_CR: crate::Global<bool> = crate::Global::new(false);
-    let mut buf = [0u8; 256];
     let mut len = 0;
-    let deadline = tsc::Deadline::after_ns(POLL_TIMEOUT_NS);
     loop {
         let Some(b) = serial::try_read_byte() else {
             if deadline.expired() {
-                println!("echo: timeout");
-                io::exit(EXIT_TIMEOUT);
+                return None;
             }
             continue;
         };
+        // SAFETY: one CPU, and only this function touches AFTER_CR.
         let after_cr = unsafe { core::mem::replace(&mut *AFTER_CR.get(), b == b'\r') };
         match b {
             b'\n' if after_cr && len == 0 => continue,
-            b'\n' | b'\r' => break,
+            b'\n' | b'\r' => return Some(len),
             _ if len < buf.len() => {
                 buf[len] = b;
                 len += 1;
             }
-            _ => {} // overlong line: keep the first 256 bytes
+            _ => {}
         }
     }
+}
+
+/// Reads one line from COM1 and prints it back.
+fn echo() {
+    let mut buf = [0u8; 256];
+    let Some(len) = read_line(&mut buf, &tsc::Deadline::after_ns(POLL_TIMEOUT_NS)) else {
+        println!("echo: timeout");
+        io::exit(EXIT_TIMEOUT);
+    };
     let line = core::str::from_utf8(&buf[..len]).unwrap_or("<not utf-8>");
     println!("echo: {}", line);
+}
+
+/// Waits, touching nothing but COM1, until the host sends a line: tests use it
+/// to keep the guest busy (its NIC up and unserviced, its threads alive) for
+/// exactly as long as the host's side of the test needs, on any machine. The
+/// deadline only bounds a test that went wrong.
+fn hold(secs: u64) {
+    println!("hold: waiting for a line on COM1 (at most {} s)", secs);
+    let mut buf = [0u8; 64];
+    let deadline = tsc::Deadline::after_ns(secs.saturating_mul(1_000_000_000));
+    let Some(len) = read_line(&mut buf, &deadline) else {
+        println!("hold: timeout");
+        io::exit(EXIT_TIMEOUT);
+    };
+    let line = core::str::from_utf8(&buf[..len]).unwrap_or("<not utf-8>");
+    println!("hold: released by '{}'", line);
 }
 
 fn cpus() {
