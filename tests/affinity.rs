@@ -2,8 +2,7 @@
 
 mod common;
 use common::*;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 fn allowed_list(pid: u32, tid: &str) -> String {
@@ -26,66 +25,44 @@ fn vcpu_and_io_threads_are_pinned_before_they_run() {
         return;
     }
     let tg = testguest();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wbvmm"))
-        .args([
-            "--kernel",
-            tg.to_str().unwrap(),
-            "--cpus",
-            "2",
-            "--cpu-affinity",
-            "0=1,1=0",
-            "--io-affinity",
-            "0",
-        ])
-        .args([
-            "--cmdline",
-            "mmio-loop=0xd0000000,20000",
-            "--serial",
-            "null",
-        ])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn wbvmm");
-    let pid = child.id();
-    let mut line = String::new();
-    BufReader::new(child.stderr.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    // "wbvmm: threads vcpu0=TID vcpu1=TID wbvmm-io=TID"
-    let tid = |name: &str| {
-        line.split_whitespace()
-            .find_map(|w| w.strip_prefix(&format!("{name}=")))
-            .unwrap_or_else(|| panic!("no {name} in '{line}'"))
-            .to_string()
-    };
-    let (v0, v1, io) = (tid("vcpu0"), tid("vcpu1"), tid("wbvmm-io"));
-    assert_eq!(allowed_list(pid, &v0), "1", "{line}");
-    assert_eq!(allowed_list(pid, &v1), "0", "{line}");
-    assert_eq!(allowed_list(pid, &io), "0", "{line}");
+    let stats = stats_file("affinity");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wbvmm"));
+    cmd.args([
+        "--kernel",
+        tg.to_str().unwrap(),
+        "--cpus",
+        "2",
+        "--cpu-affinity",
+        "0=1,1=0",
+        "--io-affinity",
+        "0",
+        "--cmdline",
+        "hold",
+        &format!("--stats={}", stats.display()),
+    ]);
+    // The guest holds (all threads alive) until the checks below are done.
+    let mut vm = Running::spawn(cmd, Some(stats.clone()));
+    vm.wait_for("hold: waiting", STARTUP_DEADLINE);
+    let pid = vm.pid();
+    let snap = vm.snapshot();
+    let tid = |v: &serde_json::Value| v.as_i64().expect("a thread id").to_string();
+    let (v0, v1, io) = (
+        tid(&snap["threads"]["vcpu"][0]),
+        tid(&snap["threads"]["vcpu"][1]),
+        tid(&snap["threads"]["io"]),
+    );
+    assert_eq!(allowed_list(pid, &v0), "1", "{snap}");
+    assert_eq!(allowed_list(pid, &v1), "0", "{snap}");
+    assert_eq!(allowed_list(pid, &io), "0", "{snap}");
     let comm = std::fs::read_to_string(format!("/proc/{pid}/task/{v1}/comm")).unwrap();
     assert_eq!(comm.trim(), "vcpu1");
-    let status = child.wait_timeout_or_kill(Duration::from_secs(60));
-    assert_eq!(status, Some(0));
-}
-
-trait WaitTimeout {
-    fn wait_timeout_or_kill(&mut self, t: Duration) -> Option<i32>;
-}
-
-impl WaitTimeout for std::process::Child {
-    fn wait_timeout_or_kill(&mut self, t: Duration) -> Option<i32> {
-        let start = std::time::Instant::now();
-        loop {
-            if let Ok(Some(s)) = self.try_wait() {
-                return s.code();
-            }
-            if start.elapsed() > t {
-                let _ = self.kill();
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
+    vm.send_line("done");
+    let o = vm.finish(STARTUP_DEADLINE);
+    assert_eq!(o.code, Some(0), "{}", o.show());
+    let _ = std::fs::remove_file(&stats);
+    // The same ids were printed at start, for `taskset -p`.
+    let line = format!("wbvmm: threads vcpu0={v0} vcpu1={v1} wbvmm-io={io}");
+    assert!(o.stderr.contains(&line), "want '{line}'\n{}", o.show());
 }
 
 #[test]

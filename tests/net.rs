@@ -17,7 +17,65 @@ fn guest(ns: &NetNs, net_spec: &str, words: &str, extra: &[&str]) -> Output {
         &cmdline,
     ];
     args.extend_from_slice(extra);
-    ns.wbvmm(&args, Duration::from_secs(90))
+    ns.wbvmm(&args, STARTUP_DEADLINE)
+}
+
+/// Transactions of each counted `net=rr` run.
+const RR_TRANSACTIONS: u64 = 2000;
+
+/// Extra time the host side waits, once the guest holds, before it starts its
+/// traffic (WBVMM_TEST_HOLD_EXTRA_MS, default 0): stretches the guest's busy phase
+/// to show the tests do not depend on how long it lasts.
+fn hold_extra() -> Duration {
+    let ms = std::env::var("WBVMM_TEST_HOLD_EXTRA_MS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Duration::from_millis(ms)
+}
+
+/// Boot the test guest in `ns` with its NIC up and then holding (the NIC left
+/// unserviced) until the test releases it, statistics snapshots on SIGUSR1.
+fn hold_guest(ns: &NetNs, tag: &str, words: &str) -> Running {
+    let stats = stats_file(tag);
+    let tg = testguest();
+    let cmdline = format!(
+        "ip={}/24 peer={} net=up {words} hold",
+        ns.guest_ip, ns.host_ip
+    );
+    let stats_arg = format!("--stats={}", stats.display());
+    let cmd = ns.wbvmm_command(&[
+        "--kernel",
+        tg.to_str().unwrap(),
+        "--net",
+        "tap=wbt0",
+        "--cmdline",
+        &cmdline,
+        &stats_arg,
+    ]);
+    let mut vm = Running::spawn(cmd, Some(stats));
+    vm.wait_for("hold: waiting", STARTUP_DEADLINE);
+    std::thread::sleep(hold_extra());
+    vm
+}
+
+/// Release a holding guest and return its end and final statistics.
+fn release(mut vm: Running) -> (Output, serde_json::Value) {
+    let stats = vm.stats_path().expect("a --stats file");
+    vm.send_line("go");
+    let o = vm.finish(STARTUP_DEADLINE);
+    assert!(o.stdout.contains("hold: released by 'go'"), "{}", o.show());
+    assert_eq!(o.code, Some(0), "{}", o.show());
+    let text = std::fs::read_to_string(&stats).unwrap_or_default();
+    let _ = std::fs::remove_file(&stats);
+    let v = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("final statistics in {}: {e}\n{}", stats.display(), o.show()));
+    (o, v)
+}
+
+fn dropped(v: &serde_json::Value) -> u64 {
+    let net = &v["net"];
+    net["rx_ring_full"].as_u64().unwrap_or(0) + net["rx_backpressure"].as_u64().unwrap_or(0)
 }
 
 fn stats(o: &Output) -> serde_json::Value {
@@ -55,10 +113,11 @@ fn ping_and_rr_in_both_modes_and_both_bars() {
             o.show()
         );
 
+        // A counted run (secs only bounds it): the same work on any machine.
         let o = guest(
             &ns,
             &tap,
-            &format!("net=rr port=7777 secs=1 nic={mode} nicio={io}"),
+            &format!("net=rr port=7777 trans={RR_TRANSACTIONS} secs=600 nic={mode} nicio={io}"),
             &["--stats"],
         );
         assert_eq!(o.code, Some(0), "rr {mode}/{io}\n{}", o.show());
@@ -68,7 +127,7 @@ fn ping_and_rr_in_both_modes_and_both_bars() {
             .find(|l| l.starts_with("rr: ") && l.contains("trans/s"))
             .expect("rr line");
         let n: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-        assert!(n > 100, "only {n} transactions: {line}");
+        assert_eq!(n, RR_TRANSACTIONS, "{line}");
         let v = stats(&o);
         // Every transaction is one frame each way through the tap.
         assert!(
@@ -126,8 +185,9 @@ fn host_flood_while_the_guest_is_busy_is_backpressured() {
     let Some(mut ns) = NetNs::new("netflood", 23) else {
         return;
     };
-    // The guest brings the NIC up, then spends seconds on MMIO reads without looking
-    // at its RX ring. A bounded flood (count and deadline) arrives meanwhile.
+    // The guest brings the NIC up and then holds without looking at its RX ring
+    // until the host has seen the ring fill and push back, however long that takes
+    // on this machine. The flood is bounded in count and time.
     assert!(ns.exec_ok(&[
         "ip",
         "neigh",
@@ -138,29 +198,22 @@ fn host_flood_while_the_guest_is_busy_is_backpressured() {
         "dev",
         "wbt0"
     ]));
-    let guest_ip = ns.guest_ip.clone();
-    ns.spawn(&[
-        "sh",
-        "-c",
-        &format!("sleep 1; ping -f -q -c 20000 -s 1000 -w 6 {guest_ip}"),
-    ]);
-    let o = guest(
-        &ns,
-        "tap=wbt0",
-        "net=up mmio-loop=0xd0000000,40000",
-        &["--stats"],
-    );
-    assert_eq!(o.code, Some(0), "{}", o.show());
-    let v = stats(&o);
+    let mut vm = hold_guest(&ns, "flood", "");
+    let flood = format!("ping -f -q -c 20000 -s 1000 -w 60 {}", ns.guest_ip);
+    ns.spawn(&["sh", "-c", &flood]);
+    let during = vm.wait_for_stats("the ring to fill and push back", STARTUP_DEADLINE, |v| {
+        v["net"]["tap_rx_frames"].as_u64().unwrap_or(0) > 64 && dropped(v) > 0
+    });
+    assert_eq!(during["outcome"].as_str(), Some("running"));
+    let (o, v) = release(vm);
     let net = &v["net"];
     assert!(
         net["tap_rx_frames"].as_u64().unwrap() > 64,
         "the flood reached the NIC\n{}",
         o.show()
     );
-    let dropped = net["rx_ring_full"].as_u64().unwrap() + net["rx_backpressure"].as_u64().unwrap();
     assert!(
-        dropped > 0,
+        dropped(&v) > 0,
         "a full guest ring must push back\n{}",
         o.show()
     );
@@ -180,12 +233,30 @@ fn deleting_the_tap_under_a_running_guest_does_not_crash_the_vmm() {
     let Some(mut ns) = NetNs::new("netdel", 24) else {
         return;
     };
-    ns.echo_server(7777, 60);
-    ns.spawn(&["sh", "-c", "sleep 2; ip link del wbt0"]);
-    let o = guest(&ns, "tap=wbt0", "net=rr port=7777 secs=5", &[]);
+    ns.echo_server(7777, 600);
+    let tg = testguest();
+    let cmdline = format!(
+        "ip={}/24 peer={} net=rr port=7777 secs=600",
+        ns.guest_ip, ns.host_ip
+    );
+    let cmd = ns.wbvmm_command(&[
+        "--kernel",
+        tg.to_str().unwrap(),
+        "--net",
+        "tap=wbt0",
+        "--cmdline",
+        &cmdline,
+    ]);
+    let mut vm = Running::spawn(cmd, None);
+    // Delete the tap once transactions flow, not after a guessed delay.
+    vm.wait_for("rr: connected", STARTUP_DEADLINE);
+    std::thread::sleep(hold_extra());
+    assert!(ns.exec_ok(&["ip", "link", "del", "wbt0"]));
+    let o = vm.finish(STARTUP_DEADLINE);
     // The guest sees its peer vanish (rr fails: exit 10) and ends itself; wbvmm
     // neither crashed nor hung.
     assert_eq!(o.code, Some(10), "{}", o.show());
+    assert!(o.stdout.contains("rr: failed after"), "{}", o.show());
     assert!(!o.stderr.contains("panicked"), "{}", o.show());
 }
 
@@ -203,7 +274,7 @@ fn tap_errors_are_clear() {
             "tap=wbvmm-nosuch0",
         ],
         None,
-        Duration::from_secs(30),
+        STARTUP_DEADLINE,
     );
     assert_eq!(o.code, Some(1), "{}", o.show());
     assert!(
@@ -214,45 +285,21 @@ fn tap_errors_are_clear() {
     let o = wbvmm(
         &["--kernel", tg.to_str().unwrap(), "--net", "tap=x,rev=7"],
         None,
-        Duration::from_secs(30),
+        STARTUP_DEADLINE,
     );
     assert_eq!(o.code, Some(2), "{}", o.show());
     let Some(ns) = NetNs::new("netbusy", 25) else {
         return;
     };
-    // Two VMs on one tap: the second finds it busy.
-    let tgs = tg.to_str().unwrap().to_string();
-    let cmdline = "net=up mmio-loop=0xd0000000,30000".to_string();
-    let first = std::thread::spawn({
-        let name = ns.name.clone();
-        move || {
-            run_with_timeout(
-                std::process::Command::new("ip").args([
-                    "netns",
-                    "exec",
-                    &name,
-                    env!("CARGO_BIN_EXE_wbvmm"),
-                    "--kernel",
-                    &tgs,
-                    "--net",
-                    "tap=wbt0",
-                    "--cmdline",
-                    &cmdline,
-                ]),
-                None,
-                Duration::from_secs(60),
-            )
-        }
-    });
-    std::thread::sleep(Duration::from_millis(500));
+    // Two VMs on one tap: the second finds it busy while the first holds it.
+    let first = hold_guest(&ns, "busy", "");
     let second = ns.wbvmm(
         &["--kernel", tg.to_str().unwrap(), "--net", "tap=wbt0"],
-        Duration::from_secs(30),
+        STARTUP_DEADLINE,
     );
     assert_eq!(second.code, Some(1), "{}", second.show());
     assert!(second.stderr.contains("busy"), "{}", second.show());
-    let first = first.join().unwrap();
-    assert_eq!(first.code, Some(0), "{}", first.show());
+    release(first);
 }
 
 #[test]
@@ -274,11 +321,12 @@ fn receive_filter_drops_unwanted_multicast_and_takes_unicast() {
         "wbt0"
     ]));
     // The guest's driver accepts broadcast and its own address only (RCR AM clear, MAR
-    // zero), as 8139too does until a multicast group is joined. 30 datagrams to a
-    // multicast group and 30 to the guest, sent from inside the namespace.
+    // zero), as 8139too does until a multicast group is joined. While it holds, 30
+    // datagrams to a multicast group and 30 to the guest are sent from inside the
+    // namespace; the guest is released once the NIC has taken or filtered them all.
+    let mut vm = hold_guest(&ns, "mcast", "");
     let script = format!(
         "import socket,time\n\
-         time.sleep(1)\n\
          s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
          s.setsockopt(socket.IPPROTO_IP,socket.IP_MULTICAST_IF,socket.inet_aton('{host}'))\n\
          for i in range(30):\n\
@@ -286,15 +334,13 @@ fn receive_filter_drops_unwanted_multicast_and_takes_unicast() {
         host = ns.host_ip,
         guest = ns.guest_ip
     );
-    ns.spawn(&["timeout", "20", "python3", "-c", &script]);
-    let o = guest(
-        &ns,
-        "tap=wbt0",
-        "net=up mmio-loop=0xd0000000,30000",
-        &["--stats"],
-    );
-    assert_eq!(o.code, Some(0), "{}", o.show());
-    let v = stats(&o);
+    ns.spawn(&["timeout", "60", "python3", "-c", &script]);
+    let enough = |v: &serde_json::Value| {
+        v["net"]["rx_filtered"].as_u64().unwrap_or(0) >= 30
+            && v["net"]["rx_packets"].as_u64().unwrap_or(0) >= 30
+    };
+    vm.wait_for_stats("30 frames filtered and 30 taken", STARTUP_DEADLINE, enough);
+    let (o, v) = release(vm);
     let net = &v["net"];
     assert!(
         net["rx_filtered"].as_u64().unwrap() >= 30,

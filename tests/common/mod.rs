@@ -230,12 +230,32 @@ impl NetNs {
         pid
     }
 
-    /// A TCP echo server (socat) on `port`, bounded to `secs` seconds.
+    /// A TCP echo server (socat) on `port`, bounded to `secs` seconds; returns once
+    /// it listens.
     pub fn echo_server(&mut self, port: u16, secs: u32) {
         let listen = format!("TCP-LISTEN:{port},reuseaddr,fork");
         let secs = secs.to_string();
         self.spawn(&["timeout", &secs, "socat", &listen, "PIPE"]);
-        std::thread::sleep(Duration::from_millis(300));
+        let listening = wait_until(STARTUP_DEADLINE, || {
+            let out = Command::new("ip")
+                .args(["netns", "exec", &self.name, "ss", "-Hltn"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            out.contains(&format!(":{port} "))
+        });
+        assert!(
+            listening,
+            "socat did not listen on port {port} within {STARTUP_DEADLINE:?}"
+        );
+    }
+
+    /// A command that runs wbvmm inside the namespace (for [`Running::spawn`]).
+    pub fn wbvmm_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name, env!("CARGO_BIN_EXE_wbvmm")])
+            .args(args);
+        cmd
     }
 
     /// Run wbvmm inside the namespace.
@@ -261,6 +281,240 @@ impl Drop for NetNs {
         }
         ip(&["netns", "del", &self.name]);
     }
+}
+
+/// How long a test waits for a guest or a helper process to reach a state before it
+/// calls the run failed. Only the failure path ever waits this long: every wait
+/// polls for its condition and returns as soon as it holds, on any machine.
+pub const STARTUP_DEADLINE: Duration = Duration::from_secs(120);
+
+/// Poll `cond` every 20 ms until it holds (true) or `deadline` passes (false).
+pub fn wait_until(deadline: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running wbvmm that a test talks to while it runs: it waits for the guest's
+/// lines, writes to the guest's console, asks for statistics snapshots (SIGUSR1),
+/// and ends it. Tests use it to drive guest and host work by conditions, never by
+/// sleeps; see the test guest's `hold` word.
+pub struct Running {
+    child: std::process::Child,
+    stdin: Option<std::process::ChildStdin>,
+    lines: std::sync::mpsc::Receiver<String>,
+    stdout: String,
+    stderr: std::thread::JoinHandle<String>,
+    stats: Option<PathBuf>,
+    start: Instant,
+}
+
+impl Running {
+    /// Start `cmd` (wbvmm, directly or through `ip netns exec`, which execs it, so
+    /// the child's PID is wbvmm's) with its console on pipes. `stats` is the
+    /// `--stats=PATH` file the command was given, for [`Running::snapshot`].
+    pub fn spawn(mut cmd: Command, stats: Option<PathBuf>) -> Self {
+        use std::io::BufRead;
+        let mut child = cmd
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn wbvmm");
+        let out = child.stdout.take().expect("stdout");
+        let mut err = child.stderr.take().expect("stderr");
+        let (tx, lines) = std::sync::mpsc::channel::<String>();
+        std::thread::spawn(move || {
+            let mut r = std::io::BufReader::new(out);
+            let mut line = Vec::new();
+            while let Ok(n) = r.read_until(b'\n', &mut line) {
+                if n == 0
+                    || tx
+                        .send(String::from_utf8_lossy(&line).into_owned())
+                        .is_err()
+                {
+                    break;
+                }
+                line.clear();
+            }
+        });
+        let stderr = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = err.read_to_string(&mut s);
+            s
+        });
+        Running {
+            stdin: child.stdin.take(),
+            child,
+            lines,
+            stdout: String::new(),
+            stderr,
+            stats,
+            start: Instant::now(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The `--stats=PATH` file given at spawn.
+    pub fn stats_path(&self) -> Option<PathBuf> {
+        self.stats.clone()
+    }
+
+    /// What the guest printed so far.
+    pub fn stdout(&self) -> &str {
+        &self.stdout
+    }
+
+    /// Wait until the guest printed `needle`; panics with everything printed so
+    /// far (and the VM killed) when it ends or `deadline` passes first.
+    pub fn wait_for(&mut self, needle: &str, deadline: Duration) {
+        let start = Instant::now();
+        while !self.stdout.contains(needle) {
+            let left = deadline.saturating_sub(start.elapsed());
+            match self
+                .lines
+                .recv_timeout(left.min(Duration::from_millis(200)))
+            {
+                Ok(l) => self.stdout.push_str(&l),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {}
+                Err(e) => {
+                    let o = self.kill();
+                    panic!(
+                        "waited for '{needle}' ({e:?} after {:?})\n{}",
+                        start.elapsed(),
+                        o.show()
+                    );
+                }
+            }
+        }
+    }
+
+    /// Write `line` and a newline to the guest's console.
+    pub fn send_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin is open");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| stdin.flush())
+            .expect("write to the guest's console");
+    }
+
+    /// A fresh statistics snapshot of the running VM: SIGUSR1, then the `--stats`
+    /// file once it holds a complete snapshot written after the signal.
+    pub fn snapshot(&mut self) -> serde_json::Value {
+        let path = self
+            .stats
+            .clone()
+            .expect("spawned with a --stats=PATH file");
+        let _ = std::fs::remove_file(&path);
+        // SAFETY: signals only the process this test started.
+        unsafe {
+            libc::kill(self.child.id() as i32, libc::SIGUSR1);
+        }
+        let mut snap = None;
+        let ok = wait_until(STARTUP_DEADLINE, || {
+            snap = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok());
+            snap.is_some()
+        });
+        assert!(
+            ok,
+            "no statistics snapshot in {} after SIGUSR1",
+            path.display()
+        );
+        snap.unwrap_or_default()
+    }
+
+    /// Take snapshots until `cond` holds for one; returns it. Panics (VM killed,
+    /// last snapshot shown) when `deadline` passes first.
+    pub fn wait_for_stats(
+        &mut self,
+        what: &str,
+        deadline: Duration,
+        cond: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let start = Instant::now();
+        loop {
+            let v = self.snapshot();
+            if cond(&v) {
+                return v;
+            }
+            if start.elapsed() > deadline {
+                let o = self.kill();
+                panic!(
+                    "waited {deadline:?} for {what}; last snapshot:\n{v:#}\n{}",
+                    o.show()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Close the console and wait for wbvmm to end by itself; killed (status None)
+    /// only if it is still running after `deadline`.
+    pub fn finish(mut self, deadline: Duration) -> Output {
+        drop(self.stdin.take());
+        let start = Instant::now();
+        let code = loop {
+            if let Some(st) = self.child.try_wait().expect("wait") {
+                break st.code();
+            }
+            if start.elapsed() > deadline {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
+        self.collect(code)
+    }
+
+    fn kill(&mut self) -> Output {
+        let _ = self.child.kill();
+        let code = self.child.wait().ok().and_then(|s| s.code());
+        let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
+        Output {
+            code,
+            stdout: self.drain_stdout(),
+            stderr: stderr.join().unwrap_or_default(),
+            elapsed: self.start.elapsed(),
+        }
+    }
+
+    fn drain_stdout(&mut self) -> String {
+        // The reader thread ends with the process: take every line it has.
+        while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
+            self.stdout.push_str(&l);
+        }
+        std::mem::take(&mut self.stdout)
+    }
+
+    fn collect(mut self, code: Option<i32>) -> Output {
+        let stdout = self.drain_stdout();
+        Output {
+            code,
+            stdout,
+            stderr: self.stderr.join().unwrap_or_default(),
+            elapsed: self.start.elapsed(),
+        }
+    }
+}
+
+/// A path for a `--stats=PATH` file of one test, removed first.
+pub fn stats_file(tag: &str) -> PathBuf {
+    let p = std::env::temp_dir().join(format!("wbvmm-{tag}-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
 }
 
 /// Run a prepared command with a timeout, capturing its output.
