@@ -95,8 +95,12 @@ pub const REVISION_CPLUS: u8 = 0x20;
 pub const REVISION_C: u8 = 0x10;
 /// Size of each BAR.
 pub const BAR_SIZE: u64 = 256;
-/// Largest C-mode TX buffer (TSD SIZE) and largest frame we receive.
+/// Largest C-mode TX buffer (TSD SIZE) and largest frame received in C mode.
 pub const MAX_FRAME: usize = 1792;
+/// Largest frame (without FCS) in C+ mode, sent or received: 8139cp allows an MTU
+/// up to 4096 (CP_MAX_MTU) and sizes its RX buffers for it plus the Ethernet
+/// header and a VLAN tag.
+pub const MAX_CPLUS_FRAME: usize = 4096 + 14 + 4;
 /// Largest frame a C+ TX may assemble over several descriptors (TSO input).
 pub const MAX_CPLUS_ASSEMBLY: usize = 65536;
 /// Smallest TSO MSS accepted: bounds the segments per frame.
@@ -235,6 +239,10 @@ pub(crate) struct State {
     anar: u16,
     aner: u16,
     link_up: bool,
+    /// CSCR bit 11, latched on a link change until the guest acks ISR.LinkChg:
+    /// 8139too reads it on a LinkChg interrupt to tell a link change from an RX
+    /// underrun, and re-checks the media only then.
+    link_changed: bool,
     cpcmd: u16,
     /// Latched by any CpCmd write until reset: registers take their C+ meaning.
     cplus: bool,
@@ -315,6 +323,7 @@ impl Rtl8139 {
             anar: 0,
             aner: 0,
             link_up: true,
+            link_changed: false,
             cpcmd: 0,
             cplus: false,
             intr_mitigate: 0,
@@ -422,6 +431,7 @@ impl Rtl8139 {
         let mut st = self.lock();
         if st.link_up != up {
             st.link_up = up;
+            st.link_changed = true;
             st.isr |= INT_LINKCHG;
         }
         self.finish(st);
@@ -483,6 +493,7 @@ impl State {
         self.rx_write = 0;
         self.imr = 0;
         self.isr = 0;
+        self.link_changed = false;
         self.tcr = self.hwver();
         self.tctr_base = Instant::now();
         self.timer_int = 0;
@@ -664,7 +675,15 @@ impl State {
                 }
             }
             ANER => self.aner as u32,
-            CSCR => 0x0340 | if self.link_up { 0x0400 } else { 0 },
+            CSCR => {
+                0x0340
+                    | if self.link_up { CSCR_LINK_OK } else { 0 }
+                    | if self.link_changed {
+                        CSCR_LINK_CHANGED
+                    } else {
+                        0
+                    }
+            }
             CONFIG5 => self.config5 as u32,
             CPCMD => self.cpcmd as u32,
             INTR_MITIGATE => self.intr_mitigate as u32,
@@ -713,6 +732,9 @@ impl State {
             }
             ISR => {
                 self.isr &= !((val & mask) as u16);
+                if self.isr & INT_LINKCHG == 0 {
+                    self.link_changed = false;
+                }
                 self.irq_reassert = true;
                 self.wake_rx();
             }

@@ -33,6 +33,10 @@ pub const ANAR: usize = 0x66;
 pub const ANLPAR: usize = 0x68;
 pub const ANER: usize = 0x6A;
 pub const CSCR: usize = 0x74;
+/// CSCR: link OK, and link changed since ISR.LinkChg was last acked (Linux's names:
+/// CSCR_LinkOKBit, CSCR_LinkChangeBit).
+pub const CSCR_LINK_OK: u32 = 0x0400;
+pub const CSCR_LINK_CHANGED: u32 = 0x0800;
 pub const CONFIG5: usize = 0xD8;
 pub const TPPOLL: usize = 0xD9;
 pub const CPCMD: usize = 0xE0;

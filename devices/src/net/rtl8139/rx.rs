@@ -1,7 +1,7 @@
 //! Receive: address filter, the C-mode ring and the C+ descriptor ring.
 
 use super::regs::*;
-use super::{State, MAX_FRAME};
+use super::{State, MAX_CPLUS_FRAME, MAX_FRAME};
 use crate::net::csum;
 use crate::net::{crc32_ieee, ether_crc_be, RxResult};
 
@@ -95,7 +95,12 @@ impl State {
     }
 
     pub(crate) fn receive(&mut self, frame: &[u8]) -> RxResult {
-        if frame.len() < csum::ETH_HLEN || frame.len() > MAX_FRAME {
+        let max = if self.cplus {
+            MAX_CPLUS_FRAME
+        } else {
+            MAX_FRAME
+        };
+        if frame.len() < csum::ETH_HLEN || frame.len() > max {
             self.stats.rx_errors += 1;
             return RxResult::Invalid;
         }
@@ -238,24 +243,17 @@ impl State {
 
         let bufsize = (opts1 & RXD_BUF_MASK) as usize;
         if len + 4 > bufsize {
-            // No scatter over several descriptors (as QEMU): counted as RDU.
-            return RxResult::RingFull;
+            // Frame + CRC overflow this buffer: spread over the next ones, as the
+            // chip does (8139cp drops such frames, counting rx_frags).
+            return self.cplus_receive_fragments(m, opts2);
         }
         if self.dma.write(buf, &self.rxbuf).is_err() {
             self.isr |= INT_SERR;
             return RxResult::Disabled;
         }
 
-        let mut status = (opts1 & DESC_EOR)
-            | DESC_FS
-            | DESC_LS
-            | match m {
-                Match::Broadcast => RXD_BAR,
-                Match::Multicast => RXD_MAR,
-                Match::Physical => RXD_PAM,
-                Match::Promiscuous => 0,
-            }
-            | (len as u32 + 4);
+        let mut status =
+            (opts1 & DESC_EOR) | DESC_FS | DESC_LS | rx_match_bits(m) | (len as u32 + 4);
         if self.cpcmd & CPCMD_RXCHKSUM != 0 {
             status |= rx_checksum_bits(&self.rxbuf[..len]);
         }
@@ -268,12 +266,87 @@ impl State {
             self.isr |= INT_SERR;
             return RxResult::Disabled;
         }
-        self.cp_rx_idx = if opts1 & DESC_EOR != 0 {
-            0
-        } else {
-            // A ring without EOR still wraps at the 64-entry maximum.
-            (self.cp_rx_idx + 1) % 64
-        };
+        self.cp_rx_idx = next_rx_index(self.cp_rx_idx, opts1);
+        self.isr |= INT_ROK;
+        RxResult::Accepted
+    }
+}
+
+/// The descriptor after `idx`: index 0 after EOR; a ring without EOR still wraps at
+/// the 64-entry maximum.
+fn next_rx_index(idx: usize, opts1: u32) -> usize {
+    if opts1 & DESC_EOR != 0 {
+        0
+    } else {
+        (idx + 1) % 64
+    }
+}
+
+fn rx_match_bits(m: Match) -> u32 {
+    match m {
+        Match::Broadcast => RXD_BAR,
+        Match::Multicast => RXD_MAR,
+        Match::Physical => RXD_PAM,
+        Match::Promiscuous => 0,
+    }
+}
+
+impl State {
+    /// `self.rxbuf` (frame + CRC) over as many descriptors as it needs, FirstFrag on
+    /// the first and LastFrag (with the whole length) on the last. Nothing is written
+    /// unless all of them are the guest's (OWN): otherwise RDU, as for one buffer.
+    fn cplus_receive_fragments(&mut self, m: Match, opts2: u32) -> RxResult {
+        let total = self.rxbuf.len();
+        // (descriptor address, opts1, buffer, bytes of the frame it takes)
+        let mut plan: Vec<(u64, u32, u64, usize)> = Vec::new();
+        let (mut idx, mut left) = (self.cp_rx_idx, total);
+        while left > 0 {
+            if plan.len() == 64 {
+                return RxResult::RingFull;
+            }
+            let Some(daddr) = self.cplus_rx_desc_addr(idx) else {
+                self.isr |= INT_SERR;
+                return RxResult::Disabled;
+            };
+            let mut desc = [0u8; 16];
+            if self.dma.read(daddr, &mut desc).is_err() {
+                self.isr |= INT_SERR;
+                return RxResult::Disabled;
+            }
+            let opts1 = u32::from_le_bytes([desc[0], desc[1], desc[2], desc[3]]);
+            let bufsize = (opts1 & RXD_BUF_MASK) as usize;
+            if opts1 & DESC_OWN == 0 || bufsize == 0 {
+                return RxResult::RingFull;
+            }
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&desc[8..16]);
+            let take = bufsize.min(left);
+            plan.push((daddr, opts1, u64::from_le_bytes(b), take));
+            left -= take;
+            idx = next_rx_index(idx, opts1);
+        }
+        let last = plan.len() - 1;
+        let mut off = 0;
+        for (i, &(daddr, opts1, buf, take)) in plan.iter().enumerate() {
+            let mut status = (opts1 & DESC_EOR) | rx_match_bits(m);
+            status |= if i == 0 { DESC_FS } else { 0 };
+            status |= if i == last {
+                DESC_LS | total as u32
+            } else {
+                take as u32
+            };
+            let ok = self
+                .dma
+                .write(buf, &self.rxbuf[off..off + take])
+                .and_then(|_| self.dma.write_u32(daddr + 4, opts2))
+                .and_then(|_| self.dma.write_u32(daddr, status));
+            if ok.is_err() {
+                self.isr |= INT_SERR;
+                return RxResult::Disabled;
+            }
+            off += take;
+            self.cp_rx_idx = next_rx_index(self.cp_rx_idx, opts1);
+        }
         self.isr |= INT_ROK;
         RxResult::Accepted
     }

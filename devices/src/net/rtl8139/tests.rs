@@ -798,8 +798,11 @@ fn cplus_tx_offload_skipped_on_inconsistent_headers() {
     send_one(&h, 1, &t2, TXD_TCPCS, 0);
     h.w8(0xd9, TPPOLL_NPQ);
     let got = h.sink.take();
-    // Sent untouched, exactly as built.
-    assert_eq!(got, vec![t, t2]);
+    // Sent untouched, exactly as built (the short one padded to 60, as the chip
+    // pads in C+ mode).
+    let mut t2_on_wire = t2.clone();
+    t2_on_wire.resize(60, 0);
+    assert_eq!(got, vec![t, t2_on_wire]);
 }
 
 #[test]
@@ -843,7 +846,9 @@ fn cplus_tso_bad_mss_rejected() {
     let t = tcp_frame(&[0u8; 3000], 0x10);
     send_one(&h, 0, &t, TXD_LGSEN, 0); // MSS 0
     send_one(&h, 1, &t, TXD_LGSEN | (8 << 16), 0); // too small
-    send_one(&h, 2, &t, TXD_LGSEN | (2000 << 16), 0); // segments over MAX_FRAME
+    let mut fragment = t.clone();
+    fragment[14 + 6] |= 0x20; // IP "more fragments": not segmentable
+    send_one(&h, 2, &fragment, TXD_LGSEN | (1000 << 16), 0);
     let u = udp_frame(&[0u8; 3000]);
     send_one(&h, 3, &u, TXD_LGSEN | (1000 << 16), 0); // not TCP
     h.w8(0xd9, TPPOLL_NPQ);
@@ -853,8 +858,8 @@ fn cplus_tso_bad_mss_rejected() {
         assert_eq!(o & (DESC_OWN | TXD_TES), TXD_TES, "desc {i}");
     }
     assert_eq!(h.r16(0x3e) & INT_TER, INT_TER);
-    // Oversized frame without LGSEN is an error too.
-    send_one(&h, 4, &vec![0u8; 3000], 0, 0);
+    // A frame over the C+ maximum without LGSEN is an error too.
+    send_one(&h, 4, &vec![0u8; MAX_CPLUS_FRAME + 1], 0, 0);
     h.dev.process_tx();
     assert_eq!(desc_opts1(&h, TXR, 4) & TXD_TES, TXD_TES);
     assert!(h.sink.take().is_empty());
@@ -1346,4 +1351,111 @@ fn isr_ack_with_bits_left_reasserts_for_edge_backends() {
     // A plain register write does not pulse.
     dev.write(0, 0x3c, &0xffffu16.to_le_bytes());
     assert_eq!(edges.0.load(Ordering::SeqCst), 2);
+}
+
+fn rx_desc_sized(h: &H, i: u64, buf: u64, size: u32, eor: bool) {
+    let opts1 = DESC_OWN | if eor { DESC_EOR } else { 0 } | size;
+    let mut d = [0u8; 16];
+    d[0..4].copy_from_slice(&opts1.to_le_bytes());
+    d[8..16].copy_from_slice(&buf.to_le_bytes());
+    h.poke(RXR + 16 * i, &d);
+}
+
+#[test]
+fn cplus_takes_frames_up_to_8139cp_max_mtu_and_c_mode_does_not() {
+    // 8139cp: MTU up to 4096, RX buffers of MTU + 22.
+    let h = H::new(REVISION_CPLUS);
+    cplus_up(&h, 0x2b);
+    rx_desc_sized(&h, 0, 0x5_0000, 4096 + 22, true);
+    let big = frame_to(MAC, MAX_CPLUS_FRAME);
+    assert_eq!(h.dev.receive(&big), RxResult::Accepted);
+    assert_eq!(desc_opts1(&h, RXR, 0) & 0x1fff, MAX_CPLUS_FRAME as u32 + 4);
+    assert_eq!(h.peek(0x5_0000, big.len()), big);
+    rx_desc_sized(&h, 0, 0x5_0000, 4096 + 22, true);
+    assert_eq!(
+        h.dev.receive(&frame_to(MAC, MAX_CPLUS_FRAME + 1)),
+        RxResult::Invalid
+    );
+    // TX of the same size goes out whole.
+    let f = frame_to([0xff; 6], MAX_CPLUS_FRAME);
+    send_one(&h, 0, &f, 0, 0);
+    h.w8(0xd9, TPPOLL_NPQ);
+    assert_eq!(h.sink.take(), vec![f]);
+    // C mode keeps the 8139C's limit (8139too caps its MTU at 1770).
+    let c = H::new(REVISION_C);
+    c_mode_up(&c);
+    assert_eq!(
+        c.dev.receive(&frame_to(MAC, MAX_FRAME + 1)),
+        RxResult::Invalid
+    );
+}
+
+#[test]
+fn cplus_rx_frame_longer_than_a_buffer_spans_descriptors() {
+    let h = H::new(REVISION_CPLUS);
+    cplus_up(&h, 0x2b);
+    rx_desc_sized(&h, 0, 0x5_0000, 1536, false);
+    rx_desc_sized(&h, 1, 0x5_1000, 1536, false);
+    rx_desc_sized(&h, 2, 0x5_2000, 1536, true);
+    // 3000 bytes + CRC: two buffers, FirstFrag on the first, LastFrag on the second.
+    let f = frame_to(MAC, 3000);
+    assert_eq!(h.dev.receive(&f), RxResult::Accepted);
+    let (o0, o1) = (desc_opts1(&h, RXR, 0), desc_opts1(&h, RXR, 1));
+    assert_eq!(o0 & (DESC_OWN | DESC_FS | DESC_LS), DESC_FS, "{o0:#x}");
+    assert_eq!(o0 & 0x1fff, 1536);
+    assert_eq!(o1 & (DESC_OWN | DESC_FS | DESC_LS), DESC_LS, "{o1:#x}");
+    assert_eq!(o1 & 0x1fff, 3004);
+    let mut got = h.peek(0x5_0000, 1536);
+    got.extend(h.peek(0x5_1000, 3004 - 1536));
+    assert_eq!(&got[..3000], &f[..]);
+    assert_eq!(got[3000..], crate::net::crc32_ieee(&f).to_le_bytes());
+    // The next frame starts at descriptor 2.
+    assert_eq!(h.dev.receive(&frame_to(MAC, 100)), RxResult::Accepted);
+    assert_eq!(
+        desc_opts1(&h, RXR, 2) & (DESC_OWN | DESC_FS | DESC_LS),
+        DESC_FS | DESC_LS
+    );
+    // Only one descriptor of ours left for a two-buffer frame: RDU, nothing written.
+    rx_desc_sized(&h, 0, 0x6_0000, 1536, false);
+    assert_eq!(h.dev.receive(&f), RxResult::RingFull);
+    assert_eq!(desc_opts1(&h, RXR, 0) & DESC_OWN, DESC_OWN);
+    assert_eq!(h.peek(0x6_0000, 4), vec![0; 4]);
+}
+
+#[test]
+fn cscr_reports_a_link_change_until_linkchg_is_acked() {
+    // 8139too reads CSCR's link-change bit on a LinkChg interrupt to tell a link
+    // change from an RX underrun.
+    let h = H::new(REVISION_C);
+    h.w8(0x37, 0x0c);
+    assert_eq!(h.r16(0x74) & 0x0c00, 0x0400, "link OK, no change");
+    h.dev.set_link(false);
+    assert_eq!(h.r16(0x74) & 0x0c00, 0x0800);
+    // Reading does not clear it; acking another ISR bit does not either.
+    assert_eq!(h.r16(0x74) & 0x0800, 0x0800);
+    h.w16(0x3e, INT_TOK);
+    assert_eq!(h.r16(0x74) & 0x0800, 0x0800);
+    h.w16(0x3e, INT_LINKCHG);
+    assert_eq!(h.r16(0x74) & 0x0c00, 0);
+    h.dev.set_link(true);
+    assert_eq!(h.r16(0x74) & 0x0c00, 0x0c00);
+}
+
+#[test]
+fn cplus_pads_short_frames_and_c_mode_sends_them_as_given() {
+    let h = H::new(REVISION_CPLUS);
+    cplus_up(&h, 0x2b);
+    let f = frame_to([0xff; 6], 42);
+    send_one(&h, 0, &f, 0, 0);
+    h.w8(0xd9, TPPOLL_NPQ);
+    let mut padded = f.clone();
+    padded.resize(60, 0);
+    assert_eq!(h.sink.take(), vec![padded]);
+    // C mode: the driver pads (8139too does); the chip sends SIZE bytes.
+    let c = H::new(REVISION_C);
+    c_mode_up(&c);
+    c.poke(0x1_0000, &f);
+    c.w32(0x20, 0x1_0000);
+    c.w32(0x10, f.len() as u32);
+    assert_eq!(c.sink.take(), vec![f]);
 }

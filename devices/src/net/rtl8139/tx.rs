@@ -2,9 +2,12 @@
 //! TSO, loopback.
 
 use super::regs::*;
-use super::{State, LOOPBACK_QUEUE, MAX_CPLUS_ASSEMBLY, MAX_FRAME, MIN_TSO_MSS};
+use super::{State, LOOPBACK_QUEUE, MAX_CPLUS_ASSEMBLY, MAX_CPLUS_FRAME, MAX_FRAME, MIN_TSO_MSS};
 use crate::net::csum::{self, ETH_HLEN};
 use crate::net::{TsoInfo, TxOffload};
+
+/// The shortest frame on the wire, without FCS.
+const MIN_WIRE_FRAME: usize = 60;
 
 /// Why a C+ frame was not sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,7 +178,7 @@ impl State {
             let mss = ((opts1 >> TXD_MSS_SHIFT) & TXD_MSS_MASK) as usize;
             return self.tso(frame, mss, vlan);
         }
-        if frame.len() > MAX_FRAME {
+        if frame.len() > MAX_CPLUS_FRAME {
             return Err(TxFail::Invalid);
         }
         let want = opts1 & (TXD_IPCS | TXD_TCPCS | TXD_UDPCS);
@@ -254,7 +257,7 @@ impl State {
         }
         let thl = csum::tcp_header_len(frame, &ip).ok_or(TxFail::Invalid)?;
         let hdr_len = ETH_HLEN + ip.ihl + thl;
-        if mss < MIN_TSO_MSS || hdr_len + mss > MAX_FRAME {
+        if mss < MIN_TSO_MSS || hdr_len + mss > MAX_CPLUS_FRAME {
             return Err(TxFail::Invalid);
         }
         let end = ETH_HLEN + ip.ip_len;
@@ -374,8 +377,19 @@ impl State {
         }
     }
 
-    /// Put one finished frame on the wire, or on the loopback queue.
+    /// Put one finished frame on the wire, or on the loopback queue. In C+ mode the
+    /// chip pads short frames to the 60-byte minimum (C mode leaves that to the
+    /// driver, as 8139too's "the chip doesn't have auto-pad!" says).
     pub(crate) fn emit(&mut self, frame: &[u8], vlan: Option<u16>) {
+        if self.cplus && frame.len() < MIN_WIRE_FRAME {
+            let mut padded = [0u8; MIN_WIRE_FRAME];
+            padded[..frame.len()].copy_from_slice(frame);
+            return self.emit_unpadded(&padded, vlan);
+        }
+        self.emit_unpadded(frame, vlan)
+    }
+
+    fn emit_unpadded(&mut self, frame: &[u8], vlan: Option<u16>) {
         if vlan.is_none() && !self.loopback_mode() {
             // The common case: straight from the TX buffer to the sink, no copy.
             let sent = self.sink.send(frame);
