@@ -22,14 +22,16 @@ use crate::layout::*;
 
 #[derive(Debug, Error)]
 pub enum BootError {
-    #[error("cannot open kernel {path}: {source}; check the path given to --kernel")]
+    #[error("cannot open kernel {path}; check the path given to --kernel")]
     KernelOpen {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("cannot read kernel {path}: {source}")]
+    #[error("cannot read kernel {path}")]
     KernelRead {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error("{path} is not a kernel wbvmm can boot: expected an x86_64 bzImage or an ELF64 vmlinux/PVH image")]
@@ -40,20 +42,24 @@ pub enum BootError {
         version: u16,
         xloadflags: u16,
     },
-    #[error("loading kernel {path} failed: {source}; is guest memory (--memory) large enough?")]
+    #[error("loading kernel {path} failed{hint}", hint = load_hint(.source))]
     Load {
         path: PathBuf,
+        #[source]
         source: linux_loader::loader::Error,
     },
     #[error(
         "kernel command line is {len} bytes; the limit is {max} including the terminating NUL"
     )]
     CmdlineTooLong { len: usize, max: usize },
-    #[error("kernel command line is invalid: {0}")]
-    Cmdline(linux_loader::cmdline::Error),
-    #[error("cannot open initramfs {path}: {source}; check the path given to --initramfs")]
+    #[error("kernel command line is invalid")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    #[error("writing the kernel command line into guest memory at {addr:#x} failed{hint}", addr = CMDLINE_START, hint = load_hint(.0))]
+    CmdlineWrite(#[source] linux_loader::loader::Error),
+    #[error("cannot open initramfs {path}; check the path given to --initramfs")]
     InitramfsOpen {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error("initramfs {path} ({size} bytes) does not fit between the kernel (ends at {kernel_end:#x}) and {limit:#x}; give the guest more --memory")]
@@ -63,8 +69,26 @@ pub enum BootError {
         kernel_end: u64,
         limit: u64,
     },
-    #[error("writing boot structures into guest memory failed: {0}")]
+    #[error("writing boot structures into guest memory failed")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
+}
+
+/// The memory hint for the linux-loader errors that mean the image (or the command
+/// line) does not fit in guest memory; nothing for the others, which say what is
+/// wrong with the file.
+fn load_hint(e: &linux_loader::loader::Error) -> &'static str {
+    use linux_loader::loader::bzimage::Error as BzError;
+    use linux_loader::loader::Error as L;
+    match e {
+        // The bzImage's size comes from the file itself, so a failed copy means the
+        // guest range it goes to is not all RAM.
+        L::MemoryOverflow
+        | L::CommandLineOverflow
+        | L::Bzimage(BzError::ReadBzImageCompressedKernel) => {
+            "; it does not fit in guest memory: give the guest more --memory"
+        }
+        _ => "",
+    }
 }
 
 /// Which entry protocol the loaded kernel uses.
@@ -193,7 +217,7 @@ pub fn load(mem: &GuestMemoryMmap, spec: &KernelSpec) -> Result<BootInfo, BootEr
         }
     };
 
-    load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(load_err)?;
+    load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(BootError::CmdlineWrite)?;
 
     let initrd_limit = match &hdr {
         Some(h) => low_ram_end(spec.mem_size).min(u64::from(h.initrd_addr_max) + 1),
@@ -545,6 +569,45 @@ mod tests {
         assert!(matches!(r, Err(BootError::InitramfsOpen { .. })));
         for p in [junk.to_path_buf(), k, big] {
             std::fs::remove_file(p).ok();
+        }
+    }
+
+    #[test]
+    fn messages_leave_the_cause_to_the_source_chain() {
+        use linux_loader::loader::elf::Error as ElfLoaderError;
+        use linux_loader::loader::Error as L;
+        use std::error::Error as _;
+        let path = PathBuf::from("/k");
+        let bad_header = BootError::Load {
+            path: path.clone(),
+            source: L::Elf(ElfLoaderError::InvalidProgramHeaderSize),
+        };
+        let msg = bad_header.to_string();
+        assert_eq!(msg, "loading kernel /k failed");
+        assert!(bad_header.source().is_some());
+        let too_big = BootError::Load {
+            path: path.clone(),
+            source: L::MemoryOverflow,
+        };
+        assert!(too_big.to_string().contains("--memory"), "{too_big}");
+        let cmdline = BootError::CmdlineWrite(L::CommandLineOverflow);
+        assert!(cmdline.to_string().contains("--memory"), "{cmdline}");
+        for e in [
+            BootError::KernelOpen {
+                path: path.clone(),
+                source: std::io::Error::other("the cause"),
+            },
+            BootError::KernelRead {
+                path: path.clone(),
+                source: std::io::Error::other("the cause"),
+            },
+            BootError::InitramfsOpen {
+                path,
+                source: std::io::Error::other("the cause"),
+            },
+        ] {
+            assert!(!e.to_string().contains("the cause"), "{e}");
+            assert!(e.source().is_some(), "{e}");
         }
     }
 }
