@@ -1,7 +1,9 @@
 //! Loading a kernel and writing what its entry protocol expects: bzImage through the
-//! 64-bit Linux boot protocol, an ELF vmlinux through its 64-bit entry, or PVH when
-//! the ELF carries a PVH entry note.
+//! 64-bit Linux boot protocol, an ELF64 vmlinux through its 64-bit entry, or PVH when
+//! the ELF carries a PVH entry note. A 32-bit ELF (EM_386) boots only through PVH:
+//! wbvmm loads its segments itself ([`elf`]); linux-loader handles ELF64 only.
 
+pub mod elf;
 pub mod mptable;
 pub mod regs;
 
@@ -22,17 +24,19 @@ use crate::layout::*;
 
 #[derive(Debug, Error)]
 pub enum BootError {
-    #[error("cannot open kernel {path}: {source}; check the path given to --kernel")]
+    #[error("cannot open kernel {path}; check the path given to --kernel")]
     KernelOpen {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("cannot read kernel {path}: {source}")]
+    #[error("cannot read kernel {path}")]
     KernelRead {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
-    #[error("{path} is not a kernel wbvmm can boot: expected an x86_64 bzImage or an ELF64 vmlinux/PVH image")]
+    #[error("{path} is not a kernel wbvmm can boot: expected an x86_64 bzImage, an ELF64 vmlinux/PVH image, or a 32-bit ELF with a PVH entry note")]
     NotAKernel { path: PathBuf },
     #[error("bzImage {path} has no 64-bit entry point (boot protocol {version:#x}, xloadflags {xloadflags:#x}); use a 64-bit kernel built with boot protocol >= 2.12")]
     NoLongModeEntry {
@@ -40,20 +44,32 @@ pub enum BootError {
         version: u16,
         xloadflags: u16,
     },
-    #[error("loading kernel {path} failed: {source}; is guest memory (--memory) large enough?")]
+    #[error("loading kernel {path} failed{hint}", hint = load_hint(.source))]
     Load {
         path: PathBuf,
+        #[source]
         source: linux_loader::loader::Error,
     },
+    #[error("ELF kernel {path} cannot be loaded")]
+    Elf {
+        path: PathBuf,
+        #[source]
+        source: elf::ElfError,
+    },
+    #[error("{path} is a 32-bit ELF without a PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY, type 18, owner \"Xen\", in a PT_NOTE segment); wbvmm boots 32-bit kernels only through PVH: add the note holding the 32-bit physical entry address, or boot a 64-bit kernel")]
+    Elf32WithoutPvhNote { path: PathBuf },
     #[error(
         "kernel command line is {len} bytes; the limit is {max} including the terminating NUL"
     )]
     CmdlineTooLong { len: usize, max: usize },
-    #[error("kernel command line is invalid: {0}")]
-    Cmdline(linux_loader::cmdline::Error),
-    #[error("cannot open initramfs {path}: {source}; check the path given to --initramfs")]
+    #[error("kernel command line is invalid")]
+    Cmdline(#[source] linux_loader::cmdline::Error),
+    #[error("writing the kernel command line into guest memory at {addr:#x} failed{hint}", addr = CMDLINE_START, hint = load_hint(.0))]
+    CmdlineWrite(#[source] linux_loader::loader::Error),
+    #[error("cannot open initramfs {path}; check the path given to --initramfs")]
     InitramfsOpen {
         path: PathBuf,
+        #[source]
         source: std::io::Error,
     },
     #[error("initramfs {path} ({size} bytes) does not fit between the kernel (ends at {kernel_end:#x}) and {limit:#x}; give the guest more --memory")]
@@ -63,8 +79,26 @@ pub enum BootError {
         kernel_end: u64,
         limit: u64,
     },
-    #[error("writing boot structures into guest memory failed: {0}")]
+    #[error("writing boot structures into guest memory failed")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
+}
+
+/// The memory hint for the linux-loader errors that mean the image (or the command
+/// line) does not fit in guest memory; nothing for the others, which say what is
+/// wrong with the file.
+fn load_hint(e: &linux_loader::loader::Error) -> &'static str {
+    use linux_loader::loader::bzimage::Error as BzError;
+    use linux_loader::loader::Error as L;
+    match e {
+        // The bzImage's size comes from the file itself, so a failed copy means the
+        // guest range it goes to is not all RAM.
+        L::MemoryOverflow
+        | L::CommandLineOverflow
+        | L::Bzimage(BzError::ReadBzImageCompressedKernel) => {
+            "; it does not fit in guest memory: give the guest more --memory"
+        }
+        _ => "",
+    }
 }
 
 /// Which entry protocol the loaded kernel uses.
@@ -182,18 +216,40 @@ pub fn load(mem: &GuestMemoryMmap, spec: &KernelSpec) -> Result<BootInfo, BootEr
             )
         }
         Format::Elf => {
-            let r =
-                Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START))).map_err(load_err)?;
-            match r.pvh_boot_cap {
-                PvhBootCapability::PvhEntryPresent(addr) => {
-                    (addr.0, BootProtocol::Pvh, r.kernel_end, None)
+            let elf_err = |source| BootError::Elf {
+                path: path.to_path_buf(),
+                source,
+            };
+            let img = elf::parse(&f).map_err(elf_err)?;
+            let ram_end = low_ram_end(spec.mem_size);
+            match img.class {
+                elf::Class::Elf64 => {
+                    // Checked here so that an image which does not fit says so;
+                    // linux-loader's copy error would not tell that from a short file.
+                    elf::check_elf64_segments(mem, &img, ram_end).map_err(elf_err)?;
+                    let r = Elf::load(mem, None, &mut f, Some(GuestAddress(HIMEM_START)))
+                        .map_err(load_err)?;
+                    match r.pvh_boot_cap {
+                        PvhBootCapability::PvhEntryPresent(addr) => {
+                            (addr.0, BootProtocol::Pvh, r.kernel_end, None)
+                        }
+                        _ => (r.kernel_load.0, BootProtocol::Linux64, r.kernel_end, None),
+                    }
                 }
-                _ => (r.kernel_load.0, BootProtocol::Linux64, r.kernel_end, None),
+                elf::Class::Elf32 => {
+                    let entry = elf::pvh_entry(&f, &img).map_err(elf_err)?.ok_or_else(|| {
+                        BootError::Elf32WithoutPvhNote {
+                            path: path.to_path_buf(),
+                        }
+                    })?;
+                    let end = elf::load_elf32(mem, &f, &img, entry, ram_end).map_err(elf_err)?;
+                    (entry, BootProtocol::Pvh, end, None)
+                }
             }
         }
     };
 
-    load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(load_err)?;
+    load_cmdline(mem, GuestAddress(CMDLINE_START), &cmdline).map_err(BootError::CmdlineWrite)?;
 
     let initrd_limit = match &hdr {
         Some(h) => low_ram_end(spec.mem_size).min(u64::from(h.initrd_addr_max) + 1),
@@ -545,6 +601,437 @@ mod tests {
         assert!(matches!(r, Err(BootError::InitramfsOpen { .. })));
         for p in [junk.to_path_buf(), k, big] {
             std::fs::remove_file(p).ok();
+        }
+    }
+
+    fn put16(e: &mut [u8], off: usize, v: u16) {
+        e[off..off + 2].copy_from_slice(&v.to_le_bytes());
+    }
+
+    fn put32(e: &mut [u8], off: usize, v: u32) {
+        e[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    }
+
+    /// File offset of ELF32 program header `i`.
+    fn ph32(i: usize) -> usize {
+        52 + 32 * i
+    }
+
+    /// File offsets in [`tiny_elf32`]: the "GNU" note (type 18 too, to be skipped for
+    /// its owner) and the "Xen" PVH note.
+    const GNU_NOTE: usize = 0x140;
+    const XEN_NOTE: usize = 0x154;
+
+    /// A minimal ELF32 (EM_386): PT_LOAD 0 with 16 file bytes at 1 MiB and 16 bytes
+    /// of bss after them, PT_LOAD 1 of 8 KiB bss only at 0x101000, and, with `pvh`, a
+    /// PT_NOTE holding a same-typed note of another owner, then the PVH entry note
+    /// (entry 0x100004).
+    fn tiny_elf32(pvh: bool) -> Vec<u8> {
+        let mut e = vec![0u8; 0x180];
+        e[..4].copy_from_slice(b"\x7fELF");
+        e[4] = 1; // 32-bit
+        e[5] = 1; // little endian
+        e[6] = 1;
+        put16(&mut e, 16, 2); // ET_EXEC
+        put16(&mut e, 18, 3); // EM_386
+        put32(&mut e, 20, 1);
+        put32(&mut e, 24, 0x10_0000); // e_entry (not the PVH entry)
+        put32(&mut e, 28, 52); // e_phoff
+        put16(&mut e, 40, 52); // e_ehsize
+        put16(&mut e, 42, 32); // e_phentsize
+        put16(&mut e, 44, if pvh { 3 } else { 2 });
+        let (p0, p1, p2) = (ph32(0), ph32(1), ph32(2));
+        put32(&mut e, p0, 1); // PT_LOAD
+        put32(&mut e, p0 + 4, 0x100);
+        put32(&mut e, p0 + 8, 0x10_0000);
+        put32(&mut e, p0 + 12, 0x10_0000);
+        put32(&mut e, p0 + 16, 16);
+        put32(&mut e, p0 + 20, 32);
+        put32(&mut e, p1, 1); // PT_LOAD, no file contents
+        put32(&mut e, p1 + 8, 0x10_1000);
+        put32(&mut e, p1 + 12, 0x10_1000);
+        put32(&mut e, p1 + 20, 0x2000);
+        if pvh {
+            put32(&mut e, p2, 4); // PT_NOTE
+            put32(&mut e, p2 + 4, GNU_NOTE as u32);
+            put32(&mut e, p2 + 16, 40);
+            put32(&mut e, p2 + 20, 40);
+            for (n, owner, desc) in [
+                (GNU_NOTE, b"GNU\0", 0xdead_beef),
+                (XEN_NOTE, b"Xen\0", 0x10_0004),
+            ] {
+                put32(&mut e, n, 4); // namesz
+                put32(&mut e, n + 4, 4); // descsz
+                put32(&mut e, n + 8, 18); // XEN_ELFNOTE_PHYS32_ENTRY
+                e[n + 12..n + 16].copy_from_slice(owner);
+                put32(&mut e, n + 16, desc);
+            }
+        }
+        for (i, b) in e[0x100..0x110].iter_mut().enumerate() {
+            *b = 0xa0 + i as u8;
+        }
+        e
+    }
+
+    /// Load `bytes` as the kernel of a guest with `mem_size` bytes of RAM.
+    fn load_bytes(name: &str, bytes: &[u8], mem_size: u64) -> Result<BootInfo, BootError> {
+        let m = mem(mem_size);
+        let k = tmpfile(name, bytes);
+        let r = load(
+            &m,
+            &KernelSpec {
+                kernel: &k,
+                initramfs: None,
+                cmdline: "",
+                mem_size,
+            },
+        );
+        std::fs::remove_file(k).ok();
+        r
+    }
+
+    #[test]
+    fn elf32_with_pvh_note_loads_segments_and_boots_through_pvh() {
+        let m = mem(64 << 20);
+        // Stale bytes where the bss goes: the loader must zero them.
+        m.write_slice(&[0xcc; 0x3000], GuestAddress(0x10_0000))
+            .unwrap();
+        let k = tmpfile("pvh32.elf", &tiny_elf32(true));
+        let info = load(
+            &m,
+            &KernelSpec {
+                kernel: &k,
+                initramfs: None,
+                cmdline: "hello",
+                mem_size: 64 << 20,
+            },
+        )
+        .unwrap();
+        std::fs::remove_file(k).ok();
+        assert_eq!(info.protocol, BootProtocol::Pvh);
+        assert_eq!(info.entry, 0x10_0004, "the entry comes from the Xen note");
+        assert_eq!(info.kernel_end, 0x10_3000);
+        let mut img = [0u8; 0x3000];
+        m.read_slice(&mut img, GuestAddress(0x10_0000)).unwrap();
+        let text: Vec<u8> = (0..16).map(|i| 0xa0 + i).collect();
+        assert_eq!(&img[..16], &text[..], "file contents of PT_LOAD 0");
+        assert!(img[16..32].iter().all(|&b| b == 0), "bss of PT_LOAD 0");
+        assert!(
+            img[32..0x1000].iter().all(|&b| b == 0xcc),
+            "outside every segment: untouched"
+        );
+        assert!(
+            img[0x1000..].iter().all(|&b| b == 0),
+            "PT_LOAD 1 (bss only)"
+        );
+        let si: hvm_start_info = m.read_obj(GuestAddress(PVH_INFO_START)).unwrap();
+        assert_eq!(si.magic, PVH_MAGIC);
+        assert_eq!(si.cmdline_paddr, CMDLINE_START);
+        assert_eq!(si.memmap_entries, 3);
+    }
+
+    #[test]
+    fn elf32_without_pvh_note_is_refused_with_what_is_missing() {
+        let mut no_phdrs = tiny_elf32(false);
+        put16(&mut no_phdrs, 44, 0);
+        let mut other_owner = tiny_elf32(true);
+        other_owner[XEN_NOTE + 12..XEN_NOTE + 16].copy_from_slice(b"Xe\0\0");
+        for (name, e) in [
+            ("nonote32.elf", tiny_elf32(false)),
+            ("nophdr32.elf", no_phdrs),
+            ("notxen32.elf", other_owner),
+        ] {
+            let r = load_bytes(name, &e, 16 << 20);
+            let Err(err @ BootError::Elf32WithoutPvhNote { .. }) = r else {
+                panic!("{name}: {r:?}");
+            };
+            let msg = err.to_string();
+            for part in [
+                "is a 32-bit ELF without a PVH entry note",
+                "XEN_ELFNOTE_PHYS32_ENTRY, type 18, owner \"Xen\"",
+                "boots 32-bit kernels only through PVH",
+            ] {
+                assert!(msg.contains(part), "{name}: {msg}");
+            }
+            assert!(!msg.contains("--memory"), "{msg}");
+        }
+    }
+
+    #[test]
+    fn hostile_elf32_headers_are_typed_errors() {
+        use elf::ElfError as E;
+        type Check = fn(&E) -> bool;
+        let base = tiny_elf32(true);
+        let with = |f: &dyn Fn(&mut Vec<u8>)| {
+            let mut e = base.clone();
+            f(&mut e);
+            e
+        };
+        let small = 16u64 << 20;
+        // RAM up to the MMIO hole, and a little above 4 GiB.
+        let big = (3u64 << 30) + (1 << 20);
+        let cases: Vec<(&str, Vec<u8>, u64, Check)> = vec![
+            ("cut in the header", base[..40].to_vec(), small, |e| {
+                matches!(e, E::Truncated { .. })
+            }),
+            ("cut in the phdrs", base[..100].to_vec(), small, |e| {
+                matches!(e, E::Truncated { .. })
+            }),
+            (
+                "phoff past the end",
+                with(&|e| put32(e, 28, 0x170)),
+                small,
+                |e| matches!(e, E::Truncated { .. }),
+            ),
+            (
+                "phoff near 4 GiB",
+                with(&|e| put32(e, 28, 0xffff_fff0)),
+                small,
+                |e| matches!(e, E::Truncated { .. }),
+            ),
+            (
+                "ELF64-sized phdrs",
+                with(&|e| put16(e, 42, 56)),
+                small,
+                |e| {
+                    matches!(
+                        e,
+                        E::PhentSize {
+                            got: 56,
+                            want: 32,
+                            ..
+                        }
+                    )
+                },
+            ),
+            ("x86_64 machine", with(&|e| put16(e, 18, 62)), small, |e| {
+                matches!(e, E::Machine(62))
+            }),
+            ("big endian", with(&|e| e[5] = 2), small, |e| {
+                matches!(e, E::ByteOrder(2))
+            }),
+            ("unknown class", with(&|e| e[4] = 3), small, |e| {
+                matches!(e, E::UnknownClass(3))
+            }),
+            (
+                "segment past the end of the file",
+                with(&|e| {
+                    put32(e, ph32(0) + 16, 0x1000);
+                    put32(e, ph32(0) + 20, 0x1000);
+                }),
+                small,
+                |e| matches!(e, E::Truncated { .. }),
+            ),
+            (
+                "segment offset near 4 GiB",
+                with(&|e| put32(e, ph32(0) + 4, 0xffff_ff00)),
+                small,
+                |e| matches!(e, E::Truncated { .. }),
+            ),
+            (
+                "p_filesz > p_memsz",
+                with(&|e| put32(e, ph32(0) + 20, 8)),
+                small,
+                |e| matches!(e, E::FileszOverMemsz { index: 0, .. }),
+            ),
+            (
+                "segment below 1 MiB",
+                with(&|e| put32(e, ph32(1) + 12, 0x8000)),
+                small,
+                |e| matches!(e, E::BelowHighMemory { index: 1, .. }),
+            ),
+            (
+                "segment beyond RAM",
+                with(&|e| put32(e, ph32(1) + 12, 0x0200_0000)),
+                small,
+                |e| matches!(e, E::OutsideRam { index: 1, .. }),
+            ),
+            (
+                "segment into the MMIO hole",
+                with(&|e| put32(e, ph32(1) + 12, 0xbfff_f000)),
+                big,
+                |e| {
+                    matches!(
+                        e,
+                        E::OutsideRam {
+                            index: 1,
+                            end: 0xc000_1000,
+                            ..
+                        }
+                    )
+                },
+            ),
+            (
+                "segment past 4 GiB",
+                with(&|e| put32(e, ph32(1) + 12, 0xffff_f000)),
+                big,
+                |e| {
+                    matches!(
+                        e,
+                        E::OutsideRam {
+                            index: 1,
+                            end: 0x1_0000_1000,
+                            ..
+                        }
+                    )
+                },
+            ),
+            (
+                "entry outside the image",
+                with(&|e| put32(e, XEN_NOTE + 16, 0x0200_0000)),
+                small,
+                |e| matches!(e, E::EntryOutsideImage(0x0200_0000)),
+            ),
+            (
+                "entry in the bss",
+                with(&|e| put32(e, XEN_NOTE + 16, 0x10_1000)),
+                small,
+                |e| matches!(e, E::EntryOutsideImage(0x10_1000)),
+            ),
+            (
+                "PVH note with a 2-byte address",
+                with(&|e| put32(e, XEN_NOTE + 4, 2)),
+                small,
+                |e| matches!(e, E::PvhNoteSize { descsz: 2, .. }),
+            ),
+            (
+                "note descriptor past its segment",
+                with(&|e| put32(e, GNU_NOTE + 4, 0x1000)),
+                small,
+                |e| matches!(e, E::BadNote { .. }),
+            ),
+            (
+                "note name of 4 GiB",
+                with(&|e| put32(e, GNU_NOTE, u32::MAX)),
+                small,
+                |e| matches!(e, E::BadNote { .. }),
+            ),
+            (
+                "PT_NOTE past the end of the file",
+                with(&|e| put32(e, ph32(2) + 16, 0x1000)),
+                small,
+                |e| matches!(e, E::Truncated { .. }),
+            ),
+            (
+                "no PT_LOAD",
+                with(&|e| {
+                    put32(e, ph32(0), 6);
+                    put32(e, ph32(1), 6);
+                }),
+                small,
+                |e| matches!(e, E::NoLoadSegment),
+            ),
+        ];
+        for (i, (name, bytes, mem_size, check)) in cases.into_iter().enumerate() {
+            let r = load_bytes(&format!("hostile32-{i}.elf"), &bytes, mem_size);
+            match &r {
+                Err(BootError::Elf { source, .. }) if check(source) => {
+                    let msg = source.to_string();
+                    let fits = matches!(source, E::OutsideRam { .. });
+                    assert_eq!(msg.contains("--memory"), fits, "{name}: {msg}");
+                }
+                _ => panic!("{name}: {r:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn elf64_segments_are_checked_before_linux_loader_copies_them() {
+        let mut e = tiny_elf(false);
+        e[64 + 24..64 + 32].copy_from_slice(&0x0200_0000u64.to_le_bytes()); // p_paddr
+        let r = load_bytes("far64.elf", &e, 16 << 20);
+        let Err(BootError::Elf {
+            source: elf::ElfError::OutsideRam { start, .. },
+            ..
+        }) = r
+        else {
+            panic!("{r:?}");
+        };
+        assert_eq!(start, 0x0200_0000);
+        let mut e = tiny_elf(false);
+        e[64 + 32..64 + 40].copy_from_slice(&0x1000u64.to_le_bytes()); // p_filesz
+        e[64 + 40..64 + 48].copy_from_slice(&0x1000u64.to_le_bytes()); // p_memsz
+        let r = load_bytes("short64.elf", &e, 16 << 20);
+        assert!(
+            matches!(
+                r,
+                Err(BootError::Elf {
+                    source: elf::ElfError::Truncated { .. },
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+
+    #[test]
+    fn messages_leave_the_cause_to_the_source_chain() {
+        use linux_loader::loader::elf::Error as ElfLoaderError;
+        use linux_loader::loader::Error as L;
+        use std::error::Error as _;
+        let path = PathBuf::from("/k");
+        let bad_header = BootError::Load {
+            path: path.clone(),
+            source: L::Elf(ElfLoaderError::InvalidProgramHeaderSize),
+        };
+        let msg = bad_header.to_string();
+        assert_eq!(msg, "loading kernel /k failed");
+        assert!(bad_header.source().is_some());
+        let too_big = BootError::Load {
+            path: path.clone(),
+            source: L::MemoryOverflow,
+        };
+        assert!(too_big.to_string().contains("--memory"), "{too_big}");
+        let cmdline = BootError::CmdlineWrite(L::CommandLineOverflow);
+        assert!(cmdline.to_string().contains("--memory"), "{cmdline}");
+        for e in [
+            BootError::KernelOpen {
+                path: path.clone(),
+                source: std::io::Error::other("the cause"),
+            },
+            BootError::KernelRead {
+                path: path.clone(),
+                source: std::io::Error::other("the cause"),
+            },
+            BootError::InitramfsOpen {
+                path: path.clone(),
+                source: std::io::Error::other("the cause"),
+            },
+            BootError::Elf {
+                path,
+                source: elf::ElfError::Read(std::io::Error::other("the cause")),
+            },
+        ] {
+            assert!(!e.to_string().contains("the cause"), "{e}");
+            assert!(e.source().is_some(), "{e}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(512))]
+
+        /// Whatever bytes an ELF32 holds, parsing and loading it gives a result or a
+        /// typed error, never a panic; a load that succeeds ends inside guest RAM.
+        #[test]
+        fn mutated_elf32_never_panics(
+            muts in proptest::collection::vec((0usize..0x180, proptest::prelude::any::<u8>()), 1..10),
+            cut in proptest::option::of(0usize..0x180),
+        ) {
+            let mut e = tiny_elf32(true);
+            for (i, b) in muts {
+                e[i] = b;
+            }
+            if let Some(n) = cut {
+                e.truncate(n);
+            }
+            let m = mem(16 << 20);
+            if let Ok(img) = elf::parse(&e[..]) {
+                let entry = elf::pvh_entry(&e[..], &img).ok().flatten().unwrap_or(img.entry);
+                if let Ok(end) = elf::load_elf32(&m, &e[..], &img, entry, 16 << 20) {
+                    proptest::prop_assert!(end <= 16 << 20);
+                }
+                let _ = elf::check_elf64_segments(&m, &img, 16 << 20);
+            }
         }
     }
 }
