@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use wbvmm::config::{self, CpuFeatureEdits, SerialMode};
+use wbvmm::error_chain;
 use wbvmm::memory::SlotIndexKind;
 use wbvmm::vcpu::EXIT_VMM_ERROR;
 use wbvmm::vmm::{self, VmConfig};
@@ -163,7 +164,7 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("wbvmm probe: {e}");
+                eprintln!("wbvmm probe: {}", error_chain(&e));
                 ExitCode::from(EXIT_VMM_ERROR as u8)
             }
         },
@@ -211,7 +212,7 @@ fn main() -> ExitCode {
                 if let Err(e) =
                     wbvmm::stats::write(r, stats_path.as_ref().and_then(|p| p.as_deref()))
                 {
-                    eprintln!("wbvmm: cannot write statistics: {e}");
+                    eprintln!("wbvmm: cannot write statistics: {}", error_chain(&e));
                 }
             };
             match vmm::run(&cfg, &snapshot) {
@@ -223,7 +224,7 @@ fn main() -> ExitCode {
                     );
                     if let Some(path) = &cli.stats {
                         if let Err(e) = wbvmm::stats::write(&report, path.as_deref()) {
-                            eprintln!("wbvmm: cannot write --stats: {e}");
+                            eprintln!("wbvmm: cannot write --stats: {}", error_chain(&e));
                         }
                     }
                     let Some(outcome) = report.outcome.as_ref() else {
@@ -235,7 +236,7 @@ fn main() -> ExitCode {
                     ExitCode::from(outcome.exit_code() as u8)
                 }
                 Err(e) => {
-                    eprintln!("wbvmm: {e}");
+                    eprintln!("wbvmm: {}", error_chain(&e));
                     ExitCode::from(EXIT_VMM_ERROR as u8)
                 }
             }

@@ -37,11 +37,11 @@ pub enum VmmError {
     KvmMissing,
     #[error("permission denied opening /dev/kvm: run as root or add your user to the 'kvm' group")]
     KvmPermission,
-    #[error("cannot open /dev/kvm: {0}")]
-    KvmOpen(kvm_ioctls::Error),
+    #[error("cannot open /dev/kvm")]
+    KvmOpen(#[source] kvm_ioctls::Error),
     #[error("this host's KVM lacks {0}, which wbvmm needs")]
     MissingCap(&'static str),
-    #[error("KVM refused to {what}: {source}")]
+    #[error("KVM refused to {what}")]
     Kvm {
         what: &'static str,
         source: kvm_ioctls::Error,
@@ -66,17 +66,17 @@ pub enum VmmError {
     Affinity(#[from] crate::affinity::AffinityError),
     #[error(transparent)]
     MpTable(#[from] boot::mptable::MpTableError),
-    #[error("cannot open serial output file {path}: {source}")]
+    #[error("cannot open serial output file {path}")]
     SerialFile {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot set up {what}: {source}")]
+    #[error("cannot set up {what}")]
     Io {
         what: &'static str,
         source: std::io::Error,
     },
-    #[error("device bus: {0}")]
+    #[error("cannot place a device on the I/O or MMIO bus")]
     Bus(#[from] wbvmm_devices::BusError),
 }
 
@@ -545,7 +545,7 @@ impl Vmm {
         let mut kvm_stats = match KvmStatsReader::open(vm.as_ref()) {
             Ok(r) => Some((r, Vec::new())),
             Err(e) => {
-                log::debug!("{e}");
+                log::debug!("{}", crate::error_chain(&e));
                 None
             }
         };
@@ -652,7 +652,7 @@ impl Vmm {
                         if let Err(e) = affinity::pin_current_thread(&format!("vcpu{id}"), &list) {
                             ctx.exit.finish(VmOutcome::Unexpected {
                                 vcpu: id as u32,
-                                what: e.to_string(),
+                                what: crate::error_chain(&e),
                             });
                         }
                     }
@@ -1048,7 +1048,7 @@ impl IoThread {
             .spawn(move || {
                 if let Some(list) = pin {
                     if let Err(e) = affinity::pin_current_thread("wbvmm-io", &list) {
-                        log::error!("{e}");
+                        log::error!("{}", crate::error_chain(&e));
                     }
                 }
                 // SAFETY: gettid has no preconditions.
