@@ -41,6 +41,12 @@ pub enum VmmError {
     KvmOpen(#[source] kvm_ioctls::Error),
     #[error("this host's KVM lacks {0}, which wbvmm needs")]
     MissingCap(&'static str),
+    #[error("cannot build the list of {count} boot MSRs for KVM")]
+    MsrList {
+        count: usize,
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
     #[error("KVM refused to {what}")]
     Kvm {
         what: &'static str,
@@ -58,6 +64,14 @@ pub enum VmmError {
     MemoryExceedsHost { requested: u64, host: u64 },
     #[error("guest memory layout is invalid: {0}")]
     GuestMemoryLayout(String),
+    #[error(
+        "the {0} thread panicked (a wbvmm bug: please report it with the panic message above)"
+    )]
+    SetupPanicked(&'static str),
+    #[error("cannot map the probe VM's memory")]
+    ProbeMemory(#[source] vm_memory::mmap::FromRangesError),
+    #[error("{0}")]
+    Probe(String),
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
@@ -293,8 +307,10 @@ pub fn configure_vcpu(kvm: &Kvm, vcpu: &VcpuFd, params: &CpuidParams) -> Result<
             ..Default::default()
         })
         .collect();
-    let msrs =
-        kvm_bindings::Msrs::from_entries(&entries).map_err(|_| VmmError::MissingCap("MSR list"))?;
+    let msrs = kvm_bindings::Msrs::from_entries(&entries).map_err(|source| VmmError::MsrList {
+        count: entries.len(),
+        source,
+    })?;
     let written = vcpu.set_msrs(&msrs).map_err(kvm_err("set the boot MSRs"))?;
     if written != entries.len() {
         log::warn!("KVM accepted {written} of {} boot MSRs", entries.len());
@@ -473,11 +489,9 @@ impl Vmm {
                 log::debug!("setup: irqchip and PIT at {} us", since_start());
                 Ok::<_, VmmError>(())
             })();
-            let boot = loading.join().unwrap_or_else(|_| {
-                Err(VmmError::GuestMemoryLayout(
-                    "kernel loading panicked".into(),
-                ))
-            });
+            let boot = loading
+                .join()
+                .unwrap_or(Err(VmmError::SetupPanicked("kernel loading")));
             kvm_side?;
             boot
         })?;
