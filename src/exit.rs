@@ -1,7 +1,10 @@
-//! How the `wbvmm` command reports an error: with its causes.
+//! How the `wbvmm` command reports its end: an error with its causes, and the exit
+//! status.
 
 use std::error::Error;
 use std::fmt::Write;
+
+use crate::vcpu::{VmOutcome, EXIT_VMM_ERROR};
 
 /// An error and its causes (`Error::source()`, outermost first), each once:
 ///
@@ -27,9 +30,26 @@ pub fn error_chain(e: &dyn Error) -> String {
     out
 }
 
+/// The exit status once the VM has ended: the guest's (see [`VmOutcome::exit_code`]),
+/// or [`EXIT_VMM_ERROR`] when there is no outcome, or when the statistics asked for
+/// could not be written and the guest's own status was 0 (a guest's non-zero status
+/// says more, and is kept).
+pub fn exit_status(outcome: Option<&VmOutcome>, stats_written: bool) -> u8 {
+    let code = match outcome {
+        Some(o) => o.exit_code(),
+        None => EXIT_VMM_ERROR,
+    };
+    if code == 0 && !stats_written {
+        EXIT_VMM_ERROR as u8
+    } else {
+        code as u8
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::vcpu::EXIT_TRIPLE_FAULT;
 
     #[derive(Debug, thiserror::Error)]
     #[error("outer says {0}")]
@@ -152,5 +172,18 @@ mod tests {
             );
             assert!(chain.contains("\n  caused by: "), "{chain}");
         }
+    }
+
+    #[test]
+    fn exit_status_keeps_the_guests_and_reports_lost_stats() {
+        use VmOutcome::*;
+        assert_eq!(exit_status(Some(&DebugExit(0)), true), 0);
+        assert_eq!(exit_status(Some(&DebugExit(0)), false), 1);
+        assert_eq!(exit_status(Some(&Reset), false), 1);
+        assert_eq!(exit_status(Some(&DebugExit(7)), true), 7);
+        assert_eq!(exit_status(Some(&DebugExit(7)), false), 7);
+        let tf = TripleFault { vcpu: 0, rip: 0 };
+        assert_eq!(exit_status(Some(&tf), false), EXIT_TRIPLE_FAULT as u8);
+        assert_eq!(exit_status(None, true), 1);
     }
 }
