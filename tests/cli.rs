@@ -122,6 +122,30 @@ fn assert_once(o: &Output, needle: &str) {
 }
 
 #[test]
+fn os_errors_show_their_cause_once() {
+    if !kvm_available("os_errors_show_their_cause_once") {
+        return;
+    }
+    let tg = testguest();
+    let tg = tg.to_str().unwrap();
+    let o = run(&["--kernel", tg, "--serial", "file=/nonexistent/serial.txt"]);
+    assert_clean_failure(
+        &o,
+        1,
+        "cannot open serial output file /nonexistent/serial.txt",
+    );
+    assert!(
+        o.stderr
+            .contains("\n  caused by: No such file or directory (os error 2)"),
+        "{}",
+        o.show()
+    );
+    assert_once(&o, "(os error 2)");
+    let o = run(&["--kernel", "/nonexistent/kernel"]);
+    assert_once(&o, "(os error 2)");
+}
+
+#[test]
 fn stats_command_errors() {
     let o = run(&["stats", "/nonexistent/stats.json"]);
     assert_clean_failure(&o, 1, "wbvmm stats: cannot read /nonexistent/stats.json");
