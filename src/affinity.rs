@@ -19,7 +19,7 @@ pub enum AffinityError {
     NoSuchCpu { cpu: usize, allowed: String },
     #[error("--cpu-affinity names vCPU {vcpu}, but the guest has {cpus} vCPU(s)")]
     NoSuchVcpu { vcpu: u32, cpus: u32 },
-    #[error("cannot pin thread {thread} to CPUs {cpus:?}: {source}")]
+    #[error("cannot pin thread {thread} to CPUs {cpus:?}")]
     Apply {
         thread: String,
         cpus: Vec<usize>,

@@ -42,11 +42,11 @@ const MAX_DATA_BYTES: usize = 64 << 20;
 /// Errors from opening or reading a KVM stats fd.
 #[derive(Debug, Error)]
 pub enum KvmStatsError {
-    #[error("this host's KVM has no binary stats (KVM_CAP_BINARY_STATS_FD): {0}")]
+    #[error("this host's KVM has no binary stats (KVM_CAP_BINARY_STATS_FD)")]
     NotSupported(#[source] io::Error),
-    #[error("KVM_GET_STATS_FD failed: {0}")]
+    #[error("KVM_GET_STATS_FD failed")]
     Ioctl(#[source] io::Error),
-    #[error("reading the KVM stats {what} ({len} bytes at offset {offset}): {source}")]
+    #[error("cannot read the KVM stats {what} ({len} bytes at offset {offset})")]
     Read {
         what: &'static str,
         offset: u64,
@@ -585,7 +585,10 @@ mod tests {
                 eprintln!("!!! SKIPPING samples_a_real_vm_and_vcpu: no KVM binary stats: {e}");
                 return;
             }
-            Err(e) => panic!("KVM_CAP_BINARY_STATS_FD={cap} but: {e}"),
+            Err(e) => panic!(
+                "KVM_CAP_BINARY_STATS_FD={cap} but: {}",
+                crate::error_chain(&e)
+            ),
         };
         let vcpu_stats = KvmStatsReader::open(&vcpu).unwrap();
         assert!(vm_stats.id().starts_with("kvm-"), "{}", vm_stats.id());

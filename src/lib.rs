@@ -4,6 +4,7 @@ pub mod boot;
 pub mod coalesced;
 pub mod config;
 pub mod cpuid;
+pub mod exit;
 pub mod kvm_stats;
 pub mod latency;
 pub mod layout;
@@ -15,3 +16,5 @@ pub mod stats_summary;
 pub mod terminal;
 pub mod vcpu;
 pub mod vmm;
+
+pub use exit::error_chain;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use wbvmm::config::{self, CpuFeatureEdits, SerialMode};
+use wbvmm::error_chain;
 use wbvmm::memory::SlotIndexKind;
 use wbvmm::vcpu::EXIT_VMM_ERROR;
 use wbvmm::vmm::{self, VmConfig};
@@ -13,7 +14,11 @@ const AFTER_HELP: &str = "\
 EXIT STATUS:
   N    the guest wrote N to the debug-exit port (I/O port 0xf4; low 8 bits)
   0    the guest reset (i8042, reboot=k) or powered off
-  1    wbvmm could not build or run the VM (the reason is printed)
+  1    wbvmm could not build or run the VM (the reason is printed), or could not
+       write --stats=PATH: a PATH that cannot be created (say, in a missing or
+       read-only directory) stops wbvmm before the guest starts; a write that
+       fails when the VM ends turns the guest's status 0 into 1 (another status
+       of the guest is kept)
   2    bad command line
   101  guest triple fault
   102  KVM internal error (RIP, CPL and instruction bytes are printed)
@@ -163,27 +168,20 @@ fn main() -> ExitCode {
                 ExitCode::SUCCESS
             }
             Err(e) => {
-                eprintln!("wbvmm probe: {e}");
+                eprintln!("wbvmm probe: {}", error_chain(&e));
                 ExitCode::from(EXIT_VMM_ERROR as u8)
             }
         },
-        Some(Command::Stats { file }) => {
-            let parsed = std::fs::read_to_string(&file)
-                .map_err(|e| e.to_string())
-                .and_then(|t| {
-                    serde_json::from_str::<serde_json::Value>(&t).map_err(|e| e.to_string())
-                });
-            match parsed {
-                Ok(v) => {
-                    print!("{}", wbvmm::stats_summary::summarize(&v));
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("wbvmm stats: cannot read {}: {e}", file.display());
-                    ExitCode::from(EXIT_VMM_ERROR as u8)
-                }
+        Some(Command::Stats { file }) => match wbvmm::stats::read_file(&file) {
+            Ok(v) => {
+                print!("{}", wbvmm::stats_summary::summarize(&v));
+                ExitCode::SUCCESS
             }
-        }
+            Err(e) => {
+                eprintln!("wbvmm stats: {}", error_chain(&e));
+                ExitCode::from(EXIT_VMM_ERROR as u8)
+            }
+        },
         None => {
             let Some(kernel) = cli.kernel else {
                 eprintln!("wbvmm: --kernel PATH is required (see wbvmm --help)");
@@ -204,6 +202,13 @@ fn main() -> ExitCode {
                 cpu_affinity: cli.cpu_affinity.unwrap_or_default(),
                 io_affinity: cli.io_affinity,
             };
+            // A --stats file that cannot be written fails now, not after the guest ran.
+            if let Some(Some(path)) = &cli.stats {
+                if let Err(e) = wbvmm::stats::check_destination(path) {
+                    eprintln!("wbvmm: {}", error_chain(&e));
+                    return ExitCode::from(EXIT_VMM_ERROR as u8);
+                }
+            }
             vmm::install_termination_handlers();
             let stats_path = cli.stats.clone();
             let snapshot = move |r: &vmm::RunReport| {
@@ -211,7 +216,7 @@ fn main() -> ExitCode {
                 if let Err(e) =
                     wbvmm::stats::write(r, stats_path.as_ref().and_then(|p| p.as_deref()))
                 {
-                    eprintln!("wbvmm: cannot write statistics: {e}");
+                    eprintln!("wbvmm: {}", error_chain(&e));
                 }
             };
             match vmm::run(&cfg, &snapshot) {
@@ -221,21 +226,21 @@ fn main() -> ExitCode {
                         report.setup_time.as_micros(),
                         report.rss_overhead_bytes / 1024
                     );
-                    if let Some(path) = &cli.stats {
-                        if let Err(e) = wbvmm::stats::write(&report, path.as_deref()) {
-                            eprintln!("wbvmm: cannot write --stats: {e}");
-                        }
-                    }
-                    let Some(outcome) = report.outcome.as_ref() else {
-                        return ExitCode::from(EXIT_VMM_ERROR as u8);
+                    let stats = match &cli.stats {
+                        Some(path) => wbvmm::stats::write(&report, path.as_deref()),
+                        None => Ok(()),
                     };
-                    if let Some(line) = outcome.failure_line() {
+                    let outcome = report.outcome.as_ref();
+                    if let Some(line) = outcome.and_then(|o| o.failure_line()) {
                         eprintln!("wbvmm: {line}");
                     }
-                    ExitCode::from(outcome.exit_code() as u8)
+                    if let Err(e) = &stats {
+                        eprintln!("wbvmm: {}", error_chain(e));
+                    }
+                    ExitCode::from(wbvmm::exit::exit_status(outcome, stats.is_ok()))
                 }
                 Err(e) => {
-                    eprintln!("wbvmm: {e}");
+                    eprintln!("wbvmm: {}", error_chain(&e));
                     ExitCode::from(EXIT_VMM_ERROR as u8)
                 }
             }

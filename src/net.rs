@@ -31,12 +31,12 @@ pub enum NetError {
     BadSpec(String),
     #[error(transparent)]
     Tap(#[from] TapError),
-    #[error("cannot create the RTL8139: {0}")]
+    #[error("cannot create the RTL8139")]
     Nic(#[from] Rtl8139Error),
-    #[error("cannot place the RTL8139 on PCI: {0}")]
+    #[error("cannot place the RTL8139 on PCI")]
     Pci(#[from] PciError),
-    #[error("cannot wire the NIC's interrupt: {0}")]
-    Irq(std::io::Error),
+    #[error("cannot wire the NIC's interrupt")]
+    Irq(#[source] std::io::Error),
 }
 
 /// How the C+ TX doorbell (a TxPoll write) reaches the NIC.
@@ -523,7 +523,7 @@ impl NetDevice {
                 Err(e) => {
                     // A tap deleted under the guest: keep the VM running, count it.
                     if self.io.tap_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                        log::warn!("{e}");
+                        log::warn!("{}", crate::error_chain(&e));
                     }
                     return true;
                 }

@@ -86,7 +86,7 @@ impl ProbeVm {
         vm.set_tss_address(crate::layout::KVM_TSS_START as usize)
             .map_err(kerr("set the TSS address"))?;
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEM_SIZE)])
-            .map_err(|e| VmmError::GuestMemoryLayout(e.to_string()))?;
+            .map_err(VmmError::ProbeMemory)?;
         let host = mem
             .get_host_address(GuestAddress(0))
             .map_err(|e| VmmError::GuestMemoryLayout(e.to_string()))?;
@@ -172,7 +172,7 @@ impl ProbeVm {
                 Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
                 Ok(VcpuExit::Intr) => {}
                 Ok(other) => {
-                    return Err(VmmError::GuestMemoryLayout(format!(
+                    return Err(VmmError::Probe(format!(
                         "probe guest stopped unexpectedly: {other:?}"
                     )))
                 }
@@ -185,9 +185,7 @@ impl ProbeVm {
                 }
             }
             if start.elapsed() > timeout {
-                return Err(VmmError::GuestMemoryLayout(
-                    "probe guest did not finish in time".into(),
-                ));
+                return Err(VmmError::Probe("probe guest did not finish in time".into()));
             }
         }
     }

@@ -37,11 +37,17 @@ pub enum VmmError {
     KvmMissing,
     #[error("permission denied opening /dev/kvm: run as root or add your user to the 'kvm' group")]
     KvmPermission,
-    #[error("cannot open /dev/kvm: {0}")]
-    KvmOpen(kvm_ioctls::Error),
+    #[error("cannot open /dev/kvm")]
+    KvmOpen(#[source] kvm_ioctls::Error),
     #[error("this host's KVM lacks {0}, which wbvmm needs")]
     MissingCap(&'static str),
-    #[error("KVM refused to {what}: {source}")]
+    #[error("cannot build the list of {count} boot MSRs for KVM")]
+    MsrList {
+        count: usize,
+        #[source]
+        source: vmm_sys_util::fam::Error,
+    },
+    #[error("KVM refused to {what}")]
     Kvm {
         what: &'static str,
         source: kvm_ioctls::Error,
@@ -58,6 +64,14 @@ pub enum VmmError {
     MemoryExceedsHost { requested: u64, host: u64 },
     #[error("guest memory layout is invalid: {0}")]
     GuestMemoryLayout(String),
+    #[error(
+        "the {0} thread panicked (a wbvmm bug: please report it with the panic message above)"
+    )]
+    SetupPanicked(&'static str),
+    #[error("cannot map the probe VM's memory")]
+    ProbeMemory(#[source] vm_memory::mmap::FromRangesError),
+    #[error("{0}")]
+    Probe(String),
     #[error(transparent)]
     Boot(#[from] BootError),
     #[error(transparent)]
@@ -66,17 +80,17 @@ pub enum VmmError {
     Affinity(#[from] crate::affinity::AffinityError),
     #[error(transparent)]
     MpTable(#[from] boot::mptable::MpTableError),
-    #[error("cannot open serial output file {path}: {source}")]
+    #[error("cannot open serial output file {path}")]
     SerialFile {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot set up {what}: {source}")]
+    #[error("cannot set up {what}")]
     Io {
         what: &'static str,
         source: std::io::Error,
     },
-    #[error("device bus: {0}")]
+    #[error("cannot place a device on the I/O or MMIO bus")]
     Bus(#[from] wbvmm_devices::BusError),
 }
 
@@ -293,8 +307,10 @@ pub fn configure_vcpu(kvm: &Kvm, vcpu: &VcpuFd, params: &CpuidParams) -> Result<
             ..Default::default()
         })
         .collect();
-    let msrs =
-        kvm_bindings::Msrs::from_entries(&entries).map_err(|_| VmmError::MissingCap("MSR list"))?;
+    let msrs = kvm_bindings::Msrs::from_entries(&entries).map_err(|source| VmmError::MsrList {
+        count: entries.len(),
+        source,
+    })?;
     let written = vcpu.set_msrs(&msrs).map_err(kvm_err("set the boot MSRs"))?;
     if written != entries.len() {
         log::warn!("KVM accepted {written} of {} boot MSRs", entries.len());
@@ -473,11 +489,9 @@ impl Vmm {
                 log::debug!("setup: irqchip and PIT at {} us", since_start());
                 Ok::<_, VmmError>(())
             })();
-            let boot = loading.join().unwrap_or_else(|_| {
-                Err(VmmError::GuestMemoryLayout(
-                    "kernel loading panicked".into(),
-                ))
-            });
+            let boot = loading
+                .join()
+                .unwrap_or(Err(VmmError::SetupPanicked("kernel loading")));
             kvm_side?;
             boot
         })?;
@@ -545,7 +559,7 @@ impl Vmm {
         let mut kvm_stats = match KvmStatsReader::open(vm.as_ref()) {
             Ok(r) => Some((r, Vec::new())),
             Err(e) => {
-                log::debug!("{e}");
+                log::debug!("{}", crate::error_chain(&e));
                 None
             }
         };
@@ -652,7 +666,7 @@ impl Vmm {
                         if let Err(e) = affinity::pin_current_thread(&format!("vcpu{id}"), &list) {
                             ctx.exit.finish(VmOutcome::Unexpected {
                                 vcpu: id as u32,
-                                what: e.to_string(),
+                                what: crate::error_chain(&e),
                             });
                         }
                     }
@@ -1048,7 +1062,7 @@ impl IoThread {
             .spawn(move || {
                 if let Some(list) = pin {
                     if let Err(e) = affinity::pin_current_thread("wbvmm-io", &list) {
-                        log::error!("{e}");
+                        log::error!("{}", crate::error_chain(&e));
                     }
                 }
                 // SAFETY: gettid has no preconditions.

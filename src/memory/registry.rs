@@ -565,7 +565,10 @@ impl SlotRegistry {
                 Err(e) => {
                     for &id in ids.iter().rev() {
                         if let Err(re) = self.remove(id) {
-                            log::error!("cannot undo slot {id} after a failed split: {re}");
+                            log::error!(
+                                "cannot undo slot {id} after a failed split: {}",
+                                crate::error_chain(&re)
+                            );
                         }
                     }
                     return Err(e);

@@ -44,13 +44,31 @@ pub enum TapError {
     #[error("tap name {name:?} is empty or longer than 15 bytes")]
     BadName { name: String },
     #[error("tap {name} does not exist: create it first with `ip tuntap add {name} mode tap` (add `user $USER` to use it without root)")]
-    Missing { name: String },
-    #[error("tap {name} is busy: another process holds it open (EBUSY); stop that process or pick another tap")]
-    Busy { name: String },
-    #[error("no permission to attach tap {name} (EPERM): run as root, give wbvmm CAP_NET_ADMIN, or create the tap with `ip tuntap add {name} mode tap user $USER`")]
-    Permission { name: String },
-    #[error("{name} is not a tap device, or its flags do not match (EINVAL); recreate it with `ip tuntap add {name} mode tap`")]
-    NotATap { name: String },
+    Missing {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error(
+        "tap {name} is busy: another process holds it open; stop that process or pick another tap"
+    )]
+    Busy {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no permission to attach tap {name}: run as root, give wbvmm CAP_NET_ADMIN, or create the tap with `ip tuntap add {name} mode tap user $USER`")]
+    Permission {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{name} is not a tap device, or its flags do not match; recreate it with `ip tuntap add {name} mode tap`")]
+    NotATap {
+        name: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("TUNSETIFF on tap {name} failed")]
     SetIff {
         name: String,
@@ -108,8 +126,16 @@ impl Tap {
         })?;
         // SAFETY: cname is a valid NUL-terminated string.
         if unsafe { libc::if_nametoindex(cname.as_ptr()) } == 0 {
-            return Err(TapError::Missing {
-                name: name.to_string(),
+            let source = io::Error::last_os_error();
+            let name = name.to_string();
+            return Err(match source.raw_os_error() {
+                Some(libc::ENODEV) => TapError::Missing { name, source },
+                // Not an answer about the name (no socket, ...): say what failed.
+                _ => TapError::Ioctl {
+                    name,
+                    op: "if_nametoindex",
+                    source,
+                },
             });
         }
         let file = OpenOptions::new()
@@ -134,9 +160,9 @@ impl Tap {
             let e = io::Error::last_os_error();
             let name = name.to_string();
             return Err(match e.raw_os_error() {
-                Some(libc::EBUSY) => TapError::Busy { name },
-                Some(libc::EPERM) | Some(libc::EACCES) => TapError::Permission { name },
-                Some(libc::EINVAL) => TapError::NotATap { name },
+                Some(libc::EBUSY) => TapError::Busy { name, source: e },
+                Some(libc::EPERM) | Some(libc::EACCES) => TapError::Permission { name, source: e },
+                Some(libc::EINVAL) => TapError::NotATap { name, source: e },
                 _ => TapError::SetIff { name, source: e },
             });
         }

@@ -165,7 +165,11 @@ fn bad_and_missing_names() {
     ));
     let e = Tap::open("wbvmm-nonexist", TapOptions::default()).unwrap_err();
     assert!(matches!(e, TapError::Missing { .. }), "{e:?}");
+    // The errno is the cause, not part of the message.
+    let cause = std::error::Error::source(&e).expect("a cause").to_string();
+    assert_eq!(cause, "No such device (os error 19)");
     let msg = e.to_string();
+    assert!(!msg.contains("os error"), "{msg}");
     assert!(
         msg.contains("ip tuntap add wbvmm-nonexist mode tap"),
         "{msg}"
@@ -184,6 +188,8 @@ fn real_tap_busy_arp_and_nic_roundtrip() {
         let e = Tap::open("wbt0", TapOptions::default()).unwrap_err();
         assert!(matches!(e, TapError::Busy { .. }), "{e:?}");
         assert!(e.to_string().contains("busy"));
+        let cause = std::error::Error::source(&e).expect("a cause").to_string();
+        assert_eq!(cause, "Device or resource busy (os error 16)");
         // Not a tap: loopback exists but is not a tun device.
         let e = Tap::open("lo", TapOptions::default()).unwrap_err();
         assert!(
