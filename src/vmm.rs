@@ -968,6 +968,8 @@ const TOKEN_TAP: u64 = 3;
 const TOKEN_NIC_SPACE: u64 = 4;
 const TOKEN_NIC_RESAMPLE: u64 = 5;
 const TOKEN_NIC_DOORBELL: u64 = 6;
+/// The NIC's TCTR/TimerInt deadline moved.
+const TOKEN_NIC_TIMER: u64 = 7;
 /// Tokens 8..12: the C-mode TSD0-3 doorbells.
 const TOKEN_TSD0: u64 = 8;
 /// Frames moved per wake-up before other sources get a turn.
@@ -1005,6 +1007,7 @@ impl IoThread {
                 (n.tap.as_raw_fd(), TOKEN_TAP),
                 (n.nic.rx_space_event().as_raw_fd(), TOKEN_NIC_SPACE),
                 (n.irq.resample.as_raw_fd(), TOKEN_NIC_RESAMPLE),
+                (n.nic.timer_event().as_raw_fd(), TOKEN_NIC_TIMER),
             ]
             .into_iter()
             .chain(
@@ -1078,11 +1081,22 @@ impl IoThread {
                     // With queued UART writes, wake to show an idle guest's output
                     // (and let an interrupt-driven driver see THRE): every 10 ms, and
                     // every 1 ms while output is flowing, as fast as a 115200 baud UART.
-                    let timeout = match &coalesced {
+                    let mut timeout = match &coalesced {
                         Some(_) if output_flowing => 1,
                         Some(_) => 10,
                         None => -1,
                     };
+                    // The NIC's TimerInt (which no register access may come to
+                    // check for a while) fires on time: wake at its deadline.
+                    let nic_timer = net.as_ref().and_then(|n| n.nic.next_timer_deadline());
+                    if let Some(due) = nic_timer {
+                        let ms = due
+                            .saturating_duration_since(std::time::Instant::now())
+                            .as_micros()
+                            .div_ceil(1000)
+                            .min(i32::MAX as u128) as i32;
+                        timeout = if timeout < 0 { ms } else { timeout.min(ms) };
+                    }
                     let n = match epoll.wait(timeout, &mut events) {
                         Ok(n) => n,
                         Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
@@ -1090,6 +1104,11 @@ impl IoThread {
                     };
                     if let Some((ring, pio, mmio)) = &coalesced {
                         output_flowing = vcpu::replay_coalesced(ring, pio, mmio) > 0;
+                    }
+                    if let (Some(n), Some(due)) = (&net, nic_timer) {
+                        if std::time::Instant::now() >= due {
+                            n.nic.poll_timer();
+                        }
                     }
                     for ev in &events[..n] {
                         match ev.data() {
@@ -1142,6 +1161,12 @@ impl IoThread {
                             t if (TOKEN_TSD0..TOKEN_TSD0 + 4).contains(&t) => {
                                 if let Some(f) = net.as_ref().and_then(|n| n.frontend.as_ref()) {
                                     f.tsd.replay(&f.nic);
+                                }
+                            }
+                            TOKEN_NIC_TIMER => {
+                                // Only a wake-up: the deadline is re-read above.
+                                if let Some(n) = &net {
+                                    let _ = n.nic.timer_event().read();
                                 }
                             }
                             TOKEN_NIC_RESAMPLE => {

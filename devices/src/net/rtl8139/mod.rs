@@ -267,6 +267,9 @@ pub(crate) struct State {
     /// The I/O thread was told "full"; tell it when space may be back.
     rx_blocked: bool,
     signal_rx_space: bool,
+    /// The timer's deadline moved (TCTR, TimerInt or HltClk written, or a reset):
+    /// tell whoever sleeps until it.
+    signal_timer: bool,
     loopback: VecDeque<Vec<u8>>,
     /// Scratch buffers reused per packet.
     rxbuf: Vec<u8>,
@@ -279,6 +282,7 @@ pub(crate) struct State {
 pub struct Rtl8139 {
     state: Mutex<State>,
     rx_space: EventFd,
+    timer_changed: EventFd,
 }
 
 impl Rtl8139 {
@@ -289,6 +293,7 @@ impl Rtl8139 {
         sink: Arc<dyn FrameSink>,
     ) -> Result<Self, Rtl8139Error> {
         let rx_space = EventFd::new(EFD_NONBLOCK).map_err(Rtl8139Error::EventFd)?;
+        let timer_changed = EventFd::new(EFD_NONBLOCK).map_err(Rtl8139Error::EventFd)?;
         let mut st = State {
             cfg,
             dma,
@@ -346,6 +351,7 @@ impl Rtl8139 {
             stats: Rtl8139Stats::default(),
             rx_blocked: false,
             signal_rx_space: false,
+            signal_timer: false,
             loopback: VecDeque::new(),
             rxbuf: Vec::with_capacity(MAX_CPLUS_ASSEMBLY),
             segbuf: Vec::with_capacity(MAX_CPLUS_ASSEMBLY),
@@ -356,6 +362,7 @@ impl Rtl8139 {
         Ok(Self {
             state: Mutex::new(st),
             rx_space,
+            timer_changed,
         })
     }
 
@@ -371,9 +378,13 @@ impl Rtl8139 {
         st.drain_loopback();
         st.update_irq();
         let signal = std::mem::take(&mut st.signal_rx_space);
+        let timer = std::mem::take(&mut st.signal_timer);
         drop(st);
         if signal {
             let _ = self.rx_space.write(1);
+        }
+        if timer {
+            let _ = self.timer_changed.write(1);
         }
     }
 
@@ -437,6 +448,12 @@ impl Rtl8139 {
         self.finish(st);
     }
 
+    /// Readable when the timer's deadline may have moved: re-read
+    /// [`Rtl8139::next_timer_deadline`] (and read the eventfd to re-arm it).
+    pub fn timer_event(&self) -> &EventFd {
+        &self.timer_changed
+    }
+
     /// When the TimerInt interrupt is due next, if armed.
     pub fn next_timer_deadline(&self) -> Option<Instant> {
         let st = self.lock();
@@ -498,6 +515,7 @@ impl State {
         self.tctr_base = Instant::now();
         self.timer_int = 0;
         self.timer_fired = 0;
+        self.signal_timer = true;
         self.cfg9346 = 0;
         self.config0 = 0;
         // MEMMAP | IOMAP: both register windows decode.
@@ -758,6 +776,7 @@ impl State {
             TCTR => {
                 self.tctr_base = Instant::now();
                 self.timer_fired = 0;
+                self.signal_timer = true;
             }
             MPC => self.mpc = 0,
             CFG9346 => self.write_9346(val as u8),
@@ -772,6 +791,7 @@ impl State {
                 }
             }
             TIMERINT => {
+                self.signal_timer = true;
                 self.timer_int = merged;
                 // Fire at the next crossing of the new value, not retroactively.
                 self.timer_fired = 0;
@@ -792,14 +812,17 @@ impl State {
                     self.config4 = (self.config4 & 0x0A) | (val as u8 & !0x0A);
                 }
             }
-            HLTCLK => match val as u8 {
-                b'R' => {
-                    self.clock_running = true;
-                    self.wake_rx();
+            HLTCLK => {
+                match val as u8 {
+                    b'R' => {
+                        self.clock_running = true;
+                        self.wake_rx();
+                    }
+                    b'H' => self.clock_running = false,
+                    _ => {}
                 }
-                b'H' => self.clock_running = false,
-                _ => {}
-            },
+                self.signal_timer = true;
+            }
             MULINT => self.mulint = merged as u16 & 0x0FFF,
             BMCR => {
                 let v = merged as u16;

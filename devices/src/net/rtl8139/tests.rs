@@ -374,6 +374,30 @@ fn mpc_and_timer() {
     assert_eq!(h.r8(0x5b), 1);
 }
 
+#[test]
+fn timer_changes_wake_the_io_thread_and_poll_timer_fires_without_register_access() {
+    let h = H::new(REVISION_C);
+    let _ = h.dev.timer_event().read();
+    h.w16(0x3c, INT_TIMEOUT);
+    h.w32(0x48, 0);
+    assert_eq!(h.dev.timer_event().read().unwrap(), 1, "TCTR written");
+    h.w32(0x54, 3_000); // 90 us after the TCTR reset
+    assert_eq!(h.dev.timer_event().read().unwrap(), 1, "TimerInt written");
+    let due = h.dev.next_timer_deadline().expect("armed");
+    // Nothing touches a register: the I/O thread sleeps until `due`, then polls.
+    while std::time::Instant::now() < due {
+        std::thread::sleep(due - std::time::Instant::now());
+    }
+    assert!(!h.level(), "nothing checked the timer yet");
+    h.dev.poll_timer();
+    assert!(h.level());
+    assert_eq!(h.r16(0x3e) & INT_TIMEOUT, INT_TIMEOUT);
+    // Halting the clock moves the deadline too.
+    h.w8(0x5b, b'H');
+    assert_eq!(h.dev.timer_event().read().unwrap(), 1, "HltClk written");
+    assert!(h.dev.next_timer_deadline().is_none());
+}
+
 // ---------- C-mode TX ----------
 
 fn c_mode_up(h: &H) {
