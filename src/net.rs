@@ -204,9 +204,9 @@ impl Doorbell {
         Ok(d)
     }
 
-    /// Re-register where the BARs are now, if any bus changed since last time. A
-    /// stale registration is harmless meanwhile: a write at the new address exits
-    /// and the NIC handles it in the vCPU thread.
+    /// Re-register where the BARs are now, if any bus changed since last time.
+    /// Called when a config write moves the NIC's BARs (so the first TxPoll at the
+    /// new address already completes in KVM) and after each doorbell event.
     pub fn follow_bars(&self) {
         let gen = self
             .pio
@@ -392,6 +392,9 @@ fn nic_in_cplus(nic: &Rtl8139) -> bool {
 pub struct NicFrontend {
     pub nic: Arc<Rtl8139>,
     pub tsd: TsdDoorbells,
+    /// The TxPoll ioeventfd, moved with the BARs the moment they move (weak: the
+    /// doorbell holds the PCI root, which holds this frontend).
+    pub doorbell: std::sync::OnceLock<std::sync::Weak<Doorbell>>,
 }
 
 impl BusDevice for NicFrontend {
@@ -427,6 +430,11 @@ impl PciDevice for NicFrontend {
     fn config_write_ext(&self, offset: u8, data: &[u8]) {
         self.nic.config_write_ext(offset, data)
     }
+    fn bars_moved(&self) {
+        if let Some(d) = self.doorbell.get().and_then(std::sync::Weak::upgrade) {
+            d.follow_bars();
+        }
+    }
 }
 
 /// The NIC as the VMM holds it.
@@ -435,7 +443,7 @@ pub struct NetDevice {
     pub tap: Arc<Tap>,
     pub irq: Arc<LevelIrq>,
     pub io: Arc<IoCounters>,
-    pub doorbell: Option<Doorbell>,
+    pub doorbell: Option<Arc<Doorbell>>,
     /// The NIC behind its C-mode TSD doorbell learner (what the buses hold).
     pub frontend: Option<Arc<NicFrontend>>,
     /// The NIC's DMA path through the memslot mirror (for its lookup statistics).
@@ -472,6 +480,7 @@ impl NetDevice {
                 let f = Arc::new(NicFrontend {
                     nic: nic.clone(),
                     tsd: TsdDoorbells::new(vm.clone(), buses.0.clone(), buses.1.clone())?,
+                    doorbell: std::sync::OnceLock::new(),
                 });
                 root.add_device(f.clone(), placement)?;
                 Some(f)
@@ -482,14 +491,17 @@ impl NetDevice {
             }
         };
         let doorbell = match cfg.tx {
-            TxDoorbell::IoEventFd => Some(Doorbell::new(
+            TxDoorbell::IoEventFd => Some(Arc::new(Doorbell::new(
                 vm.clone(),
                 root.clone(),
                 buses.0.clone(),
                 buses.1.clone(),
-            )?),
+            )?)),
             TxDoorbell::Exit => None,
         };
+        if let (Some(f), Some(d)) = (&frontend, &doorbell) {
+            let _ = f.doorbell.set(Arc::downgrade(d));
+        }
         Ok(Self {
             frontend,
             nic,

@@ -153,6 +153,43 @@ fn ping_and_rr_in_both_modes_and_both_bars() {
 }
 
 #[test]
+fn txpoll_doorbell_follows_a_bar_move_at_once() {
+    if !kvm_available("txpoll_doorbell_follows_a_bar_move_at_once") {
+        return;
+    }
+    let Some(mut ns) = NetNs::new("netbars", 27) else {
+        return;
+    };
+    ns.echo_server(7777, 120);
+    let tap = format!("tap={}", ns.tap);
+    // The guest moves both BARs away from where firmware put them before its first
+    // TxPoll: the doorbell must complete in KVM at the new address from then on.
+    for io in ["pio", "mmio"] {
+        let o = guest(
+            &ns,
+            &tap,
+            &format!(
+                "net=rr port=7777 trans={RR_TRANSACTIONS} secs=600 nic=cplus nicio={io} nicbars=assign"
+            ),
+            &["--stats"],
+        );
+        assert_eq!(o.code, Some(0), "{io}\n{}", o.show());
+        assert!(
+            o.stdout.contains("io=0xc000 mmio=0xfebf0000"),
+            "{}",
+            o.show()
+        );
+        let e = &stats(&o)["exits"];
+        let writes = e["io_out"].as_u64().unwrap() + e["mmio_write"].as_u64().unwrap();
+        assert!(
+            writes < RR_TRANSACTIONS / 2,
+            "{writes} register-write exits for {RR_TRANSACTIONS} transactions after a BAR move\n{}",
+            o.show()
+        );
+    }
+}
+
+#[test]
 fn revision_0x10_presents_an_8139c() {
     if !kvm_available("revision_0x10_presents_an_8139c") {
         return;

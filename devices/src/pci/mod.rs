@@ -108,6 +108,10 @@ pub trait PciDevice: Send + Sync {
     }
     /// Device-specific config space write; `data` is 1, 2 or 4 bytes at `offset`.
     fn config_write_ext(&self, _offset: u8, _data: &[u8]) {}
+    /// Called (outside the root's lock) after a config write moved, mapped or
+    /// unmapped any of the device's BARs, so whatever lives at a BAR's address
+    /// outside the bus (a KVM ioeventfd on a doorbell register) can follow at once.
+    fn bars_moved(&self) {}
 }
 
 /// Where a device ended up, for the VMM's MP table / ACPI.
@@ -402,6 +406,7 @@ impl PciRoot {
     /// Write 1, 2 or 4 bytes of config space of device `dev` at byte offset `off`.
     pub fn config_write(&self, dev: u8, off: u8, data: &[u8]) {
         let mut notify: Option<(Arc<dyn PciDevice>, u16)> = None;
+        let mut moved: Option<Arc<dyn PciDevice>> = None;
         {
             let mut st = self.lock();
             let Some(Some(f)) = st.slots.get_mut(dev as usize) else {
@@ -437,7 +442,9 @@ impl PciRoot {
                     let new = (merged as u16) & COMMAND_WRITABLE;
                     if new != f.command {
                         f.command = new;
-                        self.sync_bars(f);
+                        if self.sync_bars(f) {
+                            moved = f.dev.clone();
+                        }
                     }
                     if let Some(d) = &f.dev {
                         notify = Some((d.clone(), new));
@@ -459,7 +466,9 @@ impl PciRoot {
                         // the size mask.
                         let addr = merged & !low_mask & !((b.spec.size as u32).wrapping_sub(1));
                         b.addr = addr as u64;
-                        self.sync_bars(f);
+                        if self.sync_bars(f) {
+                            moved = f.dev.clone();
+                        }
                     }
                 }
                 0x3C => {
@@ -472,14 +481,18 @@ impl PciRoot {
         if let Some((d, cmd)) = notify {
             d.command_written(cmd);
         }
+        if let Some(d) = moved {
+            d.bars_moved();
+        }
     }
 
     /// Bring every BAR's bus mapping in line with its address and the command
-    /// register's decode enables.
-    fn sync_bars(&self, f: &mut Function) {
+    /// register's decode enables. True if any mapping changed.
+    fn sync_bars(&self, f: &mut Function) -> bool {
         let Some(bus_dev) = f.bus_dev.clone() else {
-            return;
+            return false;
         };
+        let mut changed = false;
         for b in &mut f.bars {
             let enabled = match b.spec.kind {
                 BarKind::Io => f.command & PCI_COMMAND_IO != 0,
@@ -495,6 +508,7 @@ impl PciRoot {
             if want == b.mapped_at {
                 continue;
             }
+            changed = true;
             let bus = match b.spec.kind {
                 BarKind::Io => &self.pio,
                 BarKind::Mem32 => &self.mmio,
@@ -524,6 +538,7 @@ impl PciRoot {
                 (None, None) => None,
             };
         }
+        changed
     }
 
     fn decode_address(address: u32) -> Option<(u8, u8)> {

@@ -3,6 +3,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 
 struct Dummy {
     cmd: AtomicU16,
+    bars_moved: std::sync::atomic::AtomicU32,
 }
 
 impl BusDevice for Dummy {
@@ -43,6 +44,10 @@ impl PciDevice for Dummy {
     fn command_written(&self, command: u16) {
         self.cmd.store(command, Ordering::SeqCst);
     }
+    fn bars_moved(&self) {
+        // The root must not hold its lock here: a device may read config space.
+        self.bars_moved.fetch_add(1, Ordering::SeqCst);
+    }
 }
 
 fn setup() -> (Arc<Bus>, Arc<Bus>, Arc<PciRoot>, Arc<Dummy>, PciSlotInfo) {
@@ -53,6 +58,7 @@ fn setup() -> (Arc<Bus>, Arc<Bus>, Arc<PciRoot>, Arc<Dummy>, PciSlotInfo) {
         .unwrap();
     let dev = Arc::new(Dummy {
         cmd: AtomicU16::new(0),
+        bars_moved: Default::default(),
     });
     let info = root
         .add_device(
@@ -178,10 +184,30 @@ fn bar_sizing_and_moving() {
 }
 
 #[test]
+fn the_device_hears_of_every_bar_mapping_change_and_only_those() {
+    let (pio, _mmio, _root, dev, _info) = setup();
+    let moves = || dev.bars_moved.load(Ordering::SeqCst);
+    cfg_write32(&pio, 1, 4, 0); // decode off: both unmapped
+    assert_eq!(moves(), 1);
+    cfg_write32(&pio, 1, 0x10, 0xd000); // moved while off: nothing mapped changes
+    assert_eq!(moves(), 1);
+    cfg_write32(&pio, 1, 4, 3); // both mapped again
+    assert_eq!(moves(), 2);
+    cfg_write32(&pio, 1, 0x14, 0xe000_0000); // relocated while on
+    assert_eq!(moves(), 3);
+    cfg_write32(&pio, 1, 0x14, 0xe000_0000); // same place: no change
+    cfg_write32(&pio, 1, 0x3c, 11); // not a BAR
+    assert_eq!(moves(), 3);
+    // The root's lock is free when the device hears of it.
+    assert_eq!(cfg_read32(&pio, 1, 0x14), 0xe000_0000);
+}
+
+#[test]
 fn conflicting_bar_is_unmapped_not_shadowing() {
     let (pio, mmio, root, _dev, _info) = setup();
     let other = Arc::new(Dummy {
         cmd: AtomicU16::new(0),
+        bars_moved: Default::default(),
     });
     mmio.insert(other, 0xa000_0000, 0x1000).unwrap();
     cfg_write32(&pio, 1, 0x14, 0xa000_0000);
@@ -200,6 +226,7 @@ fn add_device_errors() {
     let root = PciRoot::new(pio.clone(), mmio.clone());
     let dev = Arc::new(Dummy {
         cmd: AtomicU16::new(0),
+        bars_moved: Default::default(),
     });
     let p = |addrs: Vec<u64>, device| PciPlacement {
         device,
