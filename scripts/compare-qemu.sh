@@ -264,6 +264,11 @@ except (ValueError, SystemExit):
     die("wbvmm probe --json failed", f"run '{wbvmm} probe' to see why")
 exit_us = probe.get("mmio_exit_cpl3_us")
 
+
+def probe_fig(key, fmt_):
+    v = probe.get(key)
+    return "?" if v is None else format(v, fmt_)
+
 help_text = sh(wbvmm, "--help", check=False).stdout
 wb_pin_flags = []
 wb_pin_mode = "off"
@@ -310,8 +315,10 @@ def main():
               f" ({how}; QEMU: taskset -c {opt['io_cpu']} qemu, vCPU thread from QMP query-cpus-fast -> taskset -pc {opt['vcpu_cpu']})")
     else:
         print("pinning: off")
-    if exit_us is not None:
-        print(f"probe:   exit round trip from guest CPL3 (mmio_exit_cpl3_us): {exit_us:.1f} us")
+    # The ratios below depend on these: name them beside every published figure.
+    print(f"probe:   MMIO exit round trip from guest CPL0 {probe_fig('mmio_exit_cpl0_us', '.2f')} us,"
+          f" from CPL3 {probe_fig('mmio_exit_cpl3_us', '.2f')} us;"
+          f" CPL0 loop {probe_fig('cpl0_loops_per_sec', '.3g')}/s, CPL3 loop {probe_fig('cpl3_loops_per_sec', '.3g')}/s")
     sys.stdout.flush()
 
     pin_report = {}
@@ -731,6 +738,8 @@ print("floor: %d transactions in %.3f s = %.1f trans/s" % (n, el, n / el))
     for m in modes:
         print(f"ratio wbvmm/qemu ({m}): {fmt(ratios[m], '.2f')}")
     last = ratios.get("cplus") if "cplus" in ratios else ratios[modes[0]]
+    print(f"(these ratios are this machine's: exit round trip from CPL3 {probe_fig('mmio_exit_cpl3_us', '.2f')} us;"
+          " machines of this kind differ 2-3x in exit cost, and the ratios move with it)")
     print(f"ratio wbvmm/qemu: {fmt(last, '.2f')}")
     return 0 if not failures and last is not None else 1
 
