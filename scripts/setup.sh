@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # wbvmm: set up a fresh Debian 12 (bookworm) machine for building and testing.
 #
-#   scripts/setup.sh [--no-apt] [--no-linux] [-h|--help]
+#   scripts/setup.sh [--no-apt] [--no-linux] [--no-linux-small] [-h|--help]
 #
 # Steps (each idempotent; a second run is fast and works offline):
 #   1. apt: enable Debian's non-free component (for netperf), apt-get update, install the packages
@@ -10,6 +10,11 @@
 #   3. cargo build --release of the workspace.
 #   4. guest-images/build-testguest.sh (the no_std test guest), when that script exists.
 #   5. guest-images/build-linux-guest.sh (Debian kernel + busybox/netperf initramfs).  (--no-linux)
+#   6. guest-images/build-linux-small.sh (a small kernel built from Debian's linux-source-6.1, for
+#      hosts where guest kernel mode is slow, with step 5's initramfs uncompressed and without
+#      modules). The kernel is cached in ${WBVMM_CACHE:-/var/cache/wbvmm}, outside the clone: about
+#      5 minutes on 2 cores the first time on a machine, seconds after.  (--no-linux-small;
+#      --no-linux skips it too)
 #
 # Run as root, or as a user who may use sudo (only the apt step needs root).
 set -euo pipefail
@@ -20,11 +25,13 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
 DO_APT=1
 DO_LINUX=1
+DO_LINUX_SMALL=1
 usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "${BASH_SOURCE[0]}"; }
 for arg in "$@"; do
     case "$arg" in
         --no-apt) DO_APT=0 ;;
         --no-linux) DO_LINUX=0 ;;
+        --no-linux-small) DO_LINUX_SMALL=0 ;;
         -h | --help) usage; exit 0 ;;
         *) usage >&2; wb_die "unknown option '$arg'" "see the usage above" ;;
     esac
@@ -36,6 +43,7 @@ APT_PACKAGES=(
     qemu-system-x86
     iproute2 iputils-ping socat netperf
     busybox-static cpio xz-utils zstd file python3 kmod
+    linux-source-6.1 bc bison flex libelf-dev lz4
     procps util-linux
 )
 
@@ -163,11 +171,31 @@ step_linux() {
     SUMMARY+=("linux guest: $o/{bzImage,vmlinux,initramfs.cpio.gz,VERSIONS} ($(step_time "$t0"))")
 }
 
+# ---------------------------------------------------------------------------------------------
+# 6. small Linux guest
+# ---------------------------------------------------------------------------------------------
+step_linux_small() {
+    local t0 s="$REPO/guest-images/build-linux-small.sh" o="$REPO/guest-images/out/linux-small"
+    t0=$(date +%s)
+    wb_log "building the small Linux guest (guest-images/build-linux-small.sh)"
+    [ -f "$s" ] || wb_die "guest-images/build-linux-small.sh is missing" "update your checkout"
+    bash "$s" ||
+        wb_die "guest-images/build-linux-small.sh failed" \
+            "read its output above; rerun it alone to debug (the kernel build log is printed on failure)"
+    SUMMARY+=("small linux guest: $o/{vmlinux,bzImage,initramfs.cpio,VERSIONS} ($(step_time "$t0"))")
+}
+
 if [ "$DO_APT" -eq 1 ]; then step_apt; else wb_log "apt: skipped (--no-apt)"; fi
 step_rust
 step_build
 step_testguest
 if [ "$DO_LINUX" -eq 1 ]; then step_linux; else wb_log "linux guest: skipped (--no-linux)"; SUMMARY+=("linux guest: skipped (--no-linux)"); fi
+if [ "$DO_LINUX" -eq 1 ] && [ "$DO_LINUX_SMALL" -eq 1 ]; then
+    step_linux_small
+else
+    wb_log "small linux guest: skipped (--no-linux or --no-linux-small)"
+    SUMMARY+=("small linux guest: skipped")
+fi
 
 echo
 echo "wbvmm setup done in $(step_time "$START"):"
