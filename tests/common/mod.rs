@@ -236,6 +236,11 @@ impl NetNs {
         let listen = format!("TCP-LISTEN:{port},reuseaddr,fork");
         let secs = secs.to_string();
         self.spawn(&["timeout", &secs, "socat", &listen, "PIPE"]);
+        self.wait_listen(port);
+    }
+
+    /// Wait until something listens on TCP `port` inside the namespace.
+    pub fn wait_listen(&self, port: u16) {
         let listening = wait_until(STARTUP_DEADLINE, || {
             let out = Command::new("ip")
                 .args(["netns", "exec", &self.name, "ss", "-Hltn"])
@@ -311,6 +316,8 @@ pub struct Running {
     stdin: Option<std::process::ChildStdin>,
     lines: std::sync::mpsc::Receiver<String>,
     stdout: String,
+    /// When each line arrived, since the start.
+    line_times: Vec<(Duration, String)>,
     stderr: std::thread::JoinHandle<String>,
     stats: Option<PathBuf>,
     start: Instant,
@@ -355,6 +362,7 @@ impl Running {
             child,
             lines,
             stdout: String::new(),
+            line_times: Vec::new(),
             stderr,
             stats,
             start: Instant::now(),
@@ -397,6 +405,31 @@ impl Running {
                 }
             }
         }
+    }
+
+    fn take_line(&mut self, l: String) {
+        self.line_times.push((self.start.elapsed(), l.clone()));
+        self.stdout.push_str(&l);
+    }
+
+    /// When the first line containing `needle` arrived (since the start), if it did.
+    pub fn seen_at(&self, needle: &str) -> Option<Duration> {
+        self.line_times
+            .iter()
+            .find(|(_, l)| l.contains(needle))
+            .map(|(t, _)| *t)
+    }
+
+    /// "name 12.3 s, ..." for each (name, needle) seen so far; "-" for the others.
+    pub fn stage_times(&self, stages: &[(&str, &str)]) -> String {
+        stages
+            .iter()
+            .map(|(name, needle)| match self.seen_at(needle) {
+                Some(t) => format!("{name} {:.1} s", t.as_secs_f64()),
+                None => format!("{name} -"),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
     }
 
     /// Write `line` and a newline to the guest's console.
@@ -462,7 +495,7 @@ impl Running {
 
     /// Close the console and wait for wbvmm to end by itself; killed (status None)
     /// only if it is still running after `deadline`.
-    pub fn finish(mut self, deadline: Duration) -> Output {
+    pub fn finish(&mut self, deadline: Duration) -> Output {
         drop(self.stdin.take());
         let start = Instant::now();
         let code = loop {
@@ -479,32 +512,28 @@ impl Running {
         self.collect(code)
     }
 
-    fn kill(&mut self) -> Output {
+    /// End the VM now (SIGKILL to the process this test started) and collect it.
+    pub fn kill(&mut self) -> Output {
         let _ = self.child.kill();
         let code = self.child.wait().ok().and_then(|s| s.code());
-        let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
-        Output {
-            code,
-            stdout: self.drain_stdout(),
-            stderr: stderr.join().unwrap_or_default(),
-            elapsed: self.start.elapsed(),
-        }
+        self.collect(code)
     }
 
     fn drain_stdout(&mut self) -> String {
         // The reader thread ends with the process: take every line it has.
         while let Ok(l) = self.lines.recv_timeout(Duration::from_secs(5)) {
-            self.stdout.push_str(&l);
+            self.take_line(l);
         }
         std::mem::take(&mut self.stdout)
     }
 
-    fn collect(mut self, code: Option<i32>) -> Output {
+    fn collect(&mut self, code: Option<i32>) -> Output {
         let stdout = self.drain_stdout();
+        let stderr = std::mem::replace(&mut self.stderr, std::thread::spawn(String::new));
         Output {
             code,
             stdout,
-            stderr: self.stderr.join().unwrap_or_default(),
+            stderr: stderr.join().unwrap_or_default(),
             elapsed: self.start.elapsed(),
         }
     }
