@@ -89,6 +89,9 @@ pub fn run(info: &BootInfo) -> u32 {
             }
             ("ud2", None) => unsafe { asm!("ud2", options(nomem, nostack)) },
             ("cpuid", None) => cpuid_word(),
+            ("cpl0-insns", None) => crate::cpl0test::cpl0_insns(),
+            ("syscall-probe", None) => crate::cpl0test::syscall_probe(),
+            ("cpl0-unsupported", None) => crate::cpl0test::cpl0_unsupported(),
             ("net", Some(a)) => {
                 let status = match a {
                     "up" => net::up(&net_args),

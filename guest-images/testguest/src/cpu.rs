@@ -225,6 +225,23 @@ extern "C" fn exception_handler(frame: &mut Frame) {
         frame.rip += 2; // past the ud2
         return;
     }
+    if v == 6 && frame.rip == addr_of!(entry::cpl0_run_ud2) as u64 {
+        // cpl0_run: remember where CPL3 continues (past the ud2) and iret to
+        // cpl0_run_entry at CPL0 on the kernel stack, RDI/RSI (f, arg) kept.
+        unsafe {
+            let r = &mut *core::ptr::addr_of_mut!(entry::cpl0_run_return);
+            *r = [frame.rip + 2, frame.cs, frame.rflags, frame.rsp, frame.ss];
+        }
+        frame.rip = addr_of!(entry::cpl0_run_entry) as u64;
+        frame.cs = entry::KERNEL_CS as u64;
+        frame.ss = entry::KERNEL_DS as u64;
+        frame.rsp = addr_of!(entry::kstack_top) as u64;
+        frame.rflags = 0x2;
+        return;
+    }
+    if crate::cpl0test::exception(frame) {
+        return;
+    }
     if v == 3 {
         // RIP already points past the int3.
         crate::println!(
