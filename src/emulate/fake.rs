@@ -256,6 +256,8 @@ pub struct FakeMem {
     pub accesses: AtomicU64,
     /// Accesses refused as outside RAM.
     pub refused: AtomicU64,
+    /// Pages written since the last `reset`, one bit each.
+    dirty: Vec<AtomicU64>,
 }
 
 // SAFETY: the allocation is owned and only touched through `host::*`, whose
@@ -270,12 +272,40 @@ impl FakeMem {
         // SAFETY: non-zero size.
         let base = unsafe { std::alloc::alloc_zeroed(layout) };
         assert!(!base.is_null(), "out of memory");
+        let pages = size / PAGE as usize;
         FakeMem {
             base,
             size,
             accesses: AtomicU64::new(0),
             refused: AtomicU64::new(0),
+            dirty: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
         }
+    }
+
+    fn mark(&self, gpa: u64, len: usize) {
+        let first = gpa / PAGE;
+        let last = (gpa + len.max(1) as u64 - 1) / PAGE;
+        for p in first..=last {
+            self.dirty[(p / 64) as usize].fetch_or(1 << (p % 64), Ordering::Relaxed);
+        }
+    }
+
+    /// Zero every page written since the last reset (cheaper than a new RAM).
+    pub fn reset(&self) {
+        for (i, w) in self.dirty.iter().enumerate() {
+            let mut bits = w.swap(0, Ordering::Relaxed);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as u64;
+                bits &= bits - 1;
+                let gpa = (i as u64 * 64 + b) * PAGE;
+                // SAFETY: a whole page inside the allocation.
+                unsafe {
+                    std::ptr::write_bytes((self.base as u64 + gpa) as *mut u8, 0, PAGE as usize)
+                };
+            }
+        }
+        self.accesses.store(0, Ordering::Relaxed);
+        self.refused.store(0, Ordering::Relaxed);
     }
 
     pub fn size(&self) -> u64 {
@@ -306,6 +336,7 @@ impl FakeMem {
     /// Test helpers: direct access (may cross pages).
     pub fn poke(&self, gpa: u64, data: &[u8]) {
         assert!(gpa as usize + data.len() <= self.size);
+        self.mark(gpa, data.len());
         // SAFETY: inside the allocation.
         unsafe { host::write(self.base as u64 + gpa, data) }
     }
@@ -341,17 +372,20 @@ impl GuestPhysMem for FakeMem {
     }
     fn write(&self, gpa: u64, data: &[u8]) -> Result<(), NotRam> {
         let h = self.host(gpa, data.len(), 1, true)?;
+        self.mark(gpa, data.len());
         // SAFETY: inside the allocation (checked).
         unsafe { host::write(h, data) };
         Ok(())
     }
     fn cmpxchg64(&self, gpa: u64, old: u64, new: u64) -> Result<u64, NotRam> {
         let h = self.host(gpa, 8, 8, true)?;
+        self.mark(gpa, 8);
         // SAFETY: inside the allocation, 8-aligned (the base is page-aligned).
         Ok(unsafe { host::cmpxchg64(h, old, new) })
     }
     fn cmpxchg128(&self, gpa: u64, old: u128, new: u128) -> Result<u128, NotRam> {
         let h = self.host(gpa, 16, 16, true)?;
+        self.mark(gpa, 16);
         assert!(host::has_cmpxchg16b(), "the test host lacks CMPXCHG16B");
         // SAFETY: inside the allocation, 16-aligned, host has CMPXCHG16B.
         Ok(unsafe { host::cmpxchg128(h, old, new) })

@@ -21,6 +21,7 @@
 //! supervisor XSAVE components (XSS), protection keys for supervisor pages (PKS).
 
 pub mod fake;
+pub mod fuzzing;
 mod insns;
 pub mod kvm;
 pub mod mem;

@@ -1385,3 +1385,45 @@ fn random_instructions_and_states_never_panic_or_escape_ram() {
         }
     }
 }
+
+#[test]
+fn fuzz_harness_on_random_inputs() {
+    let mut r = Rng(0x2545_f491_4f6c_dd1d);
+    let iterations = if cfg!(debug_assertions) {
+        10_000
+    } else {
+        100_000
+    };
+    for _ in 0..iterations {
+        let mut data = [0u8; 160];
+        for b in data.iter_mut() {
+            *b = r.next() as u8;
+        }
+        // Half the time, an instruction start the fallback handles.
+        if r.next() & 1 == 0 {
+            let s = SEEDS[(r.next() % SEEDS.len() as u64) as usize];
+            data[..s.len()].copy_from_slice(s);
+            data[15] |= 15;
+        }
+        super::fuzzing::run(&data);
+    }
+}
+
+/// Every stored fuzz input (fuzz/corpus/emulate, fuzz/regressions/emulate) still
+/// runs clean.
+#[test]
+fn fuzz_corpus_replay() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut n = 0;
+    for dir in ["corpus/emulate", "regressions/emulate"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let data = std::fs::read(e.path()).expect("corpus file");
+            super::fuzzing::run(&data);
+            n += 1;
+        }
+    }
+    eprintln!("replayed {n} stored fuzz inputs");
+}
