@@ -59,6 +59,10 @@ struct Results {
     verw_data: u64,
     verw_code: u64,
     ud2: u64,
+    /// (vector, error code, CR2) of the faults injected on purpose.
+    ldmxcsr_fault: [u64; 3],
+    popcnt_fault: [u64; 3],
+    int3: u64,
 }
 
 #[repr(C, align(16))]
@@ -105,6 +109,9 @@ static R: Global<Results> = Global::new(Results {
     verw_data: 0,
     verw_code: 0,
     ud2: 0,
+    ldmxcsr_fault: [0; 3],
+    popcnt_fault: [0; 3],
+    int3: 0,
 });
 
 static POPCNT_SRC: u64 = 0xff_00ff_00ff;
@@ -118,6 +125,10 @@ static UD2_RIP: Global<u64> = Global::new(u64::MAX);
 static GUARD_RIP: Global<u64> = Global::new(u64::MAX);
 static GUARD_FAULT: Global<u64> = Global::new(0);
 static GUARD_LEN: Global<u64> = Global::new(0);
+static GUARD_ERR: Global<u64> = Global::new(0);
+static GUARD_CR2: Global<u64> = Global::new(0);
+/// Not mapped by the guest (PML4 entry 2 is empty).
+const UNMAPPED: u64 = 1 << 40;
 
 fn bit(leaf: u32, sub: u32, reg: u8, b: u32) -> bool {
     let c = io::cpuid(leaf, sub);
@@ -341,6 +352,25 @@ extern "C" fn cpl0_insns_work(_arg: u64) -> u64 {
         asm!("verw {s:x}", "setz {z}", s = in(reg) entry::KERNEL_CS as u32, z = out(reg_byte) zf, options(nomem, nostack));
         r.verw_code = zf as u64;
 
+        // Faults where hardware raises them: ldmxcsr with reserved MXCSR bits
+        // (#GP(0)), popcnt from an unmapped address (#PF, error 0, CR2).
+        let bad: u32 = 0xffff_0000;
+        *GUARD_FAULT.get() = 0;
+        *GUARD_LEN.get() = 3;
+        asm!("lea {t}, [rip + 2f]", "mov [{slot}], {t}", "2:", "ldmxcsr [rdx]",
+            t = out(reg) _, slot = in(reg) GUARD_RIP.get(), in("rdx") &bad, options(nostack));
+        r.ldmxcsr_fault = [*GUARD_FAULT.get(), *GUARD_ERR.get(), 0];
+        *GUARD_FAULT.get() = 0;
+        *GUARD_LEN.get() = 5;
+        asm!("lea {t}, [rip + 2f]", "mov [{slot}], {t}", "2:", "popcnt rax, qword ptr [rdx]",
+            t = out(reg) _, slot = in(reg) GUARD_RIP.get(), in("rdx") UNMAPPED, out("rax") _, options(nostack));
+        r.popcnt_fault = [*GUARD_FAULT.get(), *GUARD_ERR.get(), *GUARD_CR2.get()];
+        *GUARD_RIP.get() = u64::MAX;
+
+        // int3 at CPL0: #BP (a trap) to the handler, which returns past it.
+        asm!("int3", options(nostack));
+        r.int3 = 1;
+
         // ud2: the #UD handler sees this RIP, counts, resumes past it.
         asm!("lea {t}, [rip + 2f]", "mov [{slot}], {t}", "2:", "ud2",
             t = out(reg) _, slot = in(reg) UD2_RIP.get(), options(nostack));
@@ -357,8 +387,12 @@ pub fn exception(frame: &mut Frame) -> bool {
         return true;
     }
     if frame.rip == unsafe { *GUARD_RIP.get() } {
+        let cr2: u64;
+        unsafe { asm!("mov {}, cr2", out(reg) cr2, options(nomem, nostack, preserves_flags)) };
         unsafe {
             *GUARD_FAULT.get() = frame.vector;
+            *GUARD_ERR.get() = frame.error;
+            *GUARD_CR2.get() = cr2;
             frame.rip += *GUARD_LEN.get();
         }
         return true;
@@ -503,6 +537,15 @@ pub fn cpl0_insns() {
         r.verw_code
     );
     println!("cpl0: ud2 -> #UD handled={}", r.ud2);
+    println!(
+        "cpl0: ldmxcsr(0xffff0000) -> vector={} error=0x{:x}",
+        r.ldmxcsr_fault[0], r.ldmxcsr_fault[1]
+    );
+    println!(
+        "cpl0: popcnt([0x{:x}]) -> vector={} error=0x{:x} cr2=0x{:x}",
+        UNMAPPED, r.popcnt_fault[0], r.popcnt_fault[1], r.popcnt_fault[2]
+    );
+    println!("cpl0: int3 -> #BP returned={}", r.int3);
     println!("cpl0-insns: back at cpl={}", io::cpl());
 }
 
