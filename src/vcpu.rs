@@ -458,8 +458,8 @@ fn handle_internal_error(
     let mut decoded = None;
     if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
         match emulator.handle(vcpu, memory, &insn, emulated) {
-            Ok(m) => {
-                if m == iced_x86::Mnemonic::Int3 || m == iced_x86::Mnemonic::Int {
+            Ok((_, delivered)) => {
+                if delivered == Some(3) {
                     c.int3_injected += 1;
                 }
                 return None;

@@ -51,6 +51,7 @@ fn cpl0_instructions_give_hardware_results() {
         "cpl0: ldmxcsr(0xffff0000) -> vector=13 error=0x0",
         "cpl0: popcnt([0x10000000000]) -> vector=14 error=0x0 cr2=0x10000000000",
         "cpl0: int3 -> #BP returned=1",
+        "cpl0: int 0x80 -> rax=0x42",
         "cpl0-insns: back at cpl=3",
     ] {
         expect(&o, exact);
@@ -112,6 +113,7 @@ fn cpl0_instructions_give_hardware_results() {
         ("wait", 1),
         ("ldmxcsr", 3),
         ("int3", 1),
+        ("int", 1),
         ("stmxcsr", 1),
         ("verw", 2),
     ] {

@@ -20,6 +20,9 @@ pub(crate) enum Done {
     Jumped,
     /// A trap: RIP goes past it and the exception is delivered.
     Trap(Exception),
+    /// A software interrupt that passed its gate checks: RIP goes past it and
+    /// the vector is delivered through the IDT.
+    Interrupt(u8),
 }
 
 const KVM_ENOSYS: i64 = 1000;
@@ -29,8 +32,8 @@ pub(crate) fn execute<C: CpuState, M: GuestPhysMem>(x: &mut Ctx<C, M>, i: &Instr
     use Code::*;
     let next = |r: R<()>| r.map(|()| Done::Next);
     match i.code() {
-        Int3 => int3(x),
-        Int_imm8 if i.immediate8() == 3 => int3(x),
+        Int3 => soft_int(x, 3),
+        Int_imm8 => soft_int(x, i.immediate8()),
         Wait => next(xsave::fwait(x)),
         Popcnt_r16_rm16 | Popcnt_r32_rm32 | Popcnt_r64_rm64 => next(popcnt(x, i)),
         Cmpxchg8b_m64 => next(cmpxchg8b(x, i)),
@@ -86,33 +89,47 @@ pub(crate) fn execute<C: CpuState, M: GuestPhysMem>(x: &mut Ctx<C, M>, i: &Instr
     }
 }
 
-/// `int3` / `int 3`: #BP as a trap (RIP past the instruction). In protected mode a
-/// software interrupt checks the gate first: beyond the IDT limit or not an
-/// interrupt/trap/task gate → #GP(3*8+2), gate DPL < CPL → #GP(3*8+2), gate not
-/// present → #NP(3*8+2). If the gate cannot be read, #BP is delivered and the
-/// delivery itself meets the problem.
-fn int3<C: CpuState, M: GuestPhysMem>(x: &mut Ctx<C, M>) -> R<Done> {
-    let bp = Exception::new(BP);
-    if !x.mode.protected || x.mode.vm86 {
-        return Ok(Done::Trap(bp));
+/// `int3`, `int n`: a software interrupt. In protected mode the gate is checked
+/// first, as hardware does: beyond the IDT limit or not an interrupt/trap (or,
+/// outside long mode, task) gate → #GP(n*8+2), gate DPL < CPL → #GP(n*8+2), not
+/// present → #NP(n*8+2). Then #BP is delivered as a trap (RIP past the
+/// instruction), any other vector as an interrupt with RIP past the instruction,
+/// which pushes the same return address. If the gate cannot be read the vector is
+/// delivered anyway and the delivery itself meets the problem.
+fn soft_int<C: CpuState, M: GuestPhysMem>(x: &mut Ctx<C, M>, vector: u8) -> R<Done> {
+    let done = if vector == BP {
+        Done::Trap(Exception::new(BP))
+    } else {
+        Done::Interrupt(vector)
+    };
+    if !x.mode.protected {
+        return Ok(done);
     }
-    let code = 3 * 8 + 2;
+    if x.mode.vm86 {
+        return if vector == BP {
+            Ok(done)
+        } else {
+            unsupported("int n in virtual-8086 mode")
+        };
+    }
+    let code = u32::from(vector) * 8 + 2;
     let idt = x.cpu.idt();
     let long = x.cpu.efer() & EFER_LMA != 0;
     let esz: u64 = if long { 16 } else { 8 };
-    if 3 * esz + esz - 1 > u64::from(idt.limit) {
+    let at = u64::from(vector) * esz;
+    if at + esz - 1 > u64::from(idt.limit) {
         return Err(Stop::Exc(Exception::with_code(GP, code)));
     }
-    let la = idt.base.wrapping_add(3 * esz);
+    let la = idt.base.wrapping_add(at);
     let Ok(pa) = x.translate(la, AccessKind::Read, true) else {
-        return Ok(Done::Trap(bp));
+        return Ok(done);
     };
     let mut b = [0u8; 8];
     if x.mem.read(pa, &mut b).is_err() {
-        return Ok(Done::Trap(bp));
+        return Ok(done);
     }
     let d = u64::from_le_bytes(b);
-    let ty = (d >> 40) & 0xf;
+    let ty = (d >> 40) & 0x1f;
     let dpl = ((d >> 45) & 3) as u8;
     let present = d >> 47 & 1 != 0;
     let type_ok = if long {
@@ -126,7 +143,7 @@ fn int3<C: CpuState, M: GuestPhysMem>(x: &mut Ctx<C, M>) -> R<Done> {
     if !present {
         return Err(Stop::Exc(Exception::with_code(NP, code)));
     }
-    Ok(Done::Trap(bp))
+    Ok(done)
 }
 
 fn op_size(i: &Instruction) -> usize {

@@ -302,6 +302,22 @@ impl<'a> KvmCpu<'a> {
     }
 }
 
+impl KvmCpu<'_> {
+    /// Deliver `vector` through the IDT on the next entry, as an interrupt whose
+    /// delivery is under way (KVM re-injects it whatever RFLAGS.IF says).
+    pub fn inject_interrupt(&mut self, vector: u8) -> Result<(), String> {
+        let v = self.vcpu;
+        let mut ev = v
+            .get_vcpu_events()
+            .map_err(|e| format!("KVM_GET_VCPU_EVENTS failed: {e}"))?;
+        ev.interrupt.injected = 1;
+        ev.interrupt.nr = vector;
+        ev.interrupt.soft = 0;
+        v.set_vcpu_events(&ev)
+            .map_err(|e| format!("KVM_SET_VCPU_EVENTS failed: {e}"))
+    }
+}
+
 fn fpu_to_image(f: &kvm_fpu) -> Vec<u8> {
     let mut v = vec![0u8; 4096];
     v[0..2].copy_from_slice(&f.fcw.to_le_bytes());
@@ -574,15 +590,16 @@ impl VcpuEmulator {
     }
 
     /// Emulate the instruction KVM failed on (`insn`: the bytes KVM fetched) and
-    /// leave the vCPU ready to resume, counting it in `stats`. Err: the VM cannot
-    /// go on; the text says which instruction and why.
+    /// leave the vCPU ready to resume, counting it in `stats`. Ok: the mnemonic and
+    /// the vector delivered to the guest, if any. Err: the VM cannot go on; the
+    /// text says which instruction and why.
     pub fn handle(
         &mut self,
         vcpu: &VcpuFd,
         memory: &SlotRegistry,
         insn: &[u8],
         stats: &mut EmulationStats,
-    ) -> Result<Mnemonic, String> {
+    ) -> Result<(Mnemonic, Option<u8>), String> {
         let t0 = Instant::now();
         let snap = memory.load();
         let mem = SlotMem { snap: &snap };
@@ -591,10 +608,10 @@ impl VcpuEmulator {
         if let Some(e) = cpu.error.take() {
             return Err(e);
         }
-        let mnemonic = match outcome {
+        let done = match outcome {
             Outcome::Emulated { mnemonic } => {
                 cpu.commit()?;
-                mnemonic
+                (mnemonic, None)
             }
             Outcome::Exception {
                 mnemonic,
@@ -602,11 +619,16 @@ impl VcpuEmulator {
             } => {
                 cpu.commit()?;
                 cpu.inject(&exception)?;
-                mnemonic
+                (mnemonic, Some(exception.vector))
+            }
+            Outcome::Interrupt { mnemonic, vector } => {
+                cpu.commit()?;
+                cpu.inject_interrupt(vector)?;
+                (mnemonic, Some(vector))
             }
             Outcome::Unsupported { text } => return Err(text),
         };
-        stats.record(mnemonic, t0.elapsed().as_nanos() as u64);
-        Ok(mnemonic)
+        stats.record(done.0, t0.elapsed().as_nanos() as u64);
+        Ok(done)
     }
 }

@@ -89,6 +89,9 @@ pub enum Outcome {
         mnemonic: Mnemonic,
         exception: Exception,
     },
+    /// Deliver `vector` as an interrupt (a software `int n` whose gate checks
+    /// passed); RIP is past the instruction.
+    Interrupt { mnemonic: Mnemonic, vector: u8 },
     /// Not covered: `text` has the decoded instruction and why.
     Unsupported { text: String },
 }
@@ -542,6 +545,10 @@ pub fn emulate(cpu: &mut impl CpuState, mem: &impl GuestPhysMem, insn_bytes: &[u
             Outcome::Emulated { mnemonic }
         }
         Ok(insns::Done::Jumped) => Outcome::Emulated { mnemonic },
+        Ok(insns::Done::Interrupt(vector)) => {
+            advance(&mut x, &i);
+            Outcome::Interrupt { mnemonic, vector }
+        }
         Ok(insns::Done::Trap(e)) => {
             advance(&mut x, &i);
             Outcome::Exception {

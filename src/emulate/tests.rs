@@ -91,7 +91,12 @@ fn pf(code: u32, la: u64) -> Exception {
 fn faults(cpu: &mut FakeCpu, mem: &FakeMem, bytes: &[u8]) -> Exception {
     let before = cpu.clone();
     let o = run(cpu, mem, bytes);
-    assert_eq!(*cpu, before, "a faulting instruction changed the state");
+    assert!(
+        *cpu == before,
+        "a faulting instruction changed the state: {o:?}, RIP {:#x} -> {:#x}",
+        before.rip,
+        cpu.rip
+    );
     exc(&o)
 }
 
@@ -1190,6 +1195,51 @@ fn int3_is_a_trap_and_checks_the_gate() {
 }
 
 #[test]
+fn int_n_checks_the_gate_then_delivers_an_interrupt() {
+    let (mut u, m) = setup_with(true);
+    let idt = SUP;
+    u.idt = DescTable {
+        base: idt,
+        limit: 0xfff,
+    };
+    // int 0x80 with a DPL3 interrupt gate: delivered, RIP past it.
+    m.poke_u64(idt + 0x80 * 16, 0x0000_ee00_0008_0000);
+    let o = run(&mut u, &m, &[0xcd, 0x80]);
+    assert_eq!(
+        o,
+        Outcome::Interrupt {
+            mnemonic: Mnemonic::Int,
+            vector: 0x80
+        }
+    );
+    assert_eq!(u.rip, CODE + 2);
+    // No gate (a zero descriptor): #GP(0x80*8+2); a DPL0 gate from CPL3 too.
+    u.rip = CODE;
+    assert_eq!(faults(&mut u, &m, &[0xcd, 0x81]), gp(0x81 * 8 + 2));
+    m.poke_u64(idt + 0x80 * 16, 0x0000_8e00_0008_0000);
+    assert_eq!(faults(&mut u, &m, &[0xcd, 0x80]), gp(0x80 * 8 + 2));
+    // Real mode: no checks (the IVT has no DPL).
+    let (mut c, m) = setup();
+    c.cr0 = 0;
+    c.efer = 0;
+    for s in c.segs.iter_mut() {
+        s.l = false;
+        s.db = false;
+        s.limit = 0xffff;
+    }
+    c.rip = 0x7c00;
+    let o = run(&mut c, &m, &[0xcd, 0x10]);
+    assert_eq!(
+        o,
+        Outcome::Interrupt {
+            mnemonic: Mnemonic::Int,
+            vector: 0x10
+        }
+    );
+    assert_eq!(c.rip, 0x7c02);
+}
+
+#[test]
 fn unserved_hypercall_answers_enosys() {
     let (mut c, m) = setup();
     c.gprs[RAX] = 9; // KVM_HC_CLOCK_PAIRING
@@ -1380,7 +1430,7 @@ fn random_instructions_and_states_never_panic_or_escape_ram() {
         let o = emulate(&mut c, &m, &bytes[..len]);
         if let Outcome::Exception { exception, .. } = &o {
             if exception.vector != BP {
-                assert_eq!(c, before, "fault changed state: {bytes:02x?} {o:?}");
+                assert!(c == before, "fault changed state: {bytes:02x?} {o:?}");
             }
         }
     }

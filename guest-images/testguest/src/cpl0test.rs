@@ -63,6 +63,7 @@ struct Results {
     ldmxcsr_fault: [u64; 3],
     popcnt_fault: [u64; 3],
     int3: u64,
+    int80: u64,
 }
 
 #[repr(C, align(16))]
@@ -112,6 +113,7 @@ static R: Global<Results> = Global::new(Results {
     ldmxcsr_fault: [0; 3],
     popcnt_fault: [0; 3],
     int3: 0,
+    int80: 0,
 });
 
 static POPCNT_SRC: u64 = 0xff_00ff_00ff;
@@ -370,6 +372,10 @@ extern "C" fn cpl0_insns_work(_arg: u64) -> u64 {
         // int3 at CPL0: #BP (a trap) to the handler, which returns past it.
         asm!("int3", options(nostack));
         r.int3 = 1;
+        // int 0x80 at CPL0 through its DPL 3 gate: the handler adds 1 to RAX.
+        let mut v: u64 = 0x41;
+        asm!("int 0x80", inout("rax") v, options(nostack));
+        r.int80 = v;
 
         // ud2: the #UD handler sees this RIP, counts, resumes past it.
         asm!("lea {t}, [rip + 2f]", "mov [{slot}], {t}", "2:", "ud2",
@@ -546,6 +552,7 @@ pub fn cpl0_insns() {
         UNMAPPED, r.popcnt_fault[0], r.popcnt_fault[1], r.popcnt_fault[2]
     );
     println!("cpl0: int3 -> #BP returned={}", r.int3);
+    println!("cpl0: int 0x80 -> rax=0x{:x}", r.int80);
     println!("cpl0-insns: back at cpl={}", io::cpl());
 }
 

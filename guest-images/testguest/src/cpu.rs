@@ -118,6 +118,11 @@ extern "C" fn cpl0_main(start_info: u64) -> ! {
             idt[2 * v + 1] = g[1];
         }
 
+        // Vector 0x80, DPL 3: `int 0x80` from CPL3 (the `int80` word).
+        let g = gate(addr_of!(entry::isr_int80) as u64, 3, 1);
+        idt[2 * 0x80] = g[0];
+        idt[2 * 0x80 + 1] = g[1];
+
         let t = TSS.get();
         (*t).tss.rsp[0] = addr_of!(entry::kstack_top) as u64;
         (*t).tss.ist[0] = addr_of!(entry::ist_stack_top) as u64;
@@ -240,6 +245,17 @@ extern "C" fn exception_handler(frame: &mut Frame) {
         return;
     }
     if crate::cpl0test::exception(frame) {
+        return;
+    }
+    if v == 0x80 {
+        // `int80`: answer RAX + 1, prove where it ran.
+        crate::println!(
+            "int80: vector=0x80 at cpl={} from cs=0x{:x} rax=0x{:x}",
+            io::cpl(),
+            frame.cs,
+            frame.rax
+        );
+        frame.rax += 1;
         return;
     }
     if v == 3 {

@@ -23,6 +23,8 @@ extern "C" {
     pub static mut gdt_tss: [u64; 2];
     /// Addresses of the 32 exception stubs.
     pub static isr_table: [u64; 32];
+    /// The stub of vector 0x80 (a DPL 3 gate: the `int80` word).
+    pub static isr_int80: u8;
     /// CPL3 -> CPL0 service call (see `cpu::Cpl0Request`); returns RAX.
     pub fn cpl0_call(request: u64) -> u64;
     /// The `ud2` inside `cpl0_call`.
@@ -180,9 +182,11 @@ isr_\vec:
     jmp isr_common
     .endm
 
-    .irp v, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31
+    .irp v, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31,128
     ISR_NOERR \v
     .endr
+    .global isr_int80
+    .set isr_int80, isr_128
     .irp v, 8,10,11,12,13,14,17,21,29,30
     ISR_ERR \v
     .endr
