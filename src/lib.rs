@@ -4,6 +4,7 @@ pub mod boot;
 pub mod coalesced;
 pub mod config;
 pub mod cpuid;
+pub mod emulate;
 pub mod exit;
 pub mod kvm_stats;
 pub mod latency;

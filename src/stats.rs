@@ -24,6 +24,8 @@ pub struct VmStats<'a> {
     /// wbvmm's handling time per exit kind (KVM_RUN return to the next KVM_RUN).
     pub exit_latency: BTreeMap<&'static str, LatencySummary>,
     pub exits_by_device: Vec<DeviceExits>,
+    /// Emulation fallbacks per mnemonic: count and total handling time.
+    pub emulated: &'a crate::emulate::EmulationStats,
     pub interrupts: &'a InterruptCounts,
     pub memory: &'a MemoryStats,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -75,6 +77,7 @@ impl<'a> VmStats<'a> {
                     count: *n,
                 })
                 .collect(),
+            emulated: &r.emulated,
             interrupts: &r.interrupts,
             memory: &r.memory,
             net: r.net.as_ref(),

@@ -9,6 +9,8 @@ use wbvmm_devices::legacy::{ExitSink, GuestExitRequest};
 use wbvmm_devices::Bus;
 
 use crate::coalesced::CoalescedRing;
+use crate::emulate::kvm::VcpuEmulator;
+use crate::emulate::EmulationStats;
 use crate::latency::{ExitKind, ExitLatencies};
 use crate::memory::{fill_open_bus, MemoryStats, MmioRoute, MmioRouter, SlotRegistry};
 use std::collections::HashMap;
@@ -38,6 +40,8 @@ pub enum VmOutcome {
         cpl: u8,
         insn: Vec<u8>,
         data: Vec<u64>,
+        /// The emulation fallback's reading of the instruction and why it stopped.
+        decoded: Option<String>,
     },
     /// VM entry failed (invalid guest state).
     FailEntry {
@@ -85,6 +89,7 @@ impl VmOutcome {
                 cpl,
                 insn,
                 data,
+                decoded,
             } => {
                 let what = match suberror {
                     1 => "instruction emulation failed",
@@ -94,8 +99,12 @@ impl VmOutcome {
                     _ => "internal error",
                 };
                 let bytes: Vec<String> = insn.iter().map(|b| format!("{b:02x}")).collect();
+                let decoded = decoded
+                    .as_ref()
+                    .map(|d| format!(", decoded {d}"))
+                    .unwrap_or_default();
                 Some(format!(
-                    "KVM internal error on vCPU {vcpu}: {what} (suberror {suberror}) at RIP {rip:#x}, CPL {cpl}, instruction bytes [{}], data {data:x?}",
+                    "KVM internal error on vCPU {vcpu}: {what} (suberror {suberror}) at RIP {rip:#x}, CPL {cpl}, instruction bytes [{}]{decoded}, data {data:x?}",
                     bytes.join(" ")
                 ))
             }
@@ -225,11 +234,13 @@ pub struct VcpuStats {
     pub latency: Box<ExitLatencies>,
     pub by_device: HashMap<DeviceKey, u64>,
     pub memory: MemoryStats,
+    pub emulated: EmulationStats,
 }
 
 impl VcpuStats {
     pub fn merge(&mut self, o: &VcpuStats) {
         self.exits.add(&o.exits);
+        self.emulated.merge(&o.emulated);
         self.latency.merge(&o.latency);
         for (k, v) in &o.by_device {
             *self.by_device.entry(*k).or_default() += v;
@@ -272,6 +283,7 @@ pub fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
     let mut st = VcpuStats::default();
     let mut router = MmioRouter::new(ctx.mmio_cache);
     let mut answered = 0u64;
+    let mut emulator = VcpuEmulator::new(&vcpu);
     let fail = |o: VmOutcome| ctx.exit.finish(o);
     while !ctx.exit.stopping() {
         let result = vcpu.run();
@@ -363,7 +375,8 @@ pub fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
                 None
             }
             Ok(VcpuExit::InternalError) => {
-                if let Some(outcome) = handle_internal_error(&mut vcpu, ctx.id, c) {
+                let fallback = (&mut emulator, ctx.memory.as_ref(), &mut st.emulated);
+                if let Some(outcome) = handle_internal_error(&mut vcpu, ctx.id, c, fallback) {
                     fail(outcome);
                 }
                 Some(ExitKind::Other)
@@ -413,9 +426,16 @@ pub fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
     st
 }
 
-/// KVM's emulator (which runs all guest kernel code on a nested PVM host) fails on
-/// `int3`; deliver the #BP the guest expected instead. Anything else ends the VM.
-fn handle_internal_error(vcpu: &mut VcpuFd, id: u32, c: &mut ExitCounters) -> Option<VmOutcome> {
+/// KVM's emulator (which runs all guest kernel code on a nested PVM host) lacks some
+/// instructions; with KVM_CAP_EXIT_ON_EMULATION_FAILURE they come here and the
+/// fallback (`emulate`) carries them out or injects the exception hardware would
+/// raise. Whatever it cannot do, and every other internal error, ends the VM.
+fn handle_internal_error(
+    vcpu: &mut VcpuFd,
+    id: u32,
+    c: &mut ExitCounters,
+    (emulator, memory, emulated): (&mut VcpuEmulator, &SlotRegistry, &mut EmulationStats),
+) -> Option<VmOutcome> {
     let run = vcpu.get_kvm_run();
     // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` and
     // `emulation_failure` are the union members KVM filled.
@@ -435,32 +455,28 @@ fn handle_internal_error(vcpu: &mut VcpuFd, id: u32, c: &mut ExitCounters) -> Op
         }
         (internal.suberror, internal.data[..n].to_vec(), insn)
     };
-    let regs = vcpu.get_regs().ok();
-    let sregs = vcpu.get_sregs().ok();
-    let rip = regs.map(|r| r.rip).unwrap_or(0);
-    let cpl = sregs.map(|s| s.cs.selector as u8 & 3).unwrap_or(0);
-    let is_int3 = matches!(insn.first(), Some(0xcc)) || insn.starts_with(&[0xcd, 0x03]);
-    if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION && is_int3 {
-        if let (Some(mut r), Ok(mut ev)) = (regs, vcpu.get_vcpu_events()) {
-            // #BP is a trap: the saved RIP points past the instruction.
-            r.rip += if insn[0] == 0xcc { 1 } else { 2 };
-            ev.exception.injected = 1;
-            ev.exception.nr = 3;
-            ev.exception.has_error_code = 0;
-            ev.exception.pending = 0;
-            if vcpu.set_regs(&r).is_ok() && vcpu.set_vcpu_events(&ev).is_ok() {
-                c.int3_injected += 1;
+    let mut decoded = None;
+    if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
+        match emulator.handle(vcpu, memory, &insn, emulated) {
+            Ok((_, delivered)) => {
+                if delivered == Some(3) {
+                    c.int3_injected += 1;
+                }
                 return None;
             }
+            Err(text) => decoded = Some(text),
         }
     }
+    let regs = vcpu.get_regs().ok();
+    let sregs = vcpu.get_sregs().ok();
     Some(VmOutcome::InternalError {
         vcpu: id,
         suberror,
-        rip,
-        cpl,
+        rip: regs.map(|r| r.rip).unwrap_or(0),
+        cpl: sregs.map(|s| s.cs.selector as u8 & 3).unwrap_or(0),
         insn,
         data,
+        decoded,
     })
 }
 
@@ -485,11 +501,15 @@ mod tests {
             cpl: 0,
             insn: vec![0x0f, 0xc7],
             data: vec![],
+            decoded: Some("`cmpxchg16b [rbp]`: not emulated".into()),
         };
         assert_eq!(ie.exit_code(), EXIT_INTERNAL_ERROR);
         let line = ie.failure_line().unwrap();
         assert!(
-            line.contains("RIP 0x1000") && line.contains("CPL 0") && line.contains("0f c7"),
+            line.contains("RIP 0x1000")
+                && line.contains("CPL 0")
+                && line.contains("0f c7")
+                && line.contains("decoded `cmpxchg16b [rbp]`"),
             "{line}"
         );
         assert!(VmOutcome::DebugExit(0).failure_line().is_none());

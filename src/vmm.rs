@@ -268,6 +268,18 @@ pub fn create_vm(kvm: &Kvm) -> Result<VmFd, VmmError> {
         }
     }
     let vm = kvm.create_vm().map_err(kvm_err("create a VM"))?;
+    // Instructions KVM's emulator cannot run come to wbvmm's fallback (crate::emulate)
+    // instead of turning into a #UD (or a silent retry loop) inside KVM.
+    if kvm.check_extension_raw(u64::from(kvm_bindings::KVM_CAP_EXIT_ON_EMULATION_FAILURE)) > 0 {
+        let cap = kvm_bindings::kvm_enable_cap {
+            cap: kvm_bindings::KVM_CAP_EXIT_ON_EMULATION_FAILURE,
+            args: [1, 0, 0, 0],
+            ..Default::default()
+        };
+        if let Err(e) = vm.enable_cap(&cap) {
+            log::warn!("KVM_CAP_EXIT_ON_EMULATION_FAILURE offered but not enabled: {e}");
+        }
+    }
     vm.set_identity_map_address(KVM_IDENTITY_MAP_START)
         .map_err(kvm_err("set the identity map address"))?;
     vm.set_tss_address(KVM_TSS_START as usize)
@@ -752,6 +764,8 @@ pub struct RunReport {
     pub exits: ExitCounters,
     pub exit_latency: Box<crate::latency::ExitLatencies>,
     pub exits_by_device: Vec<(DeviceKey, u64)>,
+    /// Instructions the emulation fallback carried out, by mnemonic.
+    pub emulated: crate::emulate::EmulationStats,
     pub interrupts: InterruptCounts,
     pub memory: MemoryStats,
     pub kvm: Option<KvmReport>,
@@ -915,6 +929,7 @@ impl RunningVm {
             exits: all.exits,
             exit_latency: all.latency,
             exits_by_device,
+            emulated: all.emulated,
             interrupts: InterruptCounts {
                 serial: self.vmm.serial_irq.raised.load(Ordering::Relaxed),
                 nic: self

@@ -88,7 +88,15 @@ pub fn run(info: &BootInfo) -> u32 {
                 println!("int3: returned");
             }
             ("ud2", None) => unsafe { asm!("ud2", options(nomem, nostack)) },
+            ("int80", None) => {
+                let mut v: u64 = 0x7f;
+                unsafe { asm!("int 0x80", inout("rax") v, options(nostack)) };
+                println!("int80: returned rax=0x{:x}", v);
+            }
             ("cpuid", None) => cpuid_word(),
+            ("cpl0-insns", None) => crate::cpl0test::cpl0_insns(),
+            ("syscall-probe", None) => crate::cpl0test::syscall_probe(),
+            ("cpl0-unsupported", None) => crate::cpl0test::cpl0_unsupported(),
             ("net", Some(a)) => {
                 let status = match a {
                     "up" => net::up(&net_args),

@@ -118,6 +118,11 @@ extern "C" fn cpl0_main(start_info: u64) -> ! {
             idt[2 * v + 1] = g[1];
         }
 
+        // Vector 0x80, DPL 3: `int 0x80` from CPL3 (the `int80` word).
+        let g = gate(addr_of!(entry::isr_int80) as u64, 3, 1);
+        idt[2 * 0x80] = g[0];
+        idt[2 * 0x80 + 1] = g[1];
+
         let t = TSS.get();
         (*t).tss.rsp[0] = addr_of!(entry::kstack_top) as u64;
         (*t).tss.ist[0] = addr_of!(entry::ist_stack_top) as u64;
@@ -223,6 +228,34 @@ extern "C" fn exception_handler(frame: &mut Frame) {
             _ => CPL0_UNKNOWN,
         };
         frame.rip += 2; // past the ud2
+        return;
+    }
+    if v == 6 && frame.rip == addr_of!(entry::cpl0_run_ud2) as u64 {
+        // cpl0_run: remember where CPL3 continues (past the ud2) and iret to
+        // cpl0_run_entry at CPL0 on the kernel stack, RDI/RSI (f, arg) kept.
+        unsafe {
+            let r = &mut *core::ptr::addr_of_mut!(entry::cpl0_run_return);
+            *r = [frame.rip + 2, frame.cs, frame.rflags, frame.rsp, frame.ss];
+        }
+        frame.rip = addr_of!(entry::cpl0_run_entry) as u64;
+        frame.cs = entry::KERNEL_CS as u64;
+        frame.ss = entry::KERNEL_DS as u64;
+        frame.rsp = addr_of!(entry::kstack_top) as u64;
+        frame.rflags = 0x2;
+        return;
+    }
+    if crate::cpl0test::exception(frame) {
+        return;
+    }
+    if v == 0x80 {
+        // `int80`: answer RAX + 1, prove where it ran.
+        crate::println!(
+            "int80: vector=0x80 at cpl={} from cs=0x{:x} rax=0x{:x}",
+            io::cpl(),
+            frame.cs,
+            frame.rax
+        );
+        frame.rax += 1;
         return;
     }
     if v == 3 {

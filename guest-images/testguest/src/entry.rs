@@ -15,6 +15,7 @@
 use core::arch::global_asm;
 
 pub const KERNEL_CS: u16 = 0x08;
+pub const KERNEL_DS: u16 = 0x10;
 pub const TSS_SEL: u16 = 0x28;
 
 extern "C" {
@@ -22,6 +23,8 @@ extern "C" {
     pub static mut gdt_tss: [u64; 2];
     /// Addresses of the 32 exception stubs.
     pub static isr_table: [u64; 32];
+    /// The stub of vector 0x80 (a DPL 3 gate: the `int80` word).
+    pub static isr_int80: u8;
     /// CPL3 -> CPL0 service call (see `cpu::Cpl0Request`); returns RAX.
     pub fn cpl0_call(request: u64) -> u64;
     /// The `ud2` inside `cpl0_call`.
@@ -44,6 +47,21 @@ extern "C" {
     pub static __image_start: u8;
     /// `iretq` to CPL3 at `rip` with stack `rsp`, IOPL 3, IF 0; `arg` in RDI.
     pub fn enter_user(rip: u64, rsp: u64, arg: u64) -> !;
+    /// CPL3 -> `f(arg)` at CPL0 on the kernel stack, outside any exception
+    /// handler (so `f` may fault and be resumed); returns its result.
+    pub fn cpl0_run(f: extern "C" fn(u64) -> u64, arg: u64) -> u64;
+    /// The `ud2` inside `cpl0_run`.
+    pub static cpl0_run_ud2: u8;
+    /// Where the #UD handler sends `cpl0_run` (at CPL0, kernel stack).
+    pub static cpl0_run_entry: u8;
+    /// The CPL3 context `cpl0_run_entry` returns to: rip, cs, rflags, rsp, ss.
+    pub static mut cpl0_run_return: [u64; 5];
+    /// The boot PML4 (`syscall-probe` adds a supervisor-only alias).
+    pub static mut pml4: [u64; 512];
+    /// `syscall-probe`'s LSTAR target (see `cpl0test`), and what it saw:
+    /// landed (1), CS, RCX, R11, RFLAGS.
+    pub static syscall_probe_entry: u8;
+    pub static mut syscall_probe_seen: [u64; 5];
 }
 
 // PVH entry note (XEN_ELFNOTE_PHYS32_ENTRY = 18, owner "Xen"). The
@@ -164,9 +182,11 @@ isr_\vec:
     jmp isr_common
     .endm
 
-    .irp v, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31
+    .irp v, 0,1,2,3,4,5,6,7,9,15,16,18,19,20,22,23,24,25,26,27,28,31,128
     ISR_NOERR \v
     .endr
+    .global isr_int80
+    .set isr_int80, isr_128
     .irp v, 8,10,11,12,13,14,17,21,29,30
     ISR_ERR \v
     .endr
@@ -223,6 +243,53 @@ cpl0_call_ud2:
     ud2
     ret
 
+    # cpl0_run(f: rdi, arg: rsi) -> rax: like cpl0_call, but the #UD handler
+    # (cpu::exception_handler) saves the CPL3 return context and irets to
+    # cpl0_run_entry at CPL0 on the kernel stack, which calls f(arg) and
+    # irets back to CPL3 after the ud2. Callee-saved registers survive (f is
+    # a C function); caller-saved ones are clobbered, as for any call.
+    .global cpl0_run, cpl0_run_ud2, cpl0_run_entry
+cpl0_run:
+cpl0_run_ud2:
+    ud2
+    ret
+cpl0_run_entry:
+    and $-16, %rsp
+    mov %rdi, %rax
+    mov %rsi, %rdi
+    call *%rax
+    mov $cpl0_run_return, %rcx
+    pushq 32(%rcx)              # SS
+    pushq 24(%rcx)              # RSP
+    pushq 16(%rcx)              # RFLAGS
+    pushq 8(%rcx)               # CS
+    pushq 0(%rcx)               # RIP
+    iretq
+
+    # syscall-probe's LSTAR target, reached through a supervisor-only alias
+    # of the image (cpl0test). Records CS, RCX, R11, RFLAGS as it landed,
+    # then returns: sysretq at CPL0, by hand if it landed at CPL3.
+    .global syscall_probe_entry
+syscall_probe_entry:
+    mov %rcx, syscall_probe_seen + 16
+    mov %r11, syscall_probe_seen + 24
+    xor %eax, %eax
+    mov %cs, %ax
+    mov %rax, syscall_probe_seen + 8
+    pushfq
+    pop %rax
+    mov %rax, syscall_probe_seen + 32
+    movq $1, syscall_probe_seen
+    testq $3, syscall_probe_seen + 8
+    jnz 1f
+    sysretq
+1:
+    lea -128(%rsp), %rsp        # past the interrupted code's red zone
+    push %r11
+    popfq
+    lea 128(%rsp), %rsp
+    jmp *%rcx
+
     # At CPL0: load an empty IDT and fault. #UD cannot be delivered, nor
     # the #GP, nor the #DF: a triple fault (shutdown). ud2 rather than int3:
     # the CPL0 emulator fails on int3 instead of raising the exception.
@@ -254,6 +321,7 @@ global_asm!(
     r#"
     .section .data.pagetables, "aw"
     .p2align 12
+    .global pml4
 pml4:
     .quad pdpt + 0x7
     .fill 511, 8, 0
@@ -280,6 +348,11 @@ pd:
     .global boot_tsc
 boot_tsc:
     .quad 0
+    .global cpl0_run_return, syscall_probe_seen
+cpl0_run_return:
+    .quad 0, 0, 0, 0, 0
+syscall_probe_seen:
+    .quad 0, 0, 0, 0, 0
 
     .section .data.gdt, "aw"
     .p2align 4

@@ -10,6 +10,7 @@
 #![no_main]
 
 mod commands;
+mod cpl0test;
 mod cpu;
 mod entry;
 // Port I/O helpers the current commands do not all use yet (the PCI
