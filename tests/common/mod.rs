@@ -393,7 +393,7 @@ impl Running {
                 .lines
                 .recv_timeout(left.min(Duration::from_millis(200)))
             {
-                Ok(l) => self.stdout.push_str(&l),
+                Ok(l) => self.take_line(l),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {}
                 Err(e) => {
                     let o = self.kill();
