@@ -23,6 +23,7 @@ const KNOWN: &[&str] = &[
     "exits",
     "exit_latency",
     "exits_by_device",
+    "emulated",
     "interrupts",
     "memory",
     "net",
@@ -68,6 +69,9 @@ pub fn summarize(json: &Value) -> String {
     exits_section(obj, &mut out);
     if let Some(v) = obj.get("exits_by_device") {
         devices_section(v, &mut out);
+    }
+    if let Some(v) = obj.get("emulated") {
+        emulated_section(v, &mut out);
     }
     if let Some(v) = obj.get("interrupts") {
         flat_section("Interrupts", v, &mut out);
@@ -281,6 +285,60 @@ fn devices_section(v: &Value, out: &mut String) {
         &rows,
         &[false, false, true, true, true],
         Some((1, false)),
+        out,
+    );
+}
+
+/// The emulation fallback: instructions by mnemonic, most frequent first.
+fn emulated_section(v: &Value, out: &mut String) {
+    let Some(m) = v.as_object() else {
+        flat_section("Emulation fallbacks", v, out);
+        return;
+    };
+    if m.is_empty() {
+        return;
+    }
+    section(
+        "Emulation fallbacks (instructions KVM's emulator could not run)",
+        out,
+    );
+    let mut entries: Vec<(&String, u64, &Value)> = m
+        .iter()
+        .map(|(k, e)| (k, e["count"].as_u64().unwrap_or(0), &e["total_ns"]))
+        .collect();
+    entries.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let total: u64 = entries.iter().map(|e| e.1).sum();
+    let mut rows = vec![vec![
+        "mnemonic".to_string(),
+        "count".to_string(),
+        "share".to_string(),
+        "total".to_string(),
+        "mean".to_string(),
+    ]];
+    for (k, n, t) in &entries {
+        let mean = match (as_f64(t), *n) {
+            (Some(t), n) if n > 0 => human_ns(t / n as f64),
+            _ => String::new(),
+        };
+        rows.push(vec![
+            k.to_string(),
+            group(*n),
+            percent(*n, total),
+            ns(t),
+            mean,
+        ]);
+    }
+    rows.push(vec![
+        "total".to_string(),
+        group(total),
+        String::new(),
+        String::new(),
+        String::new(),
+    ]);
+    table(
+        &rows,
+        &[false, true, true, true, true],
+        Some((1, true)),
         out,
     );
 }
@@ -882,6 +940,22 @@ mod tests {
         ] {
             summarize(&v);
         }
+    }
+
+    #[test]
+    fn emulation_fallbacks_are_listed_by_count() {
+        let v = json!({"emulated": {
+            "popcnt": {"count": 4, "total_ns": 4000},
+            "cmpxchg16b": {"count": 12, "total_ns": 36000},
+        }});
+        let s = summarize(&v);
+        let a = s.find("cmpxchg16b").expect("cmpxchg16b row");
+        let b = s.find("popcnt").expect("popcnt row");
+        assert!(a < b, "most frequent first\n{s}");
+        assert!(s.contains("3.0 us") && s.contains("75.0%"), "{s}");
+        assert!(!s.contains("Other"), "{s}");
+        // Nothing emulated: no section.
+        assert!(!summarize(&json!({"emulated": {}})).contains("Emulation"));
     }
 
     #[test]

@@ -161,6 +161,10 @@ fn syscall_probe_reports_where_syscall_lands() {
     }
     let o = boot_testguest("syscall-probe", &[], None);
     assert_eq!(o.code, Some(0), "{}", o.show());
+    // sysretq from CPL0 back to CPL3 (STAR[63:48] = 0x10: CS 0x23, SS 0x1b
+    // architecturally; this host's PVM loads Linux's 0x33/0x2b itself).
+    let sysret = line(&o, "syscall-probe: sysretq from cpl0 returned rax=0x5e7 ");
+    eprintln!("{sysret}");
     let landed = o
         .stdout
         .lines()
@@ -176,11 +180,12 @@ fn syscall_probe_reports_where_syscall_lands() {
         ),
     );
     if kernel_mode_native() {
-        // Architectural behaviour: CPL0 at STAR's kernel CS.
+        // Architectural behaviour: CPL0 at STAR's kernel CS, and back.
         assert!(
             landed.starts_with("syscall-probe: landed cs=0x8 cpl=0 "),
             "{landed}"
         );
+        assert!(sysret.ends_with("cs=0x23 ss=0x1b"), "{sysret}");
     }
 }
 

@@ -121,11 +121,13 @@ fn soft_int<C: CpuState, M: GuestPhysMem>(x: &mut Ctx<C, M>, vector: u8) -> R<Do
         return Err(Stop::Exc(Exception::with_code(GP, code)));
     }
     let la = idt.base.wrapping_add(at);
-    let Ok(pa) = x.translate(la, AccessKind::Read, true) else {
+    let la = if x.mode.long64 { la } else { la & 0xffff_ffff };
+    // The gate may straddle a page (the IDT base need not be aligned).
+    let Ok(area) = x.area(la, 8, AccessKind::Read, true) else {
         return Ok(done);
     };
     let mut b = [0u8; 8];
-    if x.mem.read(pa, &mut b).is_err() {
+    if area.read(x.mem, 0, &mut b).is_err() {
         return Ok(done);
     }
     let d = u64::from_le_bytes(b);

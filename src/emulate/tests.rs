@@ -1239,6 +1239,25 @@ fn int_n_checks_the_gate_then_delivers_an_interrupt() {
     assert_eq!(c.rip, 0x7c02);
 }
 
+/// Fuzz finding (regressions/emulate/crash-idt-gate-straddles-page): the gate
+/// read of int3/int n assumed the 8 bytes sat in one page; an IDT base that is not
+/// 8-aligned put them across a page boundary (the fake memory's contract check
+/// caught it; on real memory it read past the page's host mapping).
+#[test]
+fn int3_gate_read_across_a_page() {
+    let (mut c, m) = setup();
+    // The #BP gate's first 8 bytes at TWO+0xffc..TWO+0x1004.
+    let base = TWO + 0xffc - 3 * 16;
+    c.idt = DescTable { base, limit: 0xfff };
+    let gate = 0x0000_8e00_0008_0000u64;
+    m.poke(TWO + 0xffc, &gate.to_le_bytes());
+    assert_eq!(exc(&run(&mut c, &m, &[0xcc])), Exception::new(BP));
+    // Not present: #NP, read from both pages.
+    m.poke(TWO + 0xffc, &(gate & !(1 << 47)).to_le_bytes());
+    c.rip = CODE;
+    assert_eq!(faults(&mut c, &m, &[0xcc]), Exception::with_code(NP, 26));
+}
+
 #[test]
 fn unserved_hypercall_answers_enosys() {
     let (mut c, m) = setup();

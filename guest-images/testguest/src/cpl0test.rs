@@ -586,8 +586,11 @@ extern "C" fn syscall_setup(lstar: u64) -> u64 {
         wrmsr(0xc000_0082, lstar);
         // SFMASK as Linux: TF, IF, DF, IOPL, NT, AC.
         wrmsr(0xc000_0084, 0x4_7700);
+        // Back to CPL3 the way a kernel returns from a system call: sysretq
+        // (cpl0_run_entry, after this returns) instead of iretq.
+        *addr_of_mut!(entry::cpl0_run_sysret) = 1;
     }
-    0
+    0x5e7
 }
 
 pub fn syscall_probe() {
@@ -602,7 +605,13 @@ pub fn syscall_probe() {
         core::sync::atomic::compiler_fence(core::sync::atomic::Ordering::SeqCst);
         let pml4 = addr_of_mut!(entry::pml4) as *mut u64;
         core::ptr::write_volatile(pml4.add(1), pdpt.as_ptr() as u64 | 0x3);
-        entry::cpl0_run(syscall_setup, lstar());
+        let v = entry::cpl0_run(syscall_setup, lstar());
+        let (cs, ss): (u16, u16);
+        asm!("mov {0:x}, cs", "mov {1:x}, ss", out(reg) cs, out(reg) ss, options(nomem, nostack, preserves_flags));
+        println!(
+            "syscall-probe: sysretq from cpl0 returned rax=0x{:x} cs=0x{:x} ss=0x{:x}",
+            v, cs, ss
+        );
     }
     println!(
         "syscall-probe: LSTAR=0x{:x} (supervisor-only alias), syscall from cpl={}",

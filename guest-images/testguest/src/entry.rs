@@ -56,6 +56,8 @@ extern "C" {
     pub static cpl0_run_entry: u8;
     /// The CPL3 context `cpl0_run_entry` returns to: rip, cs, rflags, rsp, ss.
     pub static mut cpl0_run_return: [u64; 5];
+    /// Set by a `cpl0_run` function: return with sysretq instead of iretq.
+    pub static mut cpl0_run_sysret: u64;
     /// The boot PML4 (`syscall-probe` adds a supervisor-only alias).
     pub static mut pml4: [u64; 512];
     /// `syscall-probe`'s LSTAR target (see `cpl0test`), and what it saw:
@@ -259,12 +261,22 @@ cpl0_run_entry:
     mov %rsi, %rdi
     call *%rax
     mov $cpl0_run_return, %rcx
+    cmpq $0, cpl0_run_sysret
+    jne 1f
     pushq 32(%rcx)              # SS
     pushq 24(%rcx)              # RSP
     pushq 16(%rcx)              # RFLAGS
     pushq 8(%rcx)               # CS
     pushq 0(%rcx)               # RIP
     iretq
+1:
+    # f asked for a sysretq return (to CS/SS from STAR[63:48], which must name
+    # the user selectors): RSP by hand, RIP from RCX, RFLAGS from R11.
+    movq $0, cpl0_run_sysret
+    mov 24(%rcx), %rsp
+    mov 16(%rcx), %r11
+    mov 0(%rcx), %rcx
+    sysretq
 
     # syscall-probe's LSTAR target, reached through a supervisor-only alias
     # of the image (cpl0test). Records CS, RCX, R11, RFLAGS as it landed,
@@ -348,9 +360,11 @@ pd:
     .global boot_tsc
 boot_tsc:
     .quad 0
-    .global cpl0_run_return, syscall_probe_seen
+    .global cpl0_run_return, cpl0_run_sysret, syscall_probe_seen
 cpl0_run_return:
     .quad 0, 0, 0, 0, 0
+cpl0_run_sysret:
+    .quad 0
 syscall_probe_seen:
     .quad 0, 0, 0, 0, 0
 
