@@ -85,15 +85,13 @@ fn final_stats(vm: &Running) -> serde_json::Value {
 /// netperf's TCP_RR rate: the last line whose first six fields are numbers (socket
 /// sizes, request and response sizes, elapsed time, transactions per second).
 fn netperf_rate(out: &str) -> Option<f64> {
-    out.lines()
-        .filter_map(|l| {
-            let f: Vec<f64> = l
-                .split_whitespace()
-                .map_while(|w| w.parse::<f64>().ok())
-                .collect();
-            (f.len() >= 6).then(|| f[5])
-        })
-        .last()
+    out.lines().rev().find_map(|l| {
+        let f: Vec<f64> = l
+            .split_whitespace()
+            .map_while(|w| w.parse::<f64>().ok())
+            .collect();
+        (f.len() >= 6).then(|| f[5])
+    })
 }
 
 /// Correctness must not depend on extra kernel words: with the README's words alone the
