@@ -35,7 +35,7 @@ else
 fi
 
 echo "== the small Linux guest's system-call workaround and /init under QEMU TCG (no KVM needed) =="
-"$REPO/guest-images/test-linux-small.sh"
+bash "$REPO/guest-images/test-linux-small.sh"
 
 if [ "$KVM_OK" = 0 ]; then
     echo "!!! REMINDER: /dev/kvm was unavailable; the guest-booting integration tests were SKIPPED, not passed !!!" >&2
