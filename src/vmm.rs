@@ -1092,6 +1092,9 @@ impl IoThread {
                 let mut output_flowing = false;
                 let mut buf = [0u8; 1024];
                 let mut stdin_open = stdin_watched;
+                // The NIC's TimerInt deadline, re-read only when the device says it
+                // moved (TOKEN_NIC_TIMER) or after it fired: no NIC lock per wake-up.
+                let mut nic_timer = net.as_ref().and_then(|n| n.nic.next_timer_deadline());
                 loop {
                     // With queued UART writes, wake to show an idle guest's output
                     // (and let an interrupt-driven driver see THRE): every 10 ms, and
@@ -1103,7 +1106,6 @@ impl IoThread {
                     };
                     // The NIC's TimerInt (which no register access may come to
                     // check for a while) fires on time: wake at its deadline.
-                    let nic_timer = net.as_ref().and_then(|n| n.nic.next_timer_deadline());
                     if let Some(due) = nic_timer {
                         let ms = due
                             .saturating_duration_since(std::time::Instant::now())
@@ -1123,6 +1125,7 @@ impl IoThread {
                     if let (Some(n), Some(due)) = (&net, nic_timer) {
                         if std::time::Instant::now() >= due {
                             n.nic.poll_timer();
+                            nic_timer = n.nic.next_timer_deadline();
                         }
                     }
                     for ev in &events[..n] {
@@ -1179,9 +1182,9 @@ impl IoThread {
                                 }
                             }
                             TOKEN_NIC_TIMER => {
-                                // Only a wake-up: the deadline is re-read above.
                                 if let Some(n) = &net {
                                     let _ = n.nic.timer_event().read();
+                                    nic_timer = n.nic.next_timer_deadline();
                                 }
                             }
                             TOKEN_NIC_RESAMPLE => {

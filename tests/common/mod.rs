@@ -94,50 +94,13 @@ pub fn boot_testguest_timeout(
 /// Start wbvmm and watch its stdout until `needle` appears (true) or `timeout`
 /// passes (false); the VM is killed either way. Returns what was printed.
 pub fn boot_until(args: &[&str], needle: &str, timeout: Duration) -> (bool, String, Duration) {
-    use std::io::BufRead;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_wbvmm"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn wbvmm");
-    let out = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        let mut r = std::io::BufReader::new(out);
-        let mut line = Vec::new();
-        while let Ok(n) = r.read_until(b'\n', &mut line) {
-            if n == 0
-                || tx
-                    .send(String::from_utf8_lossy(&line).into_owned())
-                    .is_err()
-            {
-                break;
-            }
-            line.clear();
-        }
-    });
-    let start = Instant::now();
-    let mut seen = String::new();
-    let mut found = false;
-    while start.elapsed() < timeout {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(l) => {
-                seen.push_str(&l);
-                if seen.contains(needle) {
-                    found = true;
-                    break;
-                }
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
-            Err(_) => break,
-        }
-    }
-    let elapsed = start.elapsed();
-    let _ = child.kill();
-    let _ = child.wait();
-    (found, seen, elapsed)
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wbvmm"));
+    cmd.args(args);
+    let mut vm = Running::spawn(cmd, None);
+    let found = vm.try_wait_for(needle, timeout);
+    let elapsed = vm.start.elapsed();
+    let o = vm.kill();
+    (found, o.stdout, elapsed)
 }
 
 /// Does guest kernel mode run natively here (per `wbvmm probe`)?
@@ -383,9 +346,9 @@ impl Running {
         &self.stdout
     }
 
-    /// Wait until the guest printed `needle`; panics with everything printed so
-    /// far (and the VM killed) when it ends or `deadline` passes first.
-    pub fn wait_for(&mut self, needle: &str, deadline: Duration) {
+    /// Wait until the guest printed `needle`: true, or false when wbvmm ended or
+    /// `deadline` passed first.
+    pub fn try_wait_for(&mut self, needle: &str, deadline: Duration) -> bool {
         let start = Instant::now();
         while !self.stdout.contains(needle) {
             let left = deadline.saturating_sub(start.elapsed());
@@ -395,15 +358,23 @@ impl Running {
             {
                 Ok(l) => self.take_line(l),
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) if !left.is_zero() => {}
-                Err(e) => {
-                    let o = self.kill();
-                    panic!(
-                        "waited for '{needle}' ({e:?} after {:?})\n{}",
-                        start.elapsed(),
-                        o.show()
-                    );
-                }
+                Err(_) => return false,
             }
+        }
+        true
+    }
+
+    /// Wait until the guest printed `needle`; panics with everything printed so
+    /// far (and the VM killed) when it ends or `deadline` passes first.
+    pub fn wait_for(&mut self, needle: &str, deadline: Duration) {
+        let start = Instant::now();
+        if !self.try_wait_for(needle, deadline) {
+            let o = self.kill();
+            panic!(
+                "waited for '{needle}' (wbvmm ended or {:?} passed)\n{}",
+                start.elapsed(),
+                o.show()
+            );
         }
     }
 
