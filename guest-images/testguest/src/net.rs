@@ -47,6 +47,8 @@ pub struct NetArgs {
     /// `trans=N`: `rr` stops after N transactions (`secs` still bounds it), so a
     /// test checks a known amount of work whatever the machine's speed.
     pub trans: Option<u64>,
+    /// `tests=N`: how many netperf runs `netserver` serves before it ends.
+    pub tests: u32,
     pub nic: NicSel,
     pub io: IoSel,
     /// `nicbars=assign`: program our own BAR addresses even when firmware
@@ -65,6 +67,7 @@ impl NetArgs {
             port: 7777,
             secs: 3,
             trans: None,
+            tests: 1,
             nic: NicSel::Auto,
             io: IoSel::Pio,
             force_bars: false,
@@ -113,6 +116,12 @@ impl NetArgs {
                     _ => return Err("bad trans (1..100000000)"),
                 }
             }
+            "tests" => {
+                self.tests = match parse_num(v) {
+                    Some(n) if (1..=1000).contains(&n) => n as u32,
+                    _ => return Err("bad tests (1..1000)"),
+                }
+            }
             "nic" => {
                 self.nic = match v {
                     "auto" => NicSel::Auto,
@@ -153,7 +162,7 @@ impl NetArgs {
     }
 }
 
-fn now() -> Instant {
+pub(crate) fn now() -> Instant {
     Instant::from_micros((tsc::ticks_to_ns(rdtsc()) / 1000) as i64)
 }
 
@@ -320,12 +329,12 @@ static TCP_TX: Global<[u8; 4096]> = Global::new([0; 4096]);
 /// A static buffer as a slice. Each is taken by one socket of one net
 /// word (one CPU, words run one after another).
 #[allow(clippy::mut_from_ref)]
-fn buf<T, const N: usize>(g: &'static Global<[T; N]>) -> &'static mut [T] {
+pub(crate) fn buf<T, const N: usize>(g: &'static Global<[T; N]>) -> &'static mut [T] {
     // SAFETY: see above; no other reference to the buffer is live.
     unsafe { &mut *g.get() }
 }
 
-fn make_iface(nic: &mut Nic, args: &NetArgs, cmd: &str) -> Result<Interface, ()> {
+pub(crate) fn make_iface(nic: &mut Nic, args: &NetArgs, cmd: &str) -> Result<Interface, ()> {
     let Some((ip, prefix)) = args.ip else {
         println!("{}: need ip=ADDR/PREFIX", cmd);
         return Err(());
@@ -339,7 +348,7 @@ fn make_iface(nic: &mut Nic, args: &NetArgs, cmd: &str) -> Result<Interface, ()>
     Ok(iface)
 }
 
-fn take_sockets() -> SocketSet<'static> {
+pub(crate) fn take_sockets() -> SocketSet<'static> {
     let storage = buf(&SOCKETS);
     storage.fill_with(|| SocketStorage::EMPTY);
     SocketSet::new(storage)
@@ -463,7 +472,7 @@ pub fn ping(args: &NetArgs) -> u32 {
     }
 }
 
-fn print_nic_stats(nic: &Nic, who: &str) {
+pub(crate) fn print_nic_stats(nic: &Nic, who: &str) {
     let s = &nic.stats;
     println!(
         "{}: nic tx={} rx={} reg_reads={} reg_writes={} rx_cbr_reads={} tx_dropped={} rx_resets={} rx_split={}",
