@@ -695,12 +695,13 @@ fn serve_one(srv: &mut Server, test: u32) -> Result<(), &'static str> {
             );
             net::print_nic_stats(srv.nic, "netserver");
             println!(
-                "netserver: TCP_RR {} transactions in {}.{:03} s = {}.{} trans/s",
+                "netserver: TCP_RR {} transactions in {}.{:03} s = {}.{} trans/s (test {})",
                 n,
                 ms / 1000,
                 ms % 1000,
                 per_s_x10 / 10,
-                per_s_x10 % 10
+                per_s_x10 % 10,
+                test + 1
             );
         }
         Kind::Stream => {
@@ -708,14 +709,15 @@ fn serve_one(srv: &mut Server, test: u32) -> Result<(), &'static str> {
             let kb_per_s = c.bytes_received as u128 * 1_000_000 / c.ns as u128;
             net::print_nic_stats(srv.nic, "netserver");
             println!(
-                "netserver: TCP_STREAM {} bytes in {}.{:03} s = {}.{:03} MB/s = {}.{:02} 10^6bits/s",
+                "netserver: TCP_STREAM {} bytes in {}.{:03} s = {}.{:03} MB/s = {}.{:02} 10^6bits/s (test {})",
                 c.bytes_received,
                 ms / 1000,
                 ms % 1000,
                 kb_per_s / 1000,
                 kb_per_s % 1000,
                 kb_per_s * 8 / 1000,
-                kb_per_s * 8 / 10 % 100
+                kb_per_s * 8 / 10 % 100,
+                test + 1
             );
         }
     }
