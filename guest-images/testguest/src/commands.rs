@@ -115,7 +115,7 @@ pub fn run(info: &BootInfo) -> u32 {
             // Network settings: already taken before the first word.
             (
                 "ip" | "peer" | "count" | "port" | "secs" | "trans" | "tests" | "nic" | "nicio"
-                | "nicbars" | "nicrx",
+                | "nicbars" | "nicrx" | "nicdrv",
                 Some(_),
             ) => {}
             _ => println!("testguest: unknown word {}", word),

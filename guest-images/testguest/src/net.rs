@@ -56,6 +56,8 @@ pub struct NetArgs {
     pub force_bars: bool,
     /// `nicrx=cbr|nowrap`: C-mode RX variants (`rtl8139::RxOpts`).
     pub rx: rtl8139::RxOpts,
+    /// `nicdrv=lean|linux`: the data path's register sequence (`rtl8139::Shape`).
+    pub shape: rtl8139::Shape,
 }
 
 impl NetArgs {
@@ -75,6 +77,7 @@ impl NetArgs {
                 cbr_only: false,
                 no_wrap: false,
             },
+            shape: rtl8139::Shape::Lean,
         }
     }
 
@@ -142,6 +145,13 @@ impl NetArgs {
                     "firmware" => false,
                     "assign" => true,
                     _ => return Err("bad nicbars (firmware, assign)"),
+                }
+            }
+            "nicdrv" => {
+                self.shape = match v {
+                    "lean" => rtl8139::Shape::Lean,
+                    "linux" => rtl8139::Shape::Linux,
+                    _ => return Err("bad nicdrv (lean, linux)"),
                 }
             }
             "nicrx" => {
@@ -240,7 +250,7 @@ pub fn bring_up(args: &NetArgs) -> Result<Nic, ()> {
             Bus::Mmio(bar1.base)
         }
     };
-    let nic = match Nic::init(bus, mode, args.rx) {
+    let nic = match Nic::init(bus, mode, args.rx, args.shape) {
         Ok(n) => n,
         Err(e) => {
             println!("net: init failed: {:?}", e);
@@ -259,6 +269,16 @@ pub fn bring_up(args: &NetArgs) -> Result<Nic, ()> {
         mode.name(),
         bus.name()
     );
+    if args.shape != rtl8139::Shape::Lean {
+        println!(
+            "net: driver shape {} ({}'s register sequence, IntrStatus polled)",
+            args.shape.name(),
+            match mode {
+                Mode::C => "8139too",
+                Mode::CPlus => "8139cp",
+            }
+        );
+    }
     Ok(nic)
 }
 
@@ -474,6 +494,12 @@ pub fn ping(args: &NetArgs) -> u32 {
 
 pub(crate) fn print_nic_stats(nic: &Nic, who: &str) {
     let s = &nic.stats;
+    if s.irq_events > 0 {
+        println!(
+            "{}: nic irq_events={} napi_polls={}",
+            who, s.irq_events, s.napi_polls
+        );
+    }
     println!(
         "{}: nic tx={} rx={} reg_reads={} reg_writes={} rx_cbr_reads={} tx_dropped={} rx_resets={} rx_split={}",
         who,
