@@ -10,6 +10,11 @@
 #   --secs N          netperf's test length (-l) of each run (default 3)
 #   --modes LIST      comma-separated, from c,cplus (default c,cplus)
 #   --sizes LIST      request=response sizes in bytes, comma-separated, 1..65536 (default 1)
+#   --drivers LIST    the guest driver's data path (nicdrv=), from lean,linux (default lean): lean
+#                     touches the fewest registers (IMR = 0, descriptors in RAM); linux does per
+#                     packet what 8139cp / 8139too do (IntrStatus read and ack, IntrMask masked
+#                     around a NAPI-like poll, TX completion from descriptors / TSD status), with
+#                     IntrStatus polled instead of the interrupt
 #   --nicio pio|mmio  how the guest driver reaches the registers (default pio)
 #   --pin on|off      pinning (default on with >= 2 host CPUs): the vCPU thread on --vcpu-cpu
 #                     (default 1), wbvmm's I/O thread / QEMU's other threads (`taskset -c` on the
@@ -43,7 +48,7 @@
 #   netperf's CPU.
 #
 # The last line, `ratio wbvmm/qemu: X.XX`, is the smallest wbvmm/QEMU ratio of netperf medians
-# over the rows (mode x size).
+# over the rows (driver x mode x size).
 #
 # Network: namespaces this script creates (wbvmm-cmp-PID with a tap at 169.254.30.1/24, guest
 # 169.254.30.2; wbvmm-cmpa-PID/wbvmm-cmpb-PID with a veth at 169.254.31.1/.2), nothing else. Every
@@ -88,7 +93,7 @@ def die(msg, hint=None, code=1):
 # ---------------------------------------------------------------------------------------------
 # options
 ncpu = os.cpu_count() or 1
-opt = dict(runs=5, secs=3, modes="c,cplus", sizes="1", nicio="pio", pin="on" if ncpu >= 2 else "off",
+opt = dict(runs=5, secs=3, modes="c,cplus", sizes="1", drivers="lean", nicio="pio", pin="on" if ncpu >= 2 else "off",
            vcpu_cpu=1, io_cpu=0, peer_cpu=0, elf=None, wbvmm=None, wbvmm_net="",
            qemu_bios="qboot" if os.path.exists(QBOOT) else "seabios", floor=True, verbose=False)
 i = 0
@@ -107,7 +112,7 @@ while i < len(ARGS):
             die(f"{a} wants a whole number, got '{v}'", None, 2)
         opt[a[2:].replace("-", "_")] = int(v)
         i += 2
-    elif a in ("--modes", "--sizes", "--nicio", "--pin", "--elf", "--wbvmm", "--wbvmm-net", "--qemu-bios"):
+    elif a in ("--modes", "--sizes", "--drivers", "--nicio", "--pin", "--elf", "--wbvmm", "--wbvmm-net", "--qemu-bios"):
         opt[a[2:].replace("-", "_")] = val()
         i += 2
     elif a == "--no-floor":
@@ -127,6 +132,9 @@ if not 1 <= secs <= 60:
     die("--secs must be 1..60", None, 2)
 if not modes or any(m not in ("c", "cplus") for m in modes):
     die(f"--modes wants a list from c,cplus, got '{opt['modes']}'", None, 2)
+drivers = [d for d in opt["drivers"].split(",") if d]
+if not drivers or any(d not in ("lean", "linux") for d in drivers):
+    die(f"--drivers wants a list from lean,linux, got '{opt['drivers']}'", None, 2)
 try:
     sizes = [int(s) for s in opt["sizes"].split(",") if s]
 except ValueError:
@@ -403,7 +411,7 @@ def main():
     print(f"netperf: {netperf_version}, `netperf -H {guest_ip} -t TCP_RR -l {secs} -- -r S,S` in the namespace")
     print(f"network: tap {tap} in namespace {ns}, host {host_ip}, guest {guest_ip}")
     print(f"runs:    {runs} per side, mode and size, {secs} s each, alternating wbvmm/QEMU; modes {','.join(modes)};"
-          f" sizes {','.join(map(str, sizes))}; nicio={opt['nicio']}; QEMU firmware {opt['qemu_bios']}")
+          f" sizes {','.join(map(str, sizes))}; drivers {','.join(drivers)}; nicio={opt['nicio']}; QEMU firmware {opt['qemu_bios']}")
     if pin:
         how = {"flags": "wbvmm " + " ".join(wb_pin_flags),
                "taskset": "this wbvmm has no --cpu-affinity: taskset -c IO on the process, vcpu0 moved with taskset -p"}[wb_pin_mode]
@@ -421,8 +429,8 @@ def main():
 
     pin_report = {}
 
-    def guest_words(m):
-        return f"ip={guest_ip}/24 net=netserver tests=1 nic={m} nicio={opt['nicio']} watch=0x100000,2"
+    def guest_words(d, m):
+        return f"ip={guest_ip}/24 net=netserver tests=1 nic={m} nicdrv={d} nicio={opt['nicio']} watch=0x100000,2"
 
     def finish_entry(side, np_res, text, cpu0, cpu1, user_exits, kvm_exits_):
         g = None
@@ -485,13 +493,13 @@ def main():
                 time.sleep(0.02)
         return None
 
-    def wbvmm_run(m, size, tag, snapshot=False):
+    def wbvmm_run(d, m, size, tag, snapshot=False):
         serial = os.path.join(work, f"{tag}.serial")
         stats = os.path.join(work, f"{tag}.json")
         err = open(os.path.join(work, f"{tag}.err"), "w")
         net = f"tap={tap},rev=0x20" + (f",{opt['wbvmm_net']}" if opt["wbvmm_net"] else "")
         cmd = [wbvmm, "--kernel", elf, "--memory", "256M", "--cpus", "1", "--serial", f"file={serial}",
-               "--net", net, f"--stats={stats}", "--cmdline", guest_words(m)] + wb_pin_flags
+               "--net", net, f"--stats={stats}", "--cmdline", guest_words(d, m)] + wb_pin_flags
         launch_cpu = opt["io_cpu"] if wb_pin_mode == "taskset" else None
         p = spawn(in_ns(ns, launch_cpu, cmd), stdout=subprocess.DEVNULL, stderr=err)
         entry, note, np_text = None, "", ""
@@ -571,13 +579,13 @@ def main():
 
     qemu_io_mmio = []
 
-    def qemu_run(m, size, tag, snapshot=False):
+    def qemu_run(d, m, size, tag, snapshot=False):
         sock = os.path.join(work, f"{tag}.qmp")
         serial = os.path.join(work, f"{tag}.serial")
         err = open(os.path.join(work, f"{tag}.err"), "w")
         cmd = ["qemu-system-x86_64", "-enable-kvm", "-cpu", "qemu64,-cx16", "-machine", "pc", "-m", "256M",
                "-display", "none", "-serial", f"file:{serial}", "-monitor", "none", "-no-reboot",
-               "-kernel", elf, "-append", guest_words(m),
+               "-kernel", elf, "-append", guest_words(d, m),
                "-device", "isa-debug-exit,iobase=0xf4,iosize=4",
                "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no", "-device", "rtl8139,netdev=n0",
                "-qmp", f"unix:{sock},server,nowait", "-S"]
@@ -658,17 +666,17 @@ def main():
         return res["tps"] if res else None
 
     # --- the runs ------------------------------------------------------------------------------
-    rows = [(m, s) for s in sizes for m in modes]
+    rows = [(d, m, s) for d in drivers for s in sizes for m in modes]
     res = {row: {"wbvmm": [], "qemu": []} for row in rows}
     failures = []
     for r in range(runs):
-        for (m, size) in rows:
+        for (d, m, size) in rows:
             for side, fn in (("wbvmm", wbvmm_run), ("qemu", qemu_run)):
-                tag = f"{side}-{m}-{size}-{r}"
-                entry, note, text, errtext, np_text = fn(m, size, tag, snapshot=(r == 0 and (m, size) == rows[-1]))
-                label = f"  run {r + 1} {m:<5} {size:>5} B {side:<5}"
+                tag = f"{side}-{d}-{m}-{size}-{r}"
+                entry, note, text, errtext, np_text = fn(d, m, size, tag, snapshot=(r == 0 and (d, m, size) == rows[-1]))
+                label = f"  run {r + 1} {d:<5} {m:<5} {size:>5} B {side:<5}"
                 if entry:
-                    res[(m, size)][side].append(entry)
+                    res[(d, m, size)][side].append(entry)
                     ex = (f"exits/trans to wbvmm {entry['user']:.3f}, KVM {entry['kvm']:.3f}" if side == "wbvmm"
                           and entry["user"] is not None and entry["kvm"] is not None else
                           f"KVM exits/trans {entry['kvm']:.3f}" if entry["kvm"] is not None else "no exit counts")
@@ -676,7 +684,7 @@ def main():
                     print(f"{label} netperf {entry['tps']:9.1f} trans/s ({entry['n']} trans), guest counted {entry['guest_n']};"
                           f" {cpu}; {ex}")
                 else:
-                    failures.append(f"{side} {m} {size} B run {r + 1}")
+                    failures.append(f"{side} {d} {m} {size} B run {r + 1}")
                     print(f"{label} FAILED {note} {errtext.strip()[-200:]}")
                     for line in (text.splitlines()[-8:] + np_text.strip().splitlines()[-4:]):
                         print(f"      | {line}")
@@ -713,11 +721,11 @@ def main():
     print("medians; netperf's trans/s is the figure, the guest's own count the cross-check; CPU is the VMM")
     print("process's utime+stime per transaction (all threads, and all but the vCPU thread, which polls);")
     print("exits per transaction: wbvmm to userspace / KVM's count, QEMU KVM's count (its I/O exits go to QEMU)")
-    print(f"{'mode':<6} {'size':>5} {'side':<6} {'netperf trans/s':>15}  {'runs':<34} {'guest trans/s':>13} "
+    print(f"{'driver':<6} {'mode':<6} {'size':>5} {'side':<6} {'netperf trans/s':>15}  {'runs':<34} {'guest trans/s':>13} "
           f"{'CPU us/trans':>12} {'non-vCPU':>8}  exits/trans")
     ratios = {}
     for row in rows:
-        m, size = row
+        d, m, size = row
         for side in ("wbvmm", "qemu"):
             rs = res[row][side]
             tps = med([e["tps"] for e in rs])
@@ -728,7 +736,7 @@ def main():
                 ex = f"{fmt(med([e['user'] for e in rs]), '.3f')} to wbvmm, KVM {fmt(med([e['kvm'] for e in rs]), '.3f')}"
             else:
                 ex = f"KVM {fmt(med([e['kvm'] for e in rs]), '.3f')}"
-            print(f"{m:<6} {size:>5} {side:<6} {fmt(tps):>15}  {all_runs:<34} {fmt(med([e['guest_tps'] for e in rs])):>13} "
+            print(f"{d:<6} {m:<6} {size:>5} {side:<6} {fmt(tps):>15}  {all_runs:<34} {fmt(med([e['guest_tps'] for e in rs])):>13} "
                   f"{fmt(cpu):>12} {fmt(other):>8}  {ex}")
         w = med([e["tps"] for e in res[row]["wbvmm"]])
         q = med([e["tps"] for e in res[row]["qemu"]])
@@ -739,7 +747,7 @@ def main():
            if not e["n"] <= e["guest_n"] <= e["n"] + 1]
     print(f"cross-check: guest count vs netperf's, per run: {'all agree (guest = netperf or netperf + 1)' if not bad else ''}")
     for row, side, e in bad:
-        print(f"  MISMATCH {side} {row[0]} {row[1]} B: netperf {e['n']}, guest {e['guest_n']}")
+        print(f"  MISMATCH {side} {row[0]} {row[1]} {row[2]} B: netperf {e['n']}, guest {e['guest_n']}")
     if qemu_io_mmio and all(x == 0 for x in qemu_io_mmio):
         print("note: QEMU's io_exits+mmio_exits read 0 here: this host's KVM (kvm_pvm) does not count its PIO/MMIO")
         print("      exits in those counters; its `exits` counts every exit (I/O, interrupts, signals, ...).")
@@ -753,9 +761,9 @@ def main():
     if floor_variants:
         for row in rows:
             w = med([e["tps"] for e in res[row]["wbvmm"]])
-            fs = [med(fv["runs"][row[1]]) for fv in floor_variants]
+            fs = [med(fv["runs"][row[2]]) for fv in floor_variants]
             if w and fs[0]:
-                print(f"ratio wbvmm/floor ({row[0]}, {row[1]} B): {w / fs[0]:.3f}"
+                print(f"ratio wbvmm/floor ({row[0]}, {row[1]}, {row[2]} B): {w / fs[0]:.3f}"
                       + (f" (to the one-CPU floor: {w / fs[1]:.3f})" if len(fs) > 1 and fs[1] else ""))
     print()
     print("where the time goes (exits to userspace per transaction x probe's exit round trip vs time per transaction):")
@@ -776,7 +784,7 @@ def main():
                     # holds interrupt and signal exits, so this is an upper bound.
                     u, what = med([e["kvm"] for e in rs]), "KVM exits (at most this many to QEMU)"
                 if u is not None:
-                    print(f"  {row[0]:<5} {row[1]:>5} B {side:<5}: {u:.2f} {what} x {exit_us:.1f} us = {u * exit_us:6.1f} us"
+                    print(f"  {row[0]:<5} {row[1]:<5} {row[2]:>5} B {side:<5}: {u:.2f} {what} x {exit_us:.1f} us = {u * exit_us:6.1f} us"
                           f" of {t:6.1f} us per transaction ({100 * u * exit_us / t:.0f}%)")
     if failures:
         print()
@@ -792,7 +800,7 @@ def main():
             extra += f"; CPU per transaction wbvmm/qemu {cw / cq:.2f}"
         if kw is not None and kq:
             extra += f"; KVM exits per transaction wbvmm/qemu {kw / kq:.2f}"
-        print(f"ratio wbvmm/qemu ({row[0]}, {row[1]} B, netperf TCP_RR): {fmt(ratios[row], '.2f')}{extra}")
+        print(f"ratio wbvmm/qemu ({row[0]}, {row[1]}, {row[2]} B, netperf TCP_RR): {fmt(ratios[row], '.2f')}{extra}")
     got = [x for x in ratios.values() if x is not None]
     last = min(got) if len(got) == len(ratios) else None
     print(f"(these ratios are this machine's: exit round trip from CPL3 {probe_fig('mmio_exit_cpl3_us', '.2f')} us;"
