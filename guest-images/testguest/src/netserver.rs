@@ -258,17 +258,13 @@ impl Server<'_> {
         loop {
             for i in 0..self.ctrls.len() {
                 let s = self.sockets.get_mut::<tcp::Socket>(self.ctrls[i]);
-                match s.state() {
-                    tcp::State::Closed => {
-                        if s.listen(CONTROL_PORT).is_err() {
-                            return Err("cannot listen on the control port");
-                        }
-                    }
-                    tcp::State::Established | tcp::State::CloseWait => {
-                        self.cur = i;
-                        return Ok(());
-                    }
-                    _ => {}
+                let state = s.state();
+                if state == tcp::State::Closed && s.listen(CONTROL_PORT).is_err() {
+                    return Err("cannot listen on the control port");
+                }
+                if matches!(state, tcp::State::Established | tcp::State::CloseWait) {
+                    self.cur = i;
+                    return Ok(());
                 }
             }
             self.poll();
@@ -473,7 +469,7 @@ fn response(rq: &Request, port: u16) -> [u8; MSG_LEN] {
     put_be(&mut m, RS_DATA_PORT, port as u32);
     put_be(&mut m, RS_SOCKET_PRIO, u32::MAX);
     put_be(&mut m, RS_SOCKET_TOS, u32::MAX);
-    debug_assert!(RS_SOCKET_TOS < RESPONSE_CONV_INTS);
+    const { assert!(RS_SOCKET_TOS < RESPONSE_CONV_INTS) };
     m
 }
 
@@ -503,7 +499,7 @@ fn results(c: &Counts) -> [u8; MSG_LEN] {
     put_be(&mut m, RR_NUM_CPUS, 1);
     put_be(&mut m, RR_PEAK_CPU_ID, u32::MAX);
     put_be(&mut m, RR_PEAK_CPU_UTIL, (-1.0f32).to_bits());
-    debug_assert!(RR_PEAK_CPU_UTIL < RESULTS_CONV_INTS);
+    const { assert!(RR_PEAK_CPU_UTIL < RESULTS_CONV_INTS) };
     m
 }
 
