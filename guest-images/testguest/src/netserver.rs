@@ -564,8 +564,6 @@ pub fn netserver(args: &NetArgs) -> u32 {
                     return EXIT_NETSERVER;
                 }
             }
-        }
-        if test == 0 {
             if let Some(ip) = ip {
                 println!(
                     "netserver: listening on {}:{} for {} netperf test(s)",
