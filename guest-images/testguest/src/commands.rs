@@ -102,8 +102,9 @@ pub fn run(info: &BootInfo) -> u32 {
                     "up" => net::up(&net_args),
                     "ping" => net::ping(&net_args),
                     "rr" => net::rr(&net_args),
+                    "netserver" => crate::netserver::netserver(&net_args),
                     _ => {
-                        println!("net: unknown action {} (up, ping, rr)", a);
+                        println!("net: unknown action {} (up, ping, rr, netserver)", a);
                         net::EXIT_NET_SETUP
                     }
                 };
@@ -113,8 +114,8 @@ pub fn run(info: &BootInfo) -> u32 {
             }
             // Network settings: already taken before the first word.
             (
-                "ip" | "peer" | "count" | "port" | "secs" | "trans" | "nic" | "nicio" | "nicbars"
-                | "nicrx",
+                "ip" | "peer" | "count" | "port" | "secs" | "trans" | "tests" | "nic" | "nicio"
+                | "nicbars" | "nicrx" | "nicdrv",
                 Some(_),
             ) => {}
             _ => println!("testguest: unknown word {}", word),

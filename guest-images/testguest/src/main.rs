@@ -21,6 +21,7 @@ mod mem;
 mod memmap;
 mod mptable;
 mod net;
+mod netserver;
 mod paging;
 mod pci;
 mod pvh;

@@ -47,6 +47,8 @@ pub struct NetArgs {
     /// `trans=N`: `rr` stops after N transactions (`secs` still bounds it), so a
     /// test checks a known amount of work whatever the machine's speed.
     pub trans: Option<u64>,
+    /// `tests=N`: how many netperf runs `netserver` serves before it ends.
+    pub tests: u32,
     pub nic: NicSel,
     pub io: IoSel,
     /// `nicbars=assign`: program our own BAR addresses even when firmware
@@ -54,6 +56,8 @@ pub struct NetArgs {
     pub force_bars: bool,
     /// `nicrx=cbr|nowrap`: C-mode RX variants (`rtl8139::RxOpts`).
     pub rx: rtl8139::RxOpts,
+    /// `nicdrv=lean|linux`: the data path's register sequence (`rtl8139::Shape`).
+    pub shape: rtl8139::Shape,
 }
 
 impl NetArgs {
@@ -65,6 +69,7 @@ impl NetArgs {
             port: 7777,
             secs: 3,
             trans: None,
+            tests: 1,
             nic: NicSel::Auto,
             io: IoSel::Pio,
             force_bars: false,
@@ -72,6 +77,7 @@ impl NetArgs {
                 cbr_only: false,
                 no_wrap: false,
             },
+            shape: rtl8139::Shape::Lean,
         }
     }
 
@@ -113,6 +119,12 @@ impl NetArgs {
                     _ => return Err("bad trans (1..100000000)"),
                 }
             }
+            "tests" => {
+                self.tests = match parse_num(v) {
+                    Some(n) if (1..=1000).contains(&n) => n as u32,
+                    _ => return Err("bad tests (1..1000)"),
+                }
+            }
             "nic" => {
                 self.nic = match v {
                     "auto" => NicSel::Auto,
@@ -135,6 +147,13 @@ impl NetArgs {
                     _ => return Err("bad nicbars (firmware, assign)"),
                 }
             }
+            "nicdrv" => {
+                self.shape = match v {
+                    "lean" => rtl8139::Shape::Lean,
+                    "linux" => rtl8139::Shape::Linux,
+                    _ => return Err("bad nicdrv (lean, linux)"),
+                }
+            }
             "nicrx" => {
                 let mut o = rtl8139::RxOpts::default();
                 for part in v.split(',') {
@@ -153,7 +172,7 @@ impl NetArgs {
     }
 }
 
-fn now() -> Instant {
+pub(crate) fn now() -> Instant {
     Instant::from_micros((tsc::ticks_to_ns(rdtsc()) / 1000) as i64)
 }
 
@@ -231,7 +250,7 @@ pub fn bring_up(args: &NetArgs) -> Result<Nic, ()> {
             Bus::Mmio(bar1.base)
         }
     };
-    let nic = match Nic::init(bus, mode, args.rx) {
+    let nic = match Nic::init(bus, mode, args.rx, args.shape) {
         Ok(n) => n,
         Err(e) => {
             println!("net: init failed: {:?}", e);
@@ -250,6 +269,16 @@ pub fn bring_up(args: &NetArgs) -> Result<Nic, ()> {
         mode.name(),
         bus.name()
     );
+    if args.shape != rtl8139::Shape::Lean {
+        println!(
+            "net: driver shape {} ({}'s register sequence, IntrStatus polled)",
+            args.shape.name(),
+            match mode {
+                Mode::C => "8139too",
+                Mode::CPlus => "8139cp",
+            }
+        );
+    }
     Ok(nic)
 }
 
@@ -320,12 +349,12 @@ static TCP_TX: Global<[u8; 4096]> = Global::new([0; 4096]);
 /// A static buffer as a slice. Each is taken by one socket of one net
 /// word (one CPU, words run one after another).
 #[allow(clippy::mut_from_ref)]
-fn buf<T, const N: usize>(g: &'static Global<[T; N]>) -> &'static mut [T] {
+pub(crate) fn buf<T, const N: usize>(g: &'static Global<[T; N]>) -> &'static mut [T] {
     // SAFETY: see above; no other reference to the buffer is live.
     unsafe { &mut *g.get() }
 }
 
-fn make_iface(nic: &mut Nic, args: &NetArgs, cmd: &str) -> Result<Interface, ()> {
+pub(crate) fn make_iface(nic: &mut Nic, args: &NetArgs, cmd: &str) -> Result<Interface, ()> {
     let Some((ip, prefix)) = args.ip else {
         println!("{}: need ip=ADDR/PREFIX", cmd);
         return Err(());
@@ -339,7 +368,7 @@ fn make_iface(nic: &mut Nic, args: &NetArgs, cmd: &str) -> Result<Interface, ()>
     Ok(iface)
 }
 
-fn take_sockets() -> SocketSet<'static> {
+pub(crate) fn take_sockets() -> SocketSet<'static> {
     let storage = buf(&SOCKETS);
     storage.fill_with(|| SocketStorage::EMPTY);
     SocketSet::new(storage)
@@ -463,8 +492,14 @@ pub fn ping(args: &NetArgs) -> u32 {
     }
 }
 
-fn print_nic_stats(nic: &Nic, who: &str) {
+pub(crate) fn print_nic_stats(nic: &Nic, who: &str) {
     let s = &nic.stats;
+    if s.irq_events > 0 {
+        println!(
+            "{}: nic irq_events={} napi_polls={}",
+            who, s.irq_events, s.napi_polls
+        );
+    }
     println!(
         "{}: nic tx={} rx={} reg_reads={} reg_writes={} rx_cbr_reads={} tx_dropped={} rx_resets={} rx_split={}",
         who,

@@ -52,6 +52,37 @@ const RDSAR: u16 = 0xe4;
 const ETTHR: u16 = 0xec;
 
 const CR_RST: u8 = 0x10;
+/// CR bit 0: the RX ring holds nothing past CAPR (8139too's RxBufEmpty).
+const CR_RX_BUF_EMPTY: u8 = 0x01;
+
+// IntrStatus / IntrMask bits (C names; C+ reuses 0x10 as RxEmpty, 0x20 as
+// LinkChg, 0x80 as TxEmpty).
+const INT_ROK: u16 = 0x0001;
+const INT_RER: u16 = 0x0002;
+const INT_TOK: u16 = 0x0004;
+const INT_TER: u16 = 0x0008;
+const INT_RXOVW: u16 = 0x0010;
+const INT_LINKCHG: u16 = 0x0020;
+const INT_FOVW: u16 = 0x0040;
+const INT_TXEMPTY: u16 = 0x0080;
+const INT_TIMEOUT: u16 = 0x4000;
+const INT_SERR: u16 = 0x8000;
+/// 8139cp's cp_rx_intr_mask, cp_intr_mask, cp_norx_intr_mask.
+const CP_RX_INTR: u16 = INT_ROK | INT_RER | INT_RXOVW | INT_FOVW;
+const CP_INTR: u16 = CP_RX_INTR | INT_LINKCHG | INT_TOK | INT_TER | INT_TXEMPTY;
+const CP_NORX_INTR: u16 = INT_LINKCHG | INT_TOK | INT_TER | INT_TXEMPTY;
+/// 8139too's rtl8139_intr_mask, rtl8139_norx_intr_mask, RxAckBits.
+const RTL_INTR: u16 = INT_SERR
+    | INT_TIMEOUT
+    | INT_LINKCHG
+    | INT_RXOVW
+    | INT_FOVW
+    | INT_TER
+    | INT_TOK
+    | INT_RER
+    | INT_ROK;
+const RTL_NORX_INTR: u16 = INT_SERR | INT_TIMEOUT | INT_LINKCHG | INT_TER | INT_TOK | INT_RER;
+const RX_ACK_BITS: u16 = INT_FOVW | INT_RXOVW | INT_ROK;
 const CR_RE: u8 = 0x08;
 const CR_TE: u8 = 0x04;
 
@@ -60,6 +91,9 @@ const CFG9346_LOCK: u8 = 0x00;
 
 // TSDn bits.
 const TSD_OWN: u32 = 1 << 13;
+const TSD_TUN: u32 = 1 << 14;
+const TSD_TOK: u32 = 1 << 15;
+const TSD_TABT: u32 = 1 << 30;
 /// Early-TX threshold 256 bytes (8 x 32), as 8139too.
 const TSD_ERTXTH: u32 = 0x0008_0000;
 
@@ -176,6 +210,31 @@ impl Bus {
     }
 }
 
+/// How the data path touches the chip (`nicdrv=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Shape {
+    /// The fewest register accesses: IMR = 0, completions and RX found in RAM
+    /// (the table in the README).
+    #[default]
+    Lean,
+    /// Per packet what Linux's 8139too (C) and 8139cp (C+) do, with the
+    /// interrupt replaced by polling IntrStatus: the handler's IntrStatus
+    /// read and write-1-to-clear ack, IntrMask masked for a NAPI-like poll
+    /// and unmasked after it (with the drivers' flushing read-backs), TX
+    /// completion from the descriptors (C+) or each TSD's status (C), and in
+    /// C mode the RxBufEmpty check, CAPR and the RX ack per packet.
+    Linux,
+}
+
+impl Shape {
+    pub fn name(self) -> &'static str {
+        match self {
+            Shape::Lean => "lean",
+            Shape::Linux => "linux",
+        }
+    }
+}
+
 /// Register access with counters (each access is one exit to the VMM).
 pub struct Regs {
     bus: Bus,
@@ -247,6 +306,10 @@ pub struct Stats {
     /// C mode: records that crossed the ring end and continued at its start
     /// (WRAP = 0 or a device ignoring WRAP).
     pub rx_split: u64,
+    /// Linux shape: IntrStatus reads that found work (the "interrupts"), and
+    /// NAPI-like polls run.
+    pub irq_events: u64,
+    pub napi_polls: u64,
 }
 
 pub struct Nic {
@@ -271,6 +334,14 @@ pub struct Nic {
     pending: Option<(usize, usize)>,
     rx_cbr_only: bool,
     rcr_c: u32,
+    shape: Shape,
+    /// Linux shape: RX is masked and being polled (between napi_schedule and
+    /// napi_complete).
+    napi: bool,
+    /// Linux shape, C+: the poll has not acked RX in IntrStatus yet.
+    napi_ack: bool,
+    /// Linux shape, C: the oldest TX descriptor not yet seen done.
+    tx_dirty: usize,
 }
 
 /// C-mode RX variants, for testing the driver's paths against a model.
@@ -286,7 +357,7 @@ pub struct RxOpts {
 impl Nic {
     /// Reset and bring the chip up in `mode` (Linux 8139too / 8139cp order).
     /// `opts`: C-mode RX test knobs (see `RxOpts`).
-    pub fn init(bus: Bus, mode: Mode, opts: RxOpts) -> Result<Nic, InitError> {
+    pub fn init(bus: Bus, mode: Mode, opts: RxOpts, shape: Shape) -> Result<Nic, InitError> {
         let mut nic = Nic {
             regs: Regs {
                 bus,
@@ -312,6 +383,10 @@ impl Nic {
             } else {
                 RCR_C
             },
+            shape,
+            napi: false,
+            napi_ack: false,
+            tx_dirty: 0,
         };
         // Fresh DMA memory (also after a warm restart of the words).
         unsafe { core::ptr::write_bytes(dma() as *mut u8, 0, core::mem::size_of::<Dma>()) };
@@ -419,9 +494,22 @@ impl Nic {
                 r.w8(CFG9346, CFG9346_LOCK);
             }
         }
-        // Polled: no interrupt sources.
+        // Lean: no interrupt sources. Linux shape: ack everything, then the
+        // driver's mask with its flushing read-back (cp_enable_irq,
+        // rtl8139_hw_start); the line stays off (PCI INTx disable) and the
+        // IOAPIC pin masked, so IntrStatus is polled instead.
         r.w16(IMR, 0);
         r.w16(ISR, 0xffff);
+        if shape == Shape::Linux {
+            r.w16(
+                IMR,
+                match mode {
+                    Mode::C => RTL_INTR,
+                    Mode::CPlus => CP_INTR,
+                },
+            );
+            r.r16(IMR);
+        }
         nic.link_up = r.r16(BMSR) & 0x0004 != 0;
         Ok(nic)
     }
@@ -431,6 +519,14 @@ impl Nic {
     /// Whether a TX buffer is free now (C mode may read a register).
     pub fn tx_ready(&mut self) -> bool {
         match self.mode {
+            Mode::C if self.shape == Shape::Linux => {
+                let i = self.tx_next;
+                if self.tx_busy & (1 << i) != 0 {
+                    // The queue is stopped until the TX interrupt frees one.
+                    self.linux_irq();
+                }
+                self.tx_busy & (1 << i) == 0
+            }
             Mode::C => {
                 let i = self.tx_next;
                 if self.tx_busy & (1 << i) == 0 {
@@ -526,10 +622,116 @@ impl Nic {
         if self.pending.is_some() {
             return true;
         }
+        if self.shape == Shape::Linux {
+            return self.linux_rx_peek();
+        }
         match self.mode {
             Mode::C => self.c_rx_peek(),
             Mode::CPlus => self.cp_rx_peek(),
         }
+    }
+
+    /// Linux shape: what cp_interrupt / rtl8139_interrupt do, run where the
+    /// interrupt would arrive (here: whenever the driver polls for work).
+    fn linux_irq(&mut self) {
+        let status = self.regs.r16(ISR);
+        if status == 0 || status == 0xffff {
+            return;
+        }
+        self.stats.irq_events += 1;
+        match self.mode {
+            Mode::CPlus => {
+                // Everything but RX is acked here; RX at the top of the poll.
+                if status & !CP_RX_INTR != 0 {
+                    self.regs.w16(ISR, status & !CP_RX_INTR);
+                }
+                if status & CP_RX_INTR != 0 && !self.napi {
+                    self.regs.w16(IMR, CP_NORX_INTR);
+                    self.regs.r16(IMR);
+                    self.napi = true;
+                    self.napi_ack = true;
+                }
+                // cp_tx: completion is the descriptors' OWN bits in RAM,
+                // which `tx_ready` reads.
+            }
+            Mode::C => {
+                let ack = status & !(RX_ACK_BITS | INT_TER);
+                if ack != 0 {
+                    self.regs.w16(ISR, ack);
+                }
+                if status & RX_ACK_BITS != 0 && !self.napi {
+                    self.regs.w16(IMR, RTL_NORX_INTR);
+                    self.regs.r16(IMR);
+                    self.napi = true;
+                }
+                if status & (INT_TOK | INT_TER) != 0 {
+                    self.c_tx_interrupt();
+                    if status & INT_TER != 0 {
+                        self.regs.w16(ISR, INT_TER);
+                    }
+                }
+            }
+        }
+    }
+
+    /// rtl8139_tx_interrupt: the sent descriptors in order, each TSD's status
+    /// read until one is not done yet.
+    fn c_tx_interrupt(&mut self) {
+        while self.tx_busy & (1 << self.tx_dirty) != 0 {
+            let i = self.tx_dirty;
+            let st = self.regs.r32(TSD0 + 4 * i as u16);
+            if st & (TSD_TOK | TSD_TUN | TSD_TABT) == 0 {
+                break;
+            }
+            self.tx_busy &= !(1 << i);
+            self.tx_dirty = (i + 1) % C_TX_DESCS;
+        }
+    }
+
+    /// Linux shape: the "interrupt" when not polling, then the NAPI-like
+    /// poll: a frame if there is one, else napi_complete (unmask).
+    fn linux_rx_peek(&mut self) -> bool {
+        if !self.napi {
+            self.linux_irq();
+            if !self.napi {
+                return false;
+            }
+            self.stats.napi_polls += 1;
+        }
+        let found = match self.mode {
+            Mode::CPlus => {
+                if self.napi_ack {
+                    // cp_rx_poll acks RX before it looks at the ring.
+                    self.regs.w16(ISR, CP_RX_INTR);
+                    self.napi_ack = false;
+                }
+                self.cp_rx_peek()
+            }
+            // rtl8139_rx's loop condition, then the record in the ring.
+            Mode::C => {
+                if self.regs.r8(CR) & CR_RX_BUF_EMPTY != 0 {
+                    false
+                } else if self.c_rx_peek() {
+                    true
+                } else {
+                    // Not empty, but the record is still being written: poll
+                    // again, RX still masked.
+                    return false;
+                }
+            }
+        };
+        if !found {
+            self.regs.w16(
+                IMR,
+                match self.mode {
+                    Mode::C => RTL_INTR,
+                    Mode::CPlus => CP_INTR,
+                },
+            );
+            self.regs.r16(IMR);
+            self.napi = false;
+        }
+        found
     }
 
     fn c_rx_peek(&mut self) -> bool {
@@ -699,7 +901,15 @@ impl Nic {
                 compiler_fence(Ordering::SeqCst);
                 self.rx_off = (pos + rec) % RX_RING;
                 self.rx_unreported += rec;
-                if self.rx_unreported >= CAPR_BATCH {
+                if self.shape == Shape::Linux {
+                    // rtl8139_rx per packet: RxBufPtr, then rtl8139_isr_ack.
+                    self.rx_unreported = 0;
+                    self.regs.w16(CAPR, (self.rx_off as u16).wrapping_sub(16));
+                    if self.regs.r16(ISR) & RX_ACK_BITS != 0 {
+                        self.regs.w16(ISR, RX_ACK_BITS);
+                        self.regs.r16(ISR);
+                    }
+                } else if self.rx_unreported >= CAPR_BATCH {
                     self.rx_unreported = 0;
                     self.regs.w16(CAPR, (self.rx_off as u16).wrapping_sub(16));
                 }
