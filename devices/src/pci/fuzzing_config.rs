@@ -51,7 +51,7 @@ impl PciDevice for Big {
             vendor: 0x1af4,
             device: 0x10ff,
             revision: 1,
-            class: 0x0780_00,
+            class: 0x0007_8000,
             subsystem_vendor: 0x1af4,
             subsystem: 1,
         }
@@ -231,10 +231,10 @@ impl Harness {
         let mut b = [0u8; 4];
         self.pio.read(0xCFC + byte as u64, &mut b[..size]);
         let full = dword.to_le_bytes();
-        for i in 0..size {
+        for (i, got) in b.iter().take(size).enumerate() {
             let want = full.get(byte as usize + i).copied().unwrap_or(0xFF);
             assert_eq!(
-                b[i], want,
+                *got, want,
                 "config read dev {dev} reg {reg:#x}+{byte} size {size}"
             );
         }
