@@ -34,6 +34,13 @@ else
     echo "!!! SKIPPED the QEMU oracle: it needs /dev/kvm !!!" >&2
 fi
 
+echo "== soak: 3 minutes of mixed load, memory/descriptors/threads flat (scripts/soak.sh) =="
+if [ "$KVM_OK" = 1 ]; then
+    bash "$REPO/scripts/soak.sh" --secs 180
+else
+    echo "!!! SKIPPED the soak: it needs /dev/kvm !!!" >&2
+fi
+
 echo "== the small Linux guest's system-call workaround and /init under QEMU TCG (no KVM needed) =="
 bash "$REPO/guest-images/test-linux-small.sh"
 

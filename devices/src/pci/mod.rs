@@ -608,5 +608,7 @@ impl BusDevice for PciRoot {
 
 #[doc(hidden)]
 pub mod fuzzing;
+#[doc(hidden)]
+pub mod fuzzing_config;
 #[cfg(test)]
 mod tests;

@@ -286,3 +286,21 @@ fn fuzz_regressions_and_corpus_replay() {
     }
     super::fuzzing::run(&seq);
 }
+
+/// Every stored input of the `pci_config` target (the minimized corpus and
+/// `devices/fuzz/regressions-pci_config`) runs clean.
+#[test]
+fn fuzz_config_corpus_replay() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut n = 0;
+    for dir in ["corpus/pci_config", "regressions-pci_config"] {
+        let Ok(rd) = std::fs::read_dir(root.join(dir)) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            super::fuzzing_config::run(&std::fs::read(e.path()).unwrap());
+            n += 1;
+        }
+    }
+    assert!(n > 0, "no stored inputs for fuzz target pci_config");
+}

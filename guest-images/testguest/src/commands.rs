@@ -97,6 +97,21 @@ pub fn run(info: &BootInfo) -> u32 {
             ("cpl0-insns", None) => crate::cpl0test::cpl0_insns(),
             ("syscall-probe", None) => crate::cpl0test::syscall_probe(),
             ("cpl0-unsupported", None) => crate::cpl0test::cpl0_unsupported(),
+            ("dmatx", Some(a)) => match parse_triple(a) {
+                Some((gpa, len, mailbox)) => {
+                    let status = net::dma_tx(&net_args, gpa, len, mailbox);
+                    if status != 0 {
+                        io::exit(status);
+                    }
+                }
+                None => println!("dmatx: bad argument {} (want GPA,LEN,MAILBOX)", a),
+            },
+            ("soak", Some(a)) => match parse_num(a) {
+                Some(secs) if (1..=86_400).contains(&secs) => {
+                    let _ = net::soak(&net_args, secs);
+                }
+                _ => println!("soak: bad argument {} (want SECS, 1..86400)", a),
+            },
             ("net", Some(a)) => {
                 let status = match a {
                     "up" => net::up(&net_args),
@@ -135,6 +150,12 @@ pub fn parse_num(s: &str) -> Option<u64> {
 fn parse_pair(s: &str) -> Option<(u64, u64)> {
     let (a, b) = s.split_once(',')?;
     Some((parse_num(a)?, parse_num(b)?))
+}
+
+fn parse_triple(s: &str) -> Option<(u64, u64, u64)> {
+    let (a, rest) = s.split_once(',')?;
+    let (b, c) = parse_pair(rest)?;
+    Some((parse_num(a)?, b, c))
 }
 
 /// `cpuid`: the feature words the VMM may hide (CX16, XSAVE, ...).

@@ -38,6 +38,7 @@ pub enum IoSel {
 }
 
 /// Settings collected from the whole command line before any word runs.
+#[derive(Clone, Copy)]
 pub struct NetArgs {
     pub ip: Option<(Ipv4Address, u8)>,
     pub peer: Option<Ipv4Address>,
@@ -58,6 +59,9 @@ pub struct NetArgs {
     pub rx: rtl8139::RxOpts,
     /// `nicdrv=lean|linux`: the data path's register sequence (`rtl8139::Shape`).
     pub shape: rtl8139::Shape,
+    /// Set by `soak` per round: BAR0 (I/O) and BAR1 (memory) addresses to
+    /// program whatever is there (moving the BARs of a running device).
+    pub bars: Option<(u64, u64)>,
 }
 
 impl NetArgs {
@@ -78,6 +82,7 @@ impl NetArgs {
                 no_wrap: false,
             },
             shape: rtl8139::Shape::Lean,
+            bars: None,
         }
     }
 
@@ -206,13 +211,15 @@ pub fn bring_up(args: &NetArgs) -> Result<Nic, ()> {
     bdf.write32(0x04, (cmd & !(pci::CMD_IO | pci::CMD_MEMORY)) as u32);
     let mut bar0 = pci::read_bar(bdf, 0);
     let mut bar1 = pci::read_bar(bdf, 1);
-    if bar0.io && (bar0.base == 0 || args.force_bars) {
-        pci::write_bar(bdf, 0, DEFAULT_IO_BASE);
-        bar0.base = DEFAULT_IO_BASE;
+    let (io_base, mmio_base) = args.bars.unwrap_or((DEFAULT_IO_BASE, DEFAULT_MMIO_BASE));
+    let force = args.force_bars || args.bars.is_some();
+    if bar0.io && (bar0.base == 0 || force) {
+        pci::write_bar(bdf, 0, io_base);
+        bar0.base = io_base;
     }
-    if !bar1.io && (bar1.base == 0 || args.force_bars) {
-        pci::write_bar(bdf, 1, DEFAULT_MMIO_BASE);
-        bar1.base = DEFAULT_MMIO_BASE;
+    if !bar1.io && (bar1.base == 0 || force) {
+        pci::write_bar(bdf, 1, mmio_base);
+        bar1.base = mmio_base;
     }
     // INTx off as well: the driver polls, and on PVM hosts CPL3 runs with
     // interrupts effectively enabled (IMR = 0 also keeps the chip quiet).
@@ -380,6 +387,104 @@ pub fn up(args: &NetArgs) -> u32 {
         Ok(_) => 0,
         Err(()) => EXIT_NET_SETUP,
     }
+}
+
+/// The two BAR placements `soak` alternates between.
+const SOAK_BARS: [(u64, u64); 2] = [(DEFAULT_IO_BASE, DEFAULT_MMIO_BASE), (0xc100, 0xfebe_0000)];
+
+/// `soak=SECS`: rounds until SECS have passed, each a `ping` and an `rr` (with
+/// the line's settings; `trans=` keeps a round short), and each of those brings
+/// the NIC up afresh (chip reset, full init) with its BARs moved to the other
+/// of two placements. A failed round is counted, not fatal: the host floods
+/// the guest and deletes its tap under it. One line per round, then
+/// `soak: R rounds in S s: ping ok P, rr ok T, failed F`.
+pub fn soak(args: &NetArgs, secs: u64) -> u32 {
+    let deadline = tsc::Deadline::after_ns(secs.saturating_mul(1_000_000_000));
+    let mut a = *args;
+    let (mut rounds, mut ping_ok, mut rr_ok, mut failed) = (0u64, 0u64, 0u64, 0u64);
+    while !deadline.expired() {
+        a.bars = Some(SOAK_BARS[(rounds % 2) as usize]);
+        let p = ping(&a);
+        let r = rr(&a);
+        ping_ok += (p == 0) as u64;
+        rr_ok += (r == 0) as u64;
+        failed += (p != 0) as u64 + (r != 0) as u64;
+        println!(
+            "soak: round {} ping={} rr={}",
+            rounds,
+            if p == 0 { "ok" } else { "failed" },
+            if r == 0 { "ok" } else { "failed" }
+        );
+        rounds += 1;
+    }
+    println!(
+        "soak: {} rounds in {} s: ping ok {}, rr ok {}, failed {}",
+        rounds, secs, ping_ok, rr_ok, failed
+    );
+    0
+}
+
+/// `dmatx=GPA,LEN,MAILBOX`: C-mode transmits of LEN bytes the chip reads at
+/// GPA (memory the host adds and removes under the guest), one after another,
+/// until the u64 at MAILBOX (guest RAM) is non-zero. Prints a line each time
+/// the outcome changes (`dmatx: sent from attempt N`, `dmatx: failing from
+/// attempt N`) and keeps the attempt count in the u64 at MAILBOX + 8 for the
+/// host. Bounded by 10 minutes and 100 M attempts.
+pub fn dma_tx(args: &NetArgs, gpa: u64, len: u64, mailbox: u64) -> u32 {
+    if len == 0 || len > 1792 || gpa.checked_add(len).is_none_or(|e| e > 1 << 32) {
+        println!("dmatx: bad GPA/LEN (1..1792 bytes below 4 GiB)");
+        return EXIT_NET_SETUP;
+    }
+    if !mailbox.is_multiple_of(8) || mailbox >= 1 << 32 {
+        println!("dmatx: bad MAILBOX (8-aligned, below 4 GiB)");
+        return EXIT_NET_SETUP;
+    }
+    let Ok(mut nic) = bring_up(args) else {
+        return EXIT_NET_SETUP;
+    };
+    if nic.mode != Mode::C {
+        println!("dmatx: needs nic=c");
+        return EXIT_NET_SETUP;
+    }
+    let stop = mailbox as *const u64;
+    let progress = (mailbox + 8) as *mut u64;
+    println!(
+        "dmatx: sending {} bytes from 0x{:x} until 0x{:x} is set",
+        len, gpa, mailbox
+    );
+    let deadline = tsc::Deadline::after_ns(600_000_000_000);
+    let (mut sent, mut failed, mut silent, mut n) = (0u64, 0u64, 0u64, 0u64);
+    let mut last = None;
+    // SAFETY: MAILBOX is guest RAM below 4 GiB, identity-mapped; only the host
+    // writes the first word, only we the second.
+    while unsafe { core::ptr::read_volatile(stop) } == 0 && !deadline.expired() && n < 100_000_000 {
+        let outcome = nic.tx_raw(gpa as u32, len as u32);
+        match outcome {
+            rtl8139::RawTx::Sent => sent += 1,
+            rtl8139::RawTx::Failed => failed += 1,
+            rtl8139::RawTx::NoAnswer => silent += 1,
+        }
+        if outcome != rtl8139::RawTx::NoAnswer && last != Some(outcome) {
+            let what = if outcome == rtl8139::RawTx::Sent {
+                "sent"
+            } else {
+                "failing"
+            };
+            println!("dmatx: {} from attempt {}", what, n);
+            last = Some(outcome);
+        }
+        n += 1;
+        unsafe { core::ptr::write_volatile(progress, n) };
+    }
+    println!(
+        "dmatx: stopped after {} attempts: sent={} failed={} unanswered={}",
+        n, sent, failed, silent
+    );
+    if deadline.expired() {
+        println!("dmatx: timeout");
+        return crate::commands::EXIT_TIMEOUT;
+    }
+    0
 }
 
 /// `net=ping`: ICMP echo to `peer`, `count` times, ~1 s apart at most.

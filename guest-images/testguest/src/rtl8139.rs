@@ -344,6 +344,17 @@ pub struct Nic {
     tx_dirty: usize,
 }
 
+/// What [`Nic::tx_raw`] came to.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum RawTx {
+    /// TOK: the chip read the buffer and sent it.
+    Sent,
+    /// Given back without TOK: the buffer could not be read (TUN) or TABT.
+    Failed,
+    /// No free descriptor, or it did not come back in time.
+    NoAnswer,
+}
+
 /// C-mode RX variants, for testing the driver's paths against a model.
 #[derive(Clone, Copy, Default)]
 pub struct RxOpts {
@@ -611,6 +622,47 @@ impl Nic {
         }
         self.stats.tx_frames += 1;
         ret
+    }
+
+    /// C mode only: have the chip send `len` bytes it reads at guest-physical
+    /// `gpa` (memory the driver does not own: a slot the host adds and removes)
+    /// through the next descriptor, and wait (bounded, ~100 ms) for the
+    /// descriptor to come back. Its own buffer address is restored after.
+    pub fn tx_raw(&mut self, gpa: u32, len: u32) -> RawTx {
+        if self.mode != Mode::C || !self.tx_wait() {
+            return RawTx::NoAnswer;
+        }
+        let i = self.tx_next;
+        let own = unsafe { core::ptr::addr_of!((*dma()).tx_buf[i]) } as u64 as u32;
+        let tsd = TSD0 + 4 * i as u16;
+        self.regs.w32(TSAD0 + 4 * i as u16, gpa);
+        self.regs.w32(tsd, TSD_ERTXTH | (len & 0x1fff));
+        self.tx_busy |= 1 << i;
+        self.tx_next = (i + 1) % C_TX_DESCS;
+        let deadline = tsc::Deadline::after_ns(100_000_000);
+        let done = loop {
+            let t = self.regs.r32(tsd);
+            if t & TSD_OWN != 0 {
+                break Some(t);
+            }
+            if deadline.expired() {
+                break None;
+            }
+        };
+        self.regs.w32(TSAD0 + 4 * i as u16, own);
+        match done {
+            None => RawTx::NoAnswer,
+            Some(t) => {
+                self.tx_busy &= !(1 << i);
+                self.stats.tx_frames += 1;
+                if t & TSD_TOK != 0 {
+                    RawTx::Sent
+                } else {
+                    // TUN (the chip could not read the buffer) or TABT.
+                    RawTx::Failed
+                }
+            }
+        }
     }
 
     // ---- receive ----

@@ -60,6 +60,10 @@
 mod eeprom;
 #[doc(hidden)]
 pub mod fuzzing;
+#[doc(hidden)]
+pub mod fuzzing_eeprom;
+#[doc(hidden)]
+pub mod fuzzing_rx;
 pub mod regs;
 mod rx;
 #[cfg(test)]
