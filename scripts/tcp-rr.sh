@@ -322,11 +322,12 @@ snapshot() {
     local _i
     local t
     rm -f "$stats"
-    echo "$EPOCHREALTIME" >"$work/$1.t"
-    # The vCPU thread's scheduler statistics (ns on a CPU, ns runnable but waiting for one).
+    # The vCPU thread's scheduler statistics (ns on a CPU, ns runnable but waiting for one),
+    # and the time they were read at.
     for t in /proc/"$vm_pid"/task/*; do
         [ "$(cat "$t/comm" 2>/dev/null)" = vcpu0 ] && cat "$t/schedstat" >"$work/$1.sched" 2>/dev/null
     done
+    echo "$EPOCHREALTIME" >"$work/$1.t"
     kill -USR1 "$vm_pid" 2>/dev/null || return 1
     for _i in $(seq 300); do
         if python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$stats" 2>/dev/null; then
