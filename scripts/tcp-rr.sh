@@ -163,7 +163,7 @@ print(f"*** ('wbvmm probe': CPL0 loop {c0 / 1e6:.2f} M iterations/s, user mode {
       f"and an exit to")
 print(f"*** wbvmm from guest kernel mode costs {x0:.1f} us. So netperf's trans/s below is the "
       f"emulated guest")
-print("*** kernel's (TCP/IP stack, interrupts, driver), not wbvmm's device: tens of transactions/s")
+print("*** kernel's (TCP/IP stack, interrupts, driver), not wbvmm's device: tens of transactions/s at best")
 print("*** here, where QEMU TCG runs the same guest at thousands (README, 'Nested hosts'); hosts")
 print("*** with hardware virtualization give the real figure. Exits and fallbacks per transaction")
 print("*** below are what wbvmm's device and its emulation fallback add to each transaction.")
