@@ -15,7 +15,15 @@
 #   --guest testguest|linux|auto
 #                        auto (default): the Debian Linux guest running netperf TCP_RR where
 #                        `wbvmm probe --json` says guest kernel mode runs natively, else the test
-#                        guest's `net=rr` (1-byte TCP echo transactions, driver at CPL3)
+#                        guest's `net=rr` (1-byte TCP echo transactions, driver at CPL3).
+#                        linux: netperf TCP_RR in a Linux guest on every host. Where guest kernel
+#                        mode is emulated (nested PVM hosts) that is the small guest
+#                        (guest-images/out/linux-small, about a minute to netperf): the script
+#                        says what that means for the figures. --rev 0x20 binds Linux's 8139cp,
+#                        0x10 its 8139too
+#   --linux small|debian|auto
+#                        which Linux guest: auto (default) = the stock Debian guest where guest
+#                        kernel mode is native, the small guest where it is emulated
 #   --nic c|cplus|auto   test guest only: the driver's mode (default auto: from the revision)
 #   --nicio pio|mmio     test guest only: registers through port I/O (default) or MMIO
 #   --net-opts OPTS      extra options appended to wbvmm's --net tap=...,rev=...
@@ -29,8 +37,11 @@
 #
 # Output: a report, then two machine-readable final lines:
 #   tcp_rr: X trans/s
-#   exits_per_transaction: Y        (wbvmm's io_in+io_out+mmio_read+mmio_write / transactions,
-#                                    boot included)
+#   exits_per_transaction: Y        (wbvmm's io_in+io_out+mmio_read+mmio_write / transactions:
+#                                    boot included for the test guest; for a Linux guest counted
+#                                    over netperf's run only, between two --stats snapshots)
+# A Linux guest's report adds wall-clock stage times, `wbvmm stats` of netperf's run and of the
+# whole VM, and where a transaction's time goes (emulated kernel instructions, exits, fallbacks).
 # Needs root, /dev/kvm, socat (test guest) or netperf (Linux guest), iproute2, python3.
 set -u
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -51,6 +62,7 @@ vcpu_cpu=1
 io_cpu=0
 peer_cpu=0
 guest=auto
+linux_image=auto
 nic=auto
 nicio=pio
 wbvmm=""
@@ -66,6 +78,7 @@ while [ $# -gt 0 ]; do
         --io-cpu) io_cpu=${2:?--io-cpu needs a CPU number}; shift 2 ;;
         --peer-cpu) peer_cpu=${2:?--peer-cpu needs a CPU number}; shift 2 ;;
         --guest) guest=${2:?--guest needs testguest, linux or auto}; shift 2 ;;
+        --linux) linux_image=${2:?--linux needs small, debian or auto}; shift 2 ;;
         --nic) nic=${2:?--nic needs c, cplus or auto}; shift 2 ;;
         --nicio) nicio=${2:?--nicio needs pio or mmio}; shift 2 ;;
         --net-opts) net_opts=${2:?--net-opts needs options}; shift 2 ;;
@@ -86,6 +99,7 @@ resp=${BASH_REMATCH[2]}
 case $rev in 0x10|0x20) ;; *) bad "--rev must be 0x10 or 0x20, got '$rev'" ;; esac
 case $pin in on|off) ;; *) bad "--pin must be on or off, got '$pin'" ;; esac
 case $guest in testguest|linux|auto) ;; *) bad "--guest must be testguest, linux or auto" ;; esac
+case $linux_image in small|debian|auto) ;; *) bad "--linux must be small, debian or auto" ;; esac
 case $nic in c|cplus|auto) ;; *) bad "--nic must be c, cplus or auto" ;; esac
 case $nicio in pio|mmio) ;; *) bad "--nicio must be pio or mmio" ;; esac
 for c in "$vcpu_cpu" "$io_cpu" "$peer_cpu"; do
@@ -121,17 +135,45 @@ wbvmm=$work/wbvmm
 # --- which guest -----------------------------------------------------------------------------
 probe_json=$("$wbvmm" probe --json 2>/dev/null) || wb_die "wbvmm probe --json failed" "run '$wbvmm probe' to see why"
 native=$(printf '%s' "$probe_json" | python3 -c 'import json,sys; print("yes" if json.load(sys.stdin).get("kernel_mode_native") else "no")')
-exit_us=$(printf '%s' "$probe_json" | python3 -c 'import json,sys; v=json.load(sys.stdin).get("mmio_exit_cpl3_us"); print("" if v is None else "%.1f" % v)')
+probe_value() { # probe_value KEY FORMAT: one figure of `wbvmm probe --json`, or nothing
+    printf '%s' "$probe_json" | python3 -c 'import json,sys; v=json.load(sys.stdin).get(sys.argv[1]); print("" if v is None else sys.argv[2] % v)' "$1" "$2"
+}
+exit_us=$(probe_value mmio_exit_cpl3_us %.1f)
+exit_cpl0_us=$(probe_value mmio_exit_cpl0_us %.1f)
+cpl0_loops=$(probe_value cpl0_loops_per_sec %.0f)
+cpl3_loops=$(probe_value cpl3_loops_per_sec %.0f)
 if [ "$guest" = auto ]; then
     if [ "$native" = yes ]; then guest=linux; else guest=testguest; fi
+fi
+if [ "$guest" = linux ] && [ "$linux_image" = auto ]; then
+    if [ "$native" = yes ]; then linux_image=debian; else linux_image=small; fi
 fi
 echo "=== wbvmm TCP request/response ==="
 if [ "$native" != yes ]; then
     echo "*** This host cannot run a Linux guest kernel at native speed: 'wbvmm probe' says guest"
     echo "*** kernel mode is emulated here (nested/paravirtual KVM)."
     if [ "$guest" = linux ]; then
-        wb_warn "--guest linux asked for anyway: the Debian kernel will not get to netperf in useful"
-        wb_warn "time here (README, 'Nested hosts'); trying, bounded to $((secs + 180)) s"
+        # probe's CPL0 loop is `dec ecx; jnz`: two instructions per iteration.
+        python3 - "$cpl0_loops" "$cpl3_loops" "$exit_cpl0_us" <<'EOF'
+import sys
+c0, c3, x0 = (float(a) if a else 0.0 for a in sys.argv[1:4])
+print(f"*** Every guest kernel instruction goes through KVM's instruction emulator, about "
+      f"{2 * c0 / 1e6:.1f} M/s")
+print(f"*** ('wbvmm probe': CPL0 loop {c0 / 1e6:.2f} M iterations/s, user mode {c3 / 1e6:,.0f} M/s), "
+      f"and an exit to")
+print(f"*** wbvmm from guest kernel mode costs {x0:.1f} us. So netperf's trans/s below is the "
+      f"emulated guest")
+print("*** kernel's (TCP/IP stack, interrupts, driver), not wbvmm's device: tens of transactions/s at best")
+print("*** here, where QEMU TCG runs the same guest at thousands (README, 'Nested hosts'); hosts")
+print("*** with hardware virtualization give the real figure. Exits and fallbacks per transaction")
+print("*** below are what wbvmm's device and its emulation fallback add to each transaction.")
+EOF
+        if [ "$linux_image" = debian ]; then
+            wb_warn "--linux debian asked for here: the stock Debian kernel needs about half an hour to"
+            wb_warn "reach /init on such a host (README, 'Nested hosts'); trying, bounded to $((secs + 3600)) s"
+        else
+            echo "*** The small Linux guest (guest-images/out/linux-small) gets to netperf in about a minute."
+        fi
     else
         echo "*** So this measures the test guest's net=rr (its RTL8139 driver runs at CPL3, natively)"
         echo "*** against a host TCP echo peer, instead of netperf TCP_RR in a Linux guest."
@@ -150,6 +192,16 @@ if [ "$guest" = testguest ]; then
         elf=$("$root/guest-images/build-testguest.sh" | tail -1) || wb_die "building the test guest failed"
     fi
     [ -f "$elf" ] || wb_die "no test guest at $elf" "run scripts/setup.sh"
+elif [ "$linux_image" = small ]; then
+    wb_need_cmd netserver netperf
+    # vmlinux through PVH: on an emulating host the bzImage's decompression alone takes ~20 s.
+    kernel=$root/guest-images/out/linux-small/vmlinux
+    initrd=$root/guest-images/out/linux-small/initramfs.cpio
+    { [ -f "$kernel" ] && [ -f "$initrd" ]; } ||
+        wb_die "no small Linux guest in guest-images/out/linux-small" "run scripts/setup.sh (or guest-images/build-linux-small.sh)"
+    for f in cmdline cmdline-emulated; do
+        [ -f "$root/guest-images/linux/$f" ] || wb_die "guest-images/linux/$f is missing" "update your checkout"
+    done
 else
     wb_need_cmd netserver netperf
     kernel=$root/guest-images/out/linux/bzImage
@@ -220,14 +272,31 @@ if [ "$guest" = testguest ]; then
     limit=$((secs + 60))
     started_re='^rr: connected'
 else
-    cmdline="console=ttyS0 reboot=k panic=1 acpi=off pci=conf1 wbvmm.end=reboot wbvmm.run=netperf:$host_ip:TCP_RR wbvmm.ip=$guest_ip/24 wbvmm.secs=$secs wbvmm.args=-r:$req,$resp"
+    run_words="wbvmm.end=reboot wbvmm.run=netperf:$host_ip:TCP_RR wbvmm.ip=$guest_ip/24 wbvmm.secs=$secs wbvmm.args=-r:$req,$resp"
+    if [ "$linux_image" = small ]; then
+        # The README's Linux words plus those that only make an emulated guest kernel faster
+        # (one file each, read by the tests too).
+        cmdline="$(tr '\n' ' ' <"$root/guest-images/linux/cmdline")$(tr '\n' ' ' <"$root/guest-images/linux/cmdline-emulated")$run_words"
+        memory=128M
+        # Only fails a hung run: the small guest gets to netperf in about a minute here (15 min
+        # when the host is heavily loaded).
+        limit=$((secs + 1800))
+    else
+        cmdline="console=ttyS0 reboot=k panic=1 acpi=off pci=conf1 $run_words"
+        memory=256M
+        if [ "$native" = yes ]; then limit=$((secs + 180)); else limit=$((secs + 3600)); fi
+    fi
     vm_args=(--kernel "$kernel" --initramfs "$initrd")
-    limit=$((secs + 180))
-    started_re='mode netperf'
+    started_re='wbvmm-linux-guest: eth0 up:'
 fi
-vm_args+=(--memory 256M --cpus 1 --serial "file=$serial" --net "tap=$tap,rev=$rev${net_opts:+,$net_opts}" "--stats=$stats" --cmdline "$cmdline")
+vm_args+=(--memory "${memory:-256M}" --cpus 1 --serial "file=$serial" --net "tap=$tap,rev=$rev${net_opts:+,$net_opts}" "--stats=$stats" --cmdline "$cmdline")
 
-echo "guest:   $guest ($([ "$guest" = testguest ] && echo "net=rr, $req-byte request / $resp-byte response" || echo "netperf TCP_RR -r $req,$resp"))"
+if [ "$guest" = testguest ]; then
+    echo "guest:   testguest (net=rr, $req-byte request / $resp-byte response)"
+else
+    echo "guest:   linux, $([ "$linux_image" = small ] && echo "the small guest" || echo "the Debian guest"): $kernel (netperf TCP_RR -r $req,$resp)"
+    echo "cmdline: $cmdline"
+fi
 echo "nic:     RTL8139 rev $rev on tap $tap in namespace $ns; guest $guest_ip, peer $peer_desc"
 echo "wbvmm:   $wbvmm_src (run from a private copy)"
 echo "run:     $secs s"
@@ -241,15 +310,63 @@ esac
 # process itself is not confined); without them, start it on the I/O CPU and move vcpu0 below.
 launch=()
 [ "$pin_mode" = taskset ] && launch=(taskset -c "$io_cpu")
+t_start=$EPOCHREALTIME
 ip netns exec "$ns" "${launch[@]}" "$wbvmm" "${vm_args[@]}" "${pin_flags[@]}" \
     </dev/null >"$work/wbvmm.out" 2>"$work/wbvmm.err" &
 vm_pid=$!
+
+# snapshot NAME: a --stats snapshot of the running VM (SIGUSR1) saved as $work/NAME.json. wbvmm
+# replaces the file atomically, so a file that parses is the whole snapshot; the bound only
+# fails a VM that no longer answers.
+snapshot() {
+    local _i
+    local t
+    rm -f "$stats"
+    # The vCPU thread's scheduler statistics (ns on a CPU, ns runnable but waiting for one),
+    # and the time they were read at.
+    for t in /proc/"$vm_pid"/task/*; do
+        [ "$(cat "$t/comm" 2>/dev/null)" = vcpu0 ] && cat "$t/schedstat" >"$work/$1.sched" 2>/dev/null
+    done
+    echo "$EPOCHREALTIME" >"$work/$1.t"
+    kill -USR1 "$vm_pid" 2>/dev/null || return 1
+    for _i in $(seq 300); do
+        if python3 -c 'import json,sys; json.load(open(sys.argv[1]))' "$stats" 2>/dev/null; then
+            cp "$stats" "$work/$1.json"
+            return 0
+        fi
+        sleep 0.1
+    done
+    wb_warn "no --stats snapshot ($1) within 30 s of SIGUSR1"
+    return 1
+}
+# A Linux guest's stages, with the wall time (since wbvmm started) each first appeared.
+stage_names=()
+stage_res=()
+if [ "$guest" = linux ]; then
+    stage_names=(banner "driver bound" /init "eth0 up" "netperf done")
+    stage_res=('Linux version' '(8139cp|8139too) [0-9a-f:.]+ eth0: .*IRQ [0-9]+' 'Run /init' "$started_re" 'wbvmm-linux-guest: step netperf')
+fi
+stage_at=()
+elapsed() { python3 -c "import sys; print('%.1f' % (float(sys.argv[2]) - float(sys.argv[1])))" "$t_start" "$EPOCHREALTIME"; }
+
+# netperf's timed run is its data connection (the control connection is port 12865): seen from
+# the namespace, it brackets the transactions netperf counts, and the two snapshots taken when
+# it opens and closes bracket what they cost (give or take one pass of the loop below).
+data_connection() {
+    ip netns exec "$ns" ss -Htn state established 2>/dev/null | awk -v c="$host_ip:$port" '$3 ~ /^169\.254\./ && $3 != c { f = 1 } END { exit !f }'
+}
+rr_state=0 # 0: before netperf's data connection, 1: during, 2: after
 
 # Wait (bounded) for the timed loop to start; then record where the threads run.
 deadline=$((SECONDS + limit))
 started=0
 repinned=0
 while kill -0 "$vm_pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do
+    for i in "${!stage_names[@]}"; do
+        if [ -z "${stage_at[$i]:-}" ] && [ -f "$serial" ] && grep -Eq -- "${stage_res[$i]}" "$serial"; then
+            stage_at[i]=$(elapsed)
+        fi
+    done
     if [ "$pin_mode" = taskset ] && [ $repinned = 0 ]; then
         tid=$(ps -L -o tid=,comm= -p "$vm_pid" 2>/dev/null | awk '$2 == "vcpu0" { print $1 }')
         if [ -n "$tid" ]; then taskset -p -c "$vcpu_cpu" "$tid" >/dev/null && repinned=1; fi
@@ -267,6 +384,17 @@ while kill -0 "$vm_pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do
             done
         } >"$work/threads.txt"
     fi
+    if [ "$guest" = linux ] && [ $started = 1 ] && [ $rr_state -lt 2 ]; then
+        if [ $rr_state = 0 ] && data_connection; then
+            rr_state=1
+            snapshot run-start
+        elif [ $rr_state = 1 ] && ! data_connection; then
+            rr_state=2
+            snapshot run-end
+        fi
+        # While netperf runs, poll the connection without the loop's nap.
+        if [ $rr_state = 1 ]; then sleep 0.05; continue; fi
+    fi
     sleep 0.2
 done
 if kill -0 "$vm_pid" 2>/dev/null; then
@@ -282,6 +410,11 @@ vm_pid=""
 show_console() { sed 's/^/  | /' "$serial" 2>/dev/null; sed 's/^/  wbvmm| /' "$work/wbvmm.err"; }
 [ $keep = 1 ] && { echo "console:"; show_console; }
 [ -f "$work/threads.txt" ] && cat "$work/threads.txt"
+if [ ${#stage_names[@]} -gt 0 ]; then
+    line="stages:  (wall s since start)"
+    for i in "${!stage_names[@]}"; do line+=" ${stage_names[$i]} ${stage_at[$i]:--}"; [ "$i" -lt $((${#stage_names[@]} - 1)) ] && line+=","; done
+    echo "$line; wbvmm ended $(elapsed)"
+fi
 
 # --- results -------------------------------------------------------------------------------------
 tps=""
@@ -313,7 +446,44 @@ fi
 [ "$rc" -eq 0 ] || wb_warn "wbvmm exit status $rc (expected 0)"
 
 epx=""
-if [ -f "$stats" ]; then
+kepx=""
+summary=""
+if [ "$guest" = linux ]; then
+    # stats_section TITLE FILE: one section of `wbvmm stats FILE` (sections end at a blank line).
+    stats_section() {
+        "$wbvmm" stats "$2" 2>/dev/null | awk -v t="$1" 'index($0, t) == 1 { on = 1 } on && /^$/ { exit } on { print "  " $0 }'
+    }
+    if [ -f "$work/run-start.json" ] && [ -f "$work/run-end.json" ]; then
+        run_secs=$(python3 -c 'import sys; print(float(open(sys.argv[2]).read()) - float(open(sys.argv[1]).read()))' "$work/run-start.t" "$work/run-end.t")
+        sched=$(cat "$work/run-start.sched" "$work/run-end.sched" 2>/dev/null | awk 'NR == 1 { r = $1; w = $2 } NR == 2 { print $1 - r, $2 - w }')
+        report=$(python3 "$here/lib/linux-run-report.py" "$work/run-start.json" "$work/run-end.json" \
+            "$run_secs" "$trans" "$tps" "$cpl0_loops" "$exit_cpl0_us" "$work/run.json" ${sched:+$sched})
+        printf '%s\n' "$report" | grep -v '_per_transaction: '
+        epx=$(printf '%s\n' "$report" | awk -F': ' '$1 == "exits_per_transaction" { print $2 }')
+        kepx=$(printf '%s\n' "$report" | awk -F': ' '$1 == "kvm_exits_per_transaction" { print $2 }')
+        echo "wbvmm stats of netperf's run (the difference of the two snapshots):"
+        for t in "Exits" "Exits by device" "Emulation fallbacks" "Interrupts"; do stats_section "$t" "$work/run.json"; done
+    else
+        wb_warn "no --stats snapshots around netperf's run: per-transaction figures unavailable"
+    fi
+    if [ -f "$stats" ]; then
+        echo "wbvmm stats of the whole VM (boot included; all of it: wbvmm stats FILE):"
+        stats_section "Emulation fallbacks" "$stats"
+        python3 - "$stats" <<'EOF'
+import json, sys
+v = json.load(open(sys.argv[1]))
+e = v.get("emulated") or {}
+n = sum(x.get("count", 0) for x in e.values())
+ns = sum(x.get("total_ns", 0) for x in e.values())
+vc = (v.get("kvm") or {}).get("vcpu") or {}
+vc = vc if isinstance(vc, list) else [vc]
+insns = sum(x.get("insn_emulation", 0) for x in vc)
+print(f"  whole VM: {n:,} fallbacks costing {ns / 1e6:.1f} ms; KVM emulated {insns:,} guest instructions")
+EOF
+    else
+        wb_warn "wbvmm wrote no stats file"
+    fi
+elif [ -f "$stats" ]; then
     summary=$("$here/stats-summary" "$stats" --transactions "$trans")
     printf '%s\n' "$summary" | while IFS= read -r l; do echo "stats:   $l"; done
     epx=$(echo "$summary" | awk -F': ' '$1 == "exits_per_transaction" { print $2 }')
@@ -322,8 +492,8 @@ if [ -f "$stats" ]; then
 else
     wb_warn "wbvmm wrote no stats file"
 fi
-kepx=$(echo "${summary:-}" | awk -F': ' '$1 == "kvm_exits_per_transaction" { print $2 }')
-if [ -n "$exit_us" ] && [ -n "$epx" ]; then
+[ "$guest" = testguest ] && kepx=$(echo "${summary:-}" | awk -F': ' '$1 == "kvm_exits_per_transaction" { print $2 }')
+if [ "$guest" = testguest ] && [ -n "$exit_us" ] && [ -n "$epx" ]; then
     python3 - "$tps" "$epx" "$exit_us" "${kepx:-}" <<'EOF'
 import sys
 tps, epx, us = map(float, sys.argv[1:4])

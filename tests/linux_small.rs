@@ -208,3 +208,56 @@ fn small_linux_drivers_ping_and_run_netperf_both_ways() {
         eprintln!("rev {rev}: {irqs} NIC interrupts");
     }
 }
+
+/// `scripts/boot-demo.sh --linux`: `wbvmm.run=shell` with `wbvmm.ip` gives an interactive
+/// shell on the serial console with eth0 already up. Commands typed on the console run
+/// (line editing through the 8250's receive interrupts), reach the host through the tap,
+/// and `reboot -f` ends the VM with status 0.
+#[test]
+fn small_linux_shell_on_the_console_with_eth0_up() {
+    if !kvm_available("small_linux_shell_on_the_console_with_eth0_up") {
+        return;
+    }
+    let Some(ns) = NetNs::new("linuxshell", 42) else {
+        return;
+    };
+    let (host, guest) = (ns.host_ip.clone(), ns.guest_ip.clone());
+    let cmdline = format!(
+        "{} {} wbvmm.run=shell wbvmm.ip={guest}/24",
+        words("cmdline"),
+        words("cmdline-emulated")
+    );
+    let net = format!("tap={}", ns.tap);
+    let mut vm = boot(
+        &cmdline,
+        &["--net", &net],
+        Some(&ns),
+        stats_file("small-shell"),
+    );
+    // The shell's banner; its prompt has no newline, and input typed now waits in the tty.
+    vm.wait_for(
+        "Enter 'help' for a list of built-in commands.",
+        BOOT_DEADLINE,
+    );
+    // The shell computes 6*7 itself, so the echoed command line cannot match.
+    vm.send_line(&format!(
+        "ping -c 1 {host}; echo shell-says $((6*7)) ping-rc=$?"
+    ));
+    vm.wait_for("shell-says 42", BOOT_DEADLINE);
+    vm.send_line("reboot -f");
+    let o = vm.finish(BOOT_DEADLINE);
+    eprintln!(
+        "small guest shell: {}, prompt {:.1} s, ended {:.1} s",
+        vm.stage_times(STAGES),
+        vm.seen_at("Enter 'help'").map_or(0.0, |t| t.as_secs_f64()),
+        o.elapsed.as_secs_f64()
+    );
+    assert!(
+        o.stdout.contains(&format!("eth0 up: {guest}/24 carrier=1")),
+        "{}",
+        o.show()
+    );
+    assert!(o.stdout.contains("1 packets received"), "{}", o.show());
+    assert!(o.stdout.contains("shell-says 42 ping-rc=0"), "{}", o.show());
+    assert_eq!(o.code, Some(0), "{}", o.show());
+}
