@@ -5,7 +5,7 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use kvm_ioctls::{IoEventAddress, VmFd};
+use kvm_ioctls::VmFd;
 use serde::Serialize;
 use thiserror::Error;
 use vmm_sys_util::eventfd::EventFd;
@@ -16,6 +16,9 @@ use wbvmm_devices::net::tap::{Tap, TapError, TapOptions};
 use wbvmm_devices::net::RxResult;
 use wbvmm_devices::pci::{BarSpec, PciDevice, PciError, PciIds, PciPlacement, PciRoot};
 use wbvmm_devices::{Bus, BusDevice, GuestDma, IrqLine};
+
+mod doorbell;
+pub use doorbell::{Doorbell, TsdDoorbells, TsdIoEvents};
 
 /// Where the NIC sits: 00:03.0 (as under QEMU), INTA routed to IOAPIC pin 16 (pins
 /// 16-23 are the IOAPIC-only ones in KVM's default routing), BARs where a BIOS would
@@ -165,228 +168,6 @@ pub struct IoCounters {
     pub tap_errors: AtomicU64,
 }
 
-/// The TxPoll doorbell as an ioeventfd on both BARs, following BAR moves.
-pub struct Doorbell {
-    pub evt: EventFd,
-    vm: Arc<VmFd>,
-    pci: Arc<PciRoot>,
-    /// (PIO port, MMIO address) currently registered.
-    at: std::sync::Mutex<(Option<u64>, Option<u64>)>,
-    /// The bus generations `at` was computed for.
-    seen: AtomicU64,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-}
-
-/// TxPoll's offset in both BARs.
-const TXPOLL_OFFSET: u64 = 0xd9;
-/// The value 8139cp and the test guest write to TxPoll: "normal-priority queue".
-const TXPOLL_NPQ: u8 = 0x40;
-
-impl Doorbell {
-    fn new(
-        vm: Arc<VmFd>,
-        pci: Arc<PciRoot>,
-        pio: Arc<Bus>,
-        mmio: Arc<Bus>,
-    ) -> Result<Self, NetError> {
-        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::Irq)?;
-        let d = Self {
-            evt,
-            vm,
-            pci,
-            at: std::sync::Mutex::new((None, None)),
-            seen: AtomicU64::new(u64::MAX),
-            pio,
-            mmio,
-        };
-        d.follow_bars();
-        Ok(d)
-    }
-
-    /// Re-register where the BARs are now, if any bus changed since last time.
-    /// Called when a config write moves the NIC's BARs (so the first TxPoll at the
-    /// new address already completes in KVM) and after each doorbell event.
-    pub fn follow_bars(&self) {
-        let gen = self
-            .pio
-            .generation()
-            .wrapping_add(self.mmio.generation() << 32);
-        if self.seen.swap(gen, Ordering::AcqRel) == gen {
-            return;
-        }
-        let mapped = |bar: u8| {
-            self.pci
-                .bar_mapping(NIC_PCI_DEVICE, bar)
-                .and_then(|(_, at)| at)
-        };
-        let want = (
-            mapped(0).map(|b| b + TXPOLL_OFFSET),
-            mapped(1).map(|b| b + TXPOLL_OFFSET),
-        );
-        let mut at = self.at.lock().unwrap_or_else(|e| e.into_inner());
-        if *at == want {
-            return;
-        }
-        let (old_pio, old_mmio) = *at;
-        if let Some(p) = old_pio {
-            let _ = self
-                .vm
-                .unregister_ioevent(&self.evt, &IoEventAddress::Pio(p), TXPOLL_NPQ);
-        }
-        if let Some(m) = old_mmio {
-            let _ = self
-                .vm
-                .unregister_ioevent(&self.evt, &IoEventAddress::Mmio(m), TXPOLL_NPQ);
-        }
-        let reg = |a: &IoEventAddress| match self.vm.register_ioevent(&self.evt, a, TXPOLL_NPQ) {
-            Ok(()) => true,
-            Err(e) => {
-                log::warn!(
-                    "TX doorbell ioeventfd at {a:?} refused ({e}); TxPoll writes there will exit"
-                );
-                false
-            }
-        };
-        let new_pio = want.0.filter(|&p| reg(&IoEventAddress::Pio(p)));
-        let new_mmio = want.1.filter(|&m| reg(&IoEventAddress::Mmio(m)));
-        *at = (new_pio, new_mmio);
-    }
-}
-
-/// Frame-length doorbells for C mode. A TSD write carries the frame's length, so a
-/// plain ioeventfd would lose it; but a guest sending same-sized frames (a
-/// request/response test, a bulk transfer) writes the same value again and again.
-/// After `LEARN_AFTER` identical writes to TSDn, an ioeventfd with that exact value as
-/// its datamatch takes over: those writes complete inside KVM and are replayed here
-/// with the value they must have had. Any other value still exits. Before the NIC
-/// serves any register access, pending doorbells are replayed, so the guest never
-/// sees TSD/TSR status older than its own writes.
-pub struct TsdDoorbells {
-    vm: Arc<VmFd>,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
-    pub evts: [EventFd; 4],
-    state: std::sync::Mutex<TsdLearnState>,
-}
-
-const LEARN_AFTER: u32 = 4;
-const TSD0: u64 = 0x10;
-
-#[derive(Default)]
-struct TsdLearnState {
-    /// Per TSDn: the last value written and how many times in a row.
-    last: [(u32, u32); 4],
-    /// Per TSDn: the registered (address, is_pio, value).
-    armed: [Option<(u64, bool, u32)>; 4],
-    /// Bus generations when arming: a BAR move disarms everything.
-    gens: (u64, u64),
-}
-
-impl TsdDoorbells {
-    fn new(vm: Arc<VmFd>, pio: Arc<Bus>, mmio: Arc<Bus>) -> Result<Self, NetError> {
-        let e = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::Irq);
-        Ok(Self {
-            vm,
-            pio,
-            mmio,
-            evts: [e()?, e()?, e()?, e()?],
-            state: Default::default(),
-        })
-    }
-
-    /// Stop absorbing writes to TSDn; writes absorbed before are replayed first
-    /// (unregister, then drain: nothing new can arrive in between).
-    fn disarm(&self, st: &mut TsdLearnState, n: usize, nic: &Rtl8139) {
-        if let Some((addr, pio, v)) = st.armed[n].take() {
-            let a = if pio {
-                IoEventAddress::Pio(addr)
-            } else {
-                IoEventAddress::Mmio(addr)
-            };
-            let _ = self.vm.unregister_ioevent(&self.evts[n], &a, v);
-            if let Ok(count) = self.evts[n].read() {
-                for _ in 0..count {
-                    nic.write(
-                        addr - (TSD0 + 4 * n as u64),
-                        TSD0 + 4 * n as u64,
-                        &v.to_le_bytes(),
-                    );
-                }
-            }
-        }
-    }
-
-    /// Replay writes KVM absorbed, then return. Serialised with `observe`, so a
-    /// register access never overtakes a replay.
-    pub fn replay(&self, nic: &Rtl8139) {
-        let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        self.replay_locked(&st, nic);
-    }
-
-    fn replay_locked(&self, st: &TsdLearnState, nic: &Rtl8139) {
-        for n in 0..4 {
-            let Some((addr, _, v)) = st.armed[n] else {
-                continue;
-            };
-            if let Ok(count) = self.evts[n].read() {
-                let base = addr - (TSD0 + 4 * n as u64);
-                for _ in 0..count {
-                    nic.write(base, TSD0 + 4 * n as u64, &v.to_le_bytes());
-                }
-            }
-        }
-    }
-
-    /// Before every register access from a vCPU: replay pending doorbells; for a TSD
-    /// write, learn its value.
-    fn observe(&self, nic: &Rtl8139, base: u64, offset: u64, write: Option<&[u8]>) {
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        self.replay_locked(&st, nic);
-        let Some(data) = write else { return };
-        if !(TSD0..TSD0 + 16).contains(&offset) || !offset.is_multiple_of(4) || data.len() != 4 {
-            return;
-        }
-        let n = ((offset - TSD0) / 4) as usize;
-        let v = u32::from_le_bytes([data[0], data[1], data[2], data[3]]);
-        let gens = (self.pio.generation(), self.mmio.generation());
-        if gens != st.gens {
-            for i in 0..4 {
-                self.disarm(&mut st, i, nic);
-            }
-            st.gens = gens;
-        }
-        let (last, count) = st.last[n];
-        st.last[n] = if last == v {
-            (v, count.saturating_add(1))
-        } else {
-            (v, 1)
-        };
-        // Only C-mode TSDs: in C+ mode these offsets are the tally-dump register.
-        if st.last[n].1 >= LEARN_AFTER && st.armed[n].map(|a| a.2) != Some(v) && !nic_in_cplus(nic)
-        {
-            self.disarm(&mut st, n, nic);
-            let is_pio = base < 0x1_0000;
-            let addr = base + offset;
-            let a = if is_pio {
-                IoEventAddress::Pio(addr)
-            } else {
-                IoEventAddress::Mmio(addr)
-            };
-            if self.vm.register_ioevent(&self.evts[n], &a, v).is_ok() {
-                st.armed[n] = Some((addr, is_pio, v));
-            }
-        }
-    }
-}
-
-/// Is the chip in C+ mode? (CpCmd at 0xE0 has C+ TX or RX enabled.)
-fn nic_in_cplus(nic: &Rtl8139) -> bool {
-    let mut b = [0u8; 2];
-    nic.read(0, 0xe0, &mut b);
-    u16::from_le_bytes(b) & 0x3 != 0
-}
-
 /// What the buses and the PCI root see: the NIC, with the C-mode doorbell learner
 /// in front of its registers.
 pub struct NicFrontend {
@@ -475,11 +256,20 @@ impl NetDevice {
             irq: NIC_GSI as u8,
             bar_addresses: vec![NIC_IO_BAR, NIC_MMIO_BAR],
         };
+        // The doorbells learn each BAR's address space from the BAR types the model
+        // declares; the learner holds the root weakly (the root holds the frontend).
+        let bars = (NIC_PCI_DEVICE, nic.bars());
         let frontend = match cfg.tx {
             TxDoorbell::IoEventFd => {
                 let f = Arc::new(NicFrontend {
                     nic: nic.clone(),
-                    tsd: TsdDoorbells::new(vm.clone(), buses.0.clone(), buses.1.clone())?,
+                    tsd: TsdDoorbells::new(
+                        vm.clone(),
+                        Arc::downgrade(root),
+                        bars.clone(),
+                        buses.0.clone(),
+                        buses.1.clone(),
+                    )?,
                     doorbell: std::sync::OnceLock::new(),
                 });
                 root.add_device(f.clone(), placement)?;
@@ -494,6 +284,7 @@ impl NetDevice {
             TxDoorbell::IoEventFd => Some(Arc::new(Doorbell::new(
                 vm.clone(),
                 root.clone(),
+                bars,
                 buses.0.clone(),
                 buses.1.clone(),
             )?)),

@@ -24,7 +24,8 @@ use std::time::{Duration, Instant};
 use wbvmm_devices::bus::{Bus, Route};
 
 use super::index::SlotIndexKind;
-use super::registry::{MemSnapshot, SlotProbe, SlotRegistry};
+use super::registry::SlotRegistry;
+use super::snapshot::{MemSnapshot, SlotProbe};
 use super::stats::{MemoryStats, MissCacheStats, MmioStats};
 use super::PAGE_SHIFT;
 

@@ -15,7 +15,8 @@ use std::sync::Arc;
 
 use wbvmm_devices::{DmaError, GuestDma};
 
-use super::registry::{MemSnapshot, SlotRegistry};
+use super::registry::SlotRegistry;
+use super::snapshot::MemSnapshot;
 use super::stats::IndexStats;
 use super::{RangeIndex, RangeItem, Slot};
 

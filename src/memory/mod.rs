@@ -45,24 +45,34 @@
 //! serde_json::to_value(&st)?;
 //! ```
 
+pub mod backend;
 pub mod cache;
 pub mod dma;
+#[cfg(any(test, feature = "test-doubles"))]
+pub mod fake_backend;
 pub mod index;
+pub mod mapping;
 pub mod registry;
+pub mod snapshot;
+pub mod split;
 pub mod stats;
 pub mod wbtree;
 
+pub use backend::SlotBackend;
 pub use cache::{
     fill_open_bus, Generation, MmioRoute, MmioRouter, PageCache, RateLimitedLog, PAGE_CACHE_ENTRIES,
 };
 pub use dma::GuestRamDma;
+#[cfg(any(test, feature = "test-doubles"))]
+pub use fake_backend::FakeBackend;
 pub use index::{
     AnyIndex, BTreeIndex, BinaryIndex, LinearIndex, Overlap, RangeIndex, RangeItem,
     SizeSortedIndex, SlotIndexKind, UnknownSlotIndex,
 };
-pub use registry::{
-    split_layout, FakeBackend, HostMapping, MemSnapshot, SlotBackend, SlotProbe, SlotRegistry,
-};
+pub use mapping::HostMapping;
+pub use registry::SlotRegistry;
+pub use snapshot::{MemSnapshot, SlotProbe};
+pub use split::split_layout;
 pub use stats::{IndexStats, LookupStats, MemoryStats, MissCacheStats, MmioStats};
 pub use wbtree::WbTree;
 

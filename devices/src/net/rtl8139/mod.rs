@@ -137,6 +137,16 @@ impl Default for Rtl8139Config {
     }
 }
 
+/// Which register set the chip decodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rtl8139Mode {
+    /// The RTL8139C registers (Linux `8139too`): a write to TSD0-3 hands a frame over.
+    C,
+    /// The C+ registers (Linux `8139cp`), from the first CpCmd write until a reset:
+    /// TxPoll is the TX doorbell and 0x10-0x17 is the tally-dump register (DTCCR).
+    CPlus,
+}
+
 /// Per-device counters (host view). Copy out with [`Rtl8139::stats`].
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Rtl8139Stats {
@@ -490,6 +500,15 @@ impl Rtl8139 {
 
     pub fn config(&self) -> Rtl8139Config {
         self.lock().cfg
+    }
+
+    /// The register set the driver chose (what a write to 0x10-0x1F means).
+    pub fn mode(&self) -> Rtl8139Mode {
+        if self.lock().cplus {
+            Rtl8139Mode::CPlus
+        } else {
+            Rtl8139Mode::C
+        }
     }
 }
 

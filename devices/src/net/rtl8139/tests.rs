@@ -284,6 +284,32 @@ fn cr_reset_is_synchronous() {
 }
 
 #[test]
+fn mode_is_c_plus_from_the_first_cpcmd_write_until_a_reset() {
+    for revision in [REVISION_CPLUS, REVISION_C] {
+        let h = H::new(revision);
+        assert_eq!(h.dev.mode(), Rtl8139Mode::C, "power-on, rev {revision:#x}");
+        let f = frame_to([0xff; 6], 60);
+        h.poke(0x1_0000, &f);
+        // Any CpCmd write selects the C+ registers, even one enabling neither TX nor RX:
+        // TSD0's offset is DTCCR then, and a write there sends nothing.
+        h.w16(CPCMD as u64, 0);
+        assert_eq!(h.dev.mode(), Rtl8139Mode::CPlus);
+        c_mode_up(&h);
+        h.w32(TSD0 as u64, 60);
+        assert!(h.sink.take().is_empty(), "rev {revision:#x}");
+        h.w8(0x37, CR_RST);
+        assert_eq!(h.dev.mode(), Rtl8139Mode::C, "CR.RST");
+        c_mode_up(&h);
+        h.w32(TSD0 as u64, 60);
+        assert_eq!(h.sink.take(), vec![f.clone()], "C mode: TSD0 sends");
+        h.w16(CPCMD as u64, CPCMD_TXENB | CPCMD_RXENB);
+        assert_eq!(h.dev.mode(), Rtl8139Mode::CPlus);
+        h.dev.reset();
+        assert_eq!(h.dev.mode(), Rtl8139Mode::C, "device reset");
+    }
+}
+
+#[test]
 fn tcr_ignores_writes_while_tx_off() {
     let h = H::new(REVISION_C);
     h.w32(0x40, 0x0300_0680);

@@ -1,0 +1,351 @@
+//! The NIC's TX doorbells as KVM ioeventfds: TxPoll (C+ mode) on both BARs, following
+//! BAR moves, and the C-mode TSD learner that lets KVM complete repeated frame-length
+//! writes.
+
+use std::io;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+use wbvmm_devices::net::rtl8139::regs::{TPPOLL, TPPOLL_NPQ, TSD0};
+use wbvmm_devices::net::rtl8139::{Rtl8139, Rtl8139Mode};
+use wbvmm_devices::pci::{BarKind, BarSpec, PciRoot};
+use wbvmm_devices::{Bus, BusDevice};
+
+use super::NetError;
+
+/// TxPoll's offset in both BARs.
+const TXPOLL_OFFSET: u64 = TPPOLL as u64;
+/// The C-mode TX descriptors TSD0-3 (4 bytes apart).
+const TSD_COUNT: usize = 4;
+const TSD_FIRST: u64 = TSD0 as u64;
+const TSD_END: u64 = TSD_FIRST + 4 * TSD_COUNT as u64;
+
+/// Where the NIC's BARs decode now, by address space: the kind comes from the BAR
+/// types the device model declares, the address from the PCI root.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct BarBases {
+    io: Option<u64>,
+    mem: Option<u64>,
+}
+
+impl BarBases {
+    fn now(pci: &PciRoot, device: u8, bars: &[BarSpec]) -> Self {
+        let mut b = Self::default();
+        for spec in bars {
+            let at = pci.bar_mapping(device, spec.index).and_then(|(_, at)| at);
+            match spec.kind {
+                BarKind::Io => b.io = b.io.or(at),
+                BarKind::Mem32 => b.mem = b.mem.or(at),
+            }
+        }
+        b
+    }
+
+    /// The ioeventfd address of register `offset` in the BAR mapped at `base`. `None`
+    /// if no BAR is mapped there, or if the port BAR and the memory BAR have the same
+    /// base (a bus access does not say which space it came from).
+    fn ioevent(&self, base: u64, offset: u64) -> Option<IoEventAddress> {
+        match (self.io == Some(base), self.mem == Some(base)) {
+            (true, false) => Some(IoEventAddress::Pio(base + offset)),
+            (false, true) => Some(IoEventAddress::Mmio(base + offset)),
+            _ => None,
+        }
+    }
+}
+
+/// The TxPoll doorbell as an ioeventfd on both BARs, following BAR moves.
+pub struct Doorbell {
+    pub evt: EventFd,
+    vm: Arc<VmFd>,
+    pci: Arc<PciRoot>,
+    device: u8,
+    bars: Vec<BarSpec>,
+    /// (PIO port, MMIO address) currently registered.
+    at: Mutex<(Option<u64>, Option<u64>)>,
+    /// The bus generations `at` was computed for.
+    seen: AtomicU64,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+}
+
+impl Doorbell {
+    pub(super) fn new(
+        vm: Arc<VmFd>,
+        pci: Arc<PciRoot>,
+        (device, bars): (u8, Vec<BarSpec>),
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+    ) -> Result<Self, NetError> {
+        let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::Irq)?;
+        let d = Self {
+            evt,
+            vm,
+            pci,
+            device,
+            bars,
+            at: Mutex::new((None, None)),
+            seen: AtomicU64::new(u64::MAX),
+            pio,
+            mmio,
+        };
+        d.follow_bars();
+        Ok(d)
+    }
+
+    /// Re-register where the BARs are now, if any bus changed since last time.
+    /// Called when a config write moves the NIC's BARs (so the first TxPoll at the
+    /// new address already completes in KVM) and after each doorbell event.
+    pub fn follow_bars(&self) {
+        let gen = self
+            .pio
+            .generation()
+            .wrapping_add(self.mmio.generation() << 32);
+        if self.seen.swap(gen, Ordering::AcqRel) == gen {
+            return;
+        }
+        let bases = BarBases::now(&self.pci, self.device, &self.bars);
+        let want = (
+            bases.io.map(|b| b + TXPOLL_OFFSET),
+            bases.mem.map(|b| b + TXPOLL_OFFSET),
+        );
+        let mut at = self.at.lock().unwrap_or_else(|e| e.into_inner());
+        if *at == want {
+            return;
+        }
+        let (old_pio, old_mmio) = *at;
+        if let Some(p) = old_pio {
+            let _ = self
+                .vm
+                .unregister_ioevent(&self.evt, &IoEventAddress::Pio(p), TPPOLL_NPQ);
+        }
+        if let Some(m) = old_mmio {
+            let _ = self
+                .vm
+                .unregister_ioevent(&self.evt, &IoEventAddress::Mmio(m), TPPOLL_NPQ);
+        }
+        let reg = |a: &IoEventAddress| match self.vm.register_ioevent(&self.evt, a, TPPOLL_NPQ) {
+            Ok(()) => true,
+            Err(e) => {
+                log::warn!(
+                    "TX doorbell ioeventfd at {a:?} refused ({e}); TxPoll writes there will exit"
+                );
+                false
+            }
+        };
+        let new_pio = want.0.filter(|&p| reg(&IoEventAddress::Pio(p)));
+        let new_mmio = want.1.filter(|&m| reg(&IoEventAddress::Mmio(m)));
+        *at = (new_pio, new_mmio);
+    }
+}
+
+/// Where the TSD learner registers its ioeventfds: KVM (the `VmFd`), or a fake in the
+/// unit tests. Called only when a doorbell is armed or disarmed, never per access.
+pub trait TsdIoEvents: Send + Sync {
+    /// An ioeventfd on the 4-byte register at `addr` for writes of exactly `value`.
+    fn register(&self, evt: &EventFd, addr: IoEventAddress, value: u32) -> io::Result<()>;
+    fn unregister(&self, evt: &EventFd, addr: IoEventAddress, value: u32) -> io::Result<()>;
+}
+
+impl TsdIoEvents for VmFd {
+    fn register(&self, evt: &EventFd, addr: IoEventAddress, value: u32) -> io::Result<()> {
+        self.register_ioevent(evt, &addr, value)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+    fn unregister(&self, evt: &EventFd, addr: IoEventAddress, value: u32) -> io::Result<()> {
+        self.unregister_ioevent(evt, &addr, value)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+/// Frame-length doorbells for C mode. A TSD write carries the frame's length, so a
+/// plain ioeventfd would lose it; but a guest sending same-sized frames (a
+/// request/response test, a bulk transfer) writes the same value again and again.
+/// After `LEARN_AFTER` identical writes to TSDn, an ioeventfd with that exact value as
+/// its datamatch takes over: those writes complete inside KVM and are replayed here
+/// with the value they must have had. Any other value still exits. Before the NIC
+/// serves any register access, pending doorbells are replayed, so the guest never
+/// sees TSD/TSR status older than its own writes.
+///
+/// The per-access path takes no lock while nothing is armed (C+ mode, which never
+/// arms, and C mode until a frame length repeats): one atomic load, plus two for a
+/// TSD write. While a doorbell is armed, each access takes the learner's mutex to
+/// replay: the mutex pairs each eventfd count with the value that eventfd was
+/// registered for (a re-arm with another value in between would otherwise replay
+/// the wrong length).
+pub struct TsdDoorbells {
+    io: Arc<dyn TsdIoEvents>,
+    pci: Weak<PciRoot>,
+    device: u8,
+    bars: Vec<BarSpec>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    pub evts: [EventFd; TSD_COUNT],
+    /// Bit n set while TSDn has an ioeventfd, from just before it is registered until
+    /// its absorbed writes have been replayed after unregistering (see `observe`).
+    armed_mask: AtomicU8,
+    /// Per TSDn: the last value written (high half) and how many times in a row (low
+    /// half). Plain load and store: vCPUs racing on one TSD (no driver does) can only
+    /// delay or hasten learning, never make a replay wrong.
+    streaks: [AtomicU64; TSD_COUNT],
+    state: Mutex<TsdLearnState>,
+}
+
+const LEARN_AFTER: u32 = 4;
+
+#[derive(Default)]
+struct TsdLearnState {
+    /// Per TSDn: the registered address and value.
+    armed: [Option<(IoEventAddress, u32)>; TSD_COUNT],
+    /// Bus generations when arming: a BAR move disarms everything.
+    gens: (u64, u64),
+}
+
+/// `(n, value)` if this access writes all of TSDn.
+fn tsd_write(offset: u64, write: Option<&[u8]>) -> Option<(usize, u32)> {
+    let data: [u8; 4] = write?.try_into().ok()?;
+    if !(TSD_FIRST..TSD_END).contains(&offset) || !offset.is_multiple_of(4) {
+        return None;
+    }
+    Some((
+        ((offset - TSD_FIRST) / 4) as usize,
+        u32::from_le_bytes(data),
+    ))
+}
+
+fn tsd_offset(n: usize) -> u64 {
+    TSD_FIRST + 4 * n as u64
+}
+
+impl TsdDoorbells {
+    pub(super) fn new(
+        io: Arc<dyn TsdIoEvents>,
+        pci: Weak<PciRoot>,
+        (device, bars): (u8, Vec<BarSpec>),
+        pio: Arc<Bus>,
+        mmio: Arc<Bus>,
+    ) -> Result<Self, NetError> {
+        let e = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::Irq);
+        Ok(Self {
+            io,
+            pci,
+            device,
+            bars,
+            pio,
+            mmio,
+            evts: [e()?, e()?, e()?, e()?],
+            armed_mask: AtomicU8::new(0),
+            streaks: Default::default(),
+            state: Default::default(),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, TsdLearnState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Stop absorbing writes to TSDn; writes absorbed before are replayed first
+    /// (unregister, then drain: nothing new can arrive in between).
+    fn disarm(&self, st: &mut TsdLearnState, n: usize, nic: &Rtl8139) {
+        if let Some((addr, v)) = st.armed[n].take() {
+            let _ = self.io.unregister(&self.evts[n], addr, v);
+            Self::replay_one(&self.evts[n], n, v, nic);
+            self.armed_mask.fetch_and(!(1 << n), Ordering::SeqCst);
+        }
+    }
+
+    /// Register TSDn's ioeventfd for `value` at `addr`. The mask bit goes up first, so
+    /// that any write KVM absorbs is preceded by it (see `observe`).
+    fn arm(&self, st: &mut TsdLearnState, n: usize, addr: IoEventAddress, value: u32) {
+        self.armed_mask.fetch_or(1 << n, Ordering::SeqCst);
+        match self.io.register(&self.evts[n], addr, value) {
+            Ok(()) => st.armed[n] = Some((addr, value)),
+            Err(e) => {
+                self.armed_mask.fetch_and(!(1 << n), Ordering::SeqCst);
+                log::debug!("TSD{n} doorbell at {addr:?} refused ({e}); its writes keep exiting");
+            }
+        }
+    }
+
+    fn replay_one(evt: &EventFd, n: usize, v: u32, nic: &Rtl8139) {
+        if let Ok(count) = evt.read() {
+            for _ in 0..count {
+                // The NIC ignores `base` (both BARs are one register block).
+                nic.write(0, tsd_offset(n), &v.to_le_bytes());
+            }
+        }
+    }
+
+    /// Replay writes KVM absorbed, then return. Serialised with `observe`, so a
+    /// register access never overtakes a replay.
+    pub fn replay(&self, nic: &Rtl8139) {
+        let st = self.lock();
+        self.replay_locked(&st, nic);
+    }
+
+    fn replay_locked(&self, st: &TsdLearnState, nic: &Rtl8139) {
+        for (n, armed) in st.armed.iter().enumerate() {
+            if let Some((_, v)) = *armed {
+                Self::replay_one(&self.evts[n], n, v, nic);
+            }
+        }
+    }
+
+    /// Count a write of `v` to TSDn; the length of the run of identical writes.
+    fn streak(&self, n: usize, v: u32) -> u32 {
+        let old = self.streaks[n].load(Ordering::Relaxed);
+        let (last, count) = ((old >> 32) as u32, old as u32);
+        let count = if last == v {
+            count.saturating_add(1)
+        } else {
+            1
+        };
+        self.streaks[n].store(u64::from(v) << 32 | u64::from(count), Ordering::Relaxed);
+        count
+    }
+
+    /// Before every register access from a vCPU: replay pending doorbells; for a TSD
+    /// write, learn its value.
+    ///
+    /// Skipping the replay when `armed_mask` reads 0 loses nothing: a write KVM absorbed
+    /// came after its registration, which came after the mask bit was set (`arm`); an
+    /// access that follows that write in the guest's order (the same vCPU, or another
+    /// one the guest synchronised with) therefore sees the bit, or sees it cleared,
+    /// which `disarm` does only after replaying every absorbed write into the NIC. An
+    /// access concurrent with the write may be served before or after it, as on real
+    /// hardware (the NIC's own mutex orders the two).
+    pub(super) fn observe(&self, nic: &Rtl8139, base: u64, offset: u64, write: Option<&[u8]>) {
+        let armed = self.armed_mask.load(Ordering::SeqCst) != 0;
+        let tsd = tsd_write(offset, write);
+        let learn = tsd.is_some_and(|(n, v)| self.streak(n, v) >= LEARN_AFTER);
+        if !armed && !learn {
+            return;
+        }
+        let mut st = self.lock();
+        self.replay_locked(&st, nic);
+        let Some((n, v)) = tsd else { return };
+        let gens = (self.pio.generation(), self.mmio.generation());
+        if gens != st.gens {
+            for i in 0..TSD_COUNT {
+                self.disarm(&mut st, i, nic);
+            }
+            st.gens = gens;
+        }
+        // Only C-mode TSDs: in C+ mode these offsets are the tally-dump register.
+        if !learn || st.armed[n].map(|a| a.1) == Some(v) || nic.mode() != Rtl8139Mode::C {
+            return;
+        }
+        let Some(pci) = self.pci.upgrade() else {
+            return;
+        };
+        let Some(addr) = BarBases::now(&pci, self.device, &self.bars).ioevent(base, offset) else {
+            return;
+        };
+        self.disarm(&mut st, n, nic);
+        self.arm(&mut st, n, addr, v);
+    }
+}
+
+#[cfg(test)]
+mod tests;

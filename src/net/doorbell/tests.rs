@@ -1,0 +1,288 @@
+//! The TSD learner without KVM: a fake ioeventfd registry, the real NIC model on real
+//! buses and a real PCI root; "KVM absorbed a write" is a write to the doorbell's eventfd.
+
+use std::sync::{Arc, Mutex};
+
+use kvm_ioctls::IoEventAddress;
+use vmm_sys_util::eventfd::EventFd;
+use wbvmm_devices::irq::RecordingIrq;
+use wbvmm_devices::net::rtl8139::regs::{CPCMD, CR, CR_RE, CR_TE, INT_MASK, INT_TOK, ISR, TSAD0};
+use wbvmm_devices::net::rtl8139::{Rtl8139, Rtl8139Config, REVISION_C};
+use wbvmm_devices::net::RecordingSink;
+use wbvmm_devices::pci::{PciDevice, PciPlacement, PciRoot, PCI_COMMAND_MASTER};
+use wbvmm_devices::pci::{PCI_COMMAND_IO, PCI_COMMAND_MEMORY};
+use wbvmm_devices::{Bus, BusDevice, GuestDma, VecGuestMemory};
+
+use super::{BarBases, TsdDoorbells, TsdIoEvents, LEARN_AFTER, TSD_COUNT};
+use crate::net::NicFrontend;
+
+const DEVICE: u8 = 3;
+const IO_BAR: u64 = 0xc000;
+const MEM_BAR: u64 = 0xfebf_f000;
+const FRAME_LEN: u32 = 60;
+/// Where TSADn points: one 2 KiB buffer per descriptor.
+fn buffer(n: usize) -> u64 {
+    0x1_0000 + 0x800 * n as u64
+}
+
+/// (is_pio, address, value, registered) for every call, in order.
+#[derive(Default)]
+struct FakeIoEvents {
+    calls: Mutex<Vec<(bool, u64, u32, bool)>>,
+}
+
+impl FakeIoEvents {
+    fn record(&self, addr: IoEventAddress, value: u32, registered: bool) {
+        let (pio, a) = match addr {
+            IoEventAddress::Pio(a) => (true, a),
+            IoEventAddress::Mmio(a) => (false, a),
+        };
+        self.calls.lock().unwrap().push((pio, a, value, registered));
+    }
+    fn calls(&self) -> Vec<(bool, u64, u32, bool)> {
+        self.calls.lock().unwrap().clone()
+    }
+}
+
+impl TsdIoEvents for FakeIoEvents {
+    fn register(&self, _: &EventFd, addr: IoEventAddress, value: u32) -> std::io::Result<()> {
+        self.record(addr, value, true);
+        Ok(())
+    }
+    fn unregister(&self, _: &EventFd, addr: IoEventAddress, value: u32) -> std::io::Result<()> {
+        self.record(addr, value, false);
+        Ok(())
+    }
+}
+
+struct Rig {
+    nic: Arc<Rtl8139>,
+    sink: Arc<RecordingSink>,
+    io: Arc<FakeIoEvents>,
+    root: Arc<PciRoot>,
+    frontend: Arc<NicFrontend>,
+}
+
+impl Rig {
+    fn new() -> Rig {
+        let mem = Arc::new(VecGuestMemory::new(0, 1 << 20));
+        let sink = Arc::new(RecordingSink::default());
+        let nic = Arc::new(
+            Rtl8139::new(
+                Rtl8139Config {
+                    revision: REVISION_C,
+                    ..Default::default()
+                },
+                mem.clone(),
+                Arc::new(RecordingIrq::default()),
+                sink.clone(),
+            )
+            .unwrap(),
+        );
+        let (pio, mmio) = (Arc::new(Bus::new()), Arc::new(Bus::new()));
+        let root = Arc::new(PciRoot::new(pio.clone(), mmio.clone()));
+        let io = Arc::new(FakeIoEvents::default());
+        let frontend = Arc::new(NicFrontend {
+            nic: nic.clone(),
+            tsd: TsdDoorbells::new(
+                io.clone(),
+                Arc::downgrade(&root),
+                (DEVICE, nic.bars()),
+                pio,
+                mmio,
+            )
+            .unwrap(),
+            doorbell: std::sync::OnceLock::new(),
+        });
+        root.add_device(
+            frontend.clone(),
+            PciPlacement {
+                device: Some(DEVICE),
+                irq: 16,
+                bar_addresses: vec![IO_BAR, MEM_BAR],
+            },
+        )
+        .unwrap();
+        let command = PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+        root.config_write(DEVICE, 0x04, &command.to_le_bytes());
+        for n in 0..TSD_COUNT {
+            mem.write(buffer(n), &[n as u8; FRAME_LEN as usize])
+                .unwrap();
+        }
+        let rig = Rig {
+            nic,
+            sink,
+            io,
+            root,
+            frontend,
+        };
+        // 8139too's TX setup: transmitter on, one buffer per descriptor.
+        rig.write(IO_BAR, CR as u64, &[CR_RE | CR_TE]);
+        for n in 0..TSD_COUNT {
+            let tsad = (TSAD0 + 4 * n) as u64;
+            rig.write(IO_BAR, tsad, &(buffer(n) as u32).to_le_bytes());
+        }
+        rig
+    }
+
+    fn write(&self, base: u64, offset: u64, data: &[u8]) {
+        self.frontend.write(base, offset, data);
+    }
+
+    fn read16(&self, base: u64, offset: u64) -> u16 {
+        let mut b = [0u8; 2];
+        self.frontend.read(base, offset, &mut b);
+        u16::from_le_bytes(b)
+    }
+
+    /// The guest sends `rounds` frames on each descriptor in turn, all of one length.
+    fn send_rounds(&self, base: u64, rounds: usize) {
+        for _ in 0..rounds {
+            for n in 0..TSD_COUNT {
+                self.write(base, super::tsd_offset(n), &FRAME_LEN.to_le_bytes());
+            }
+        }
+    }
+
+    fn frames(&self) -> usize {
+        self.sink.take().len()
+    }
+
+    fn frame_lengths(&self) -> Vec<usize> {
+        self.sink.take().iter().map(Vec::len).collect()
+    }
+}
+
+fn armed_at(pio: bool, base: u64) -> Vec<(bool, u64, u32, bool)> {
+    (0..TSD_COUNT)
+        .map(|n| (pio, base + super::tsd_offset(n), FRAME_LEN, true))
+        .collect()
+}
+
+#[test]
+fn a_repeated_length_is_learned_in_the_bars_own_address_space() {
+    for (pio, base) in [(true, IO_BAR), (false, MEM_BAR)] {
+        let rig = Rig::new();
+        rig.send_rounds(base, LEARN_AFTER as usize - 1);
+        assert!(
+            rig.io.calls().is_empty(),
+            "not learned before {LEARN_AFTER}"
+        );
+        rig.send_rounds(base, 1);
+        assert_eq!(
+            rig.frames(),
+            4 * LEARN_AFTER as usize,
+            "every write still sent"
+        );
+        assert_eq!(rig.io.calls(), armed_at(pio, base));
+        assert_eq!(
+            rig.frontend.tsd.armed_mask.load(super::Ordering::SeqCst),
+            0xf
+        );
+    }
+}
+
+#[test]
+fn absorbed_writes_are_replayed_before_the_next_register_access() {
+    let rig = Rig::new();
+    rig.send_rounds(IO_BAR, LEARN_AFTER as usize);
+    assert_eq!(rig.frames(), 4 * LEARN_AFTER as usize);
+    rig.write(IO_BAR, ISR as u64, &INT_MASK.to_le_bytes());
+    assert_eq!(rig.read16(IO_BAR, ISR as u64) & INT_TOK, 0);
+    // KVM completes the guest's next TSD0 and TSD1 writes without an exit.
+    rig.frontend.tsd.evts[0].write(1).unwrap();
+    rig.frontend.tsd.evts[1].write(1).unwrap();
+    assert_eq!(
+        rig.frames(),
+        0,
+        "nothing reaches the NIC until someone looks"
+    );
+    // The driver's next look at the chip (its interrupt status) sees both sent.
+    let isr = rig.read16(IO_BAR, ISR as u64);
+    assert_eq!(rig.frames(), 2, "replayed before the ISR read was served");
+    assert_ne!(isr & INT_TOK, 0, "ISR.TOK in the value read: {isr:#x}");
+    // The I/O thread's replay (eventfd readable) does the same without an access.
+    rig.frontend.tsd.evts[2].write(1).unwrap();
+    rig.frontend.tsd.replay(&rig.nic);
+    assert_eq!(rig.frames(), 1);
+}
+
+#[test]
+fn another_length_rearms_and_replays_the_old_one_first() {
+    let rig = Rig::new();
+    rig.send_rounds(IO_BAR, LEARN_AFTER as usize);
+    rig.frames();
+    // An absorbed 60-byte write pending on TSD0; then the guest's frames on TSD0 become
+    // 100 bytes (exits), while TSD1-3 keep their learned length (absorbed).
+    rig.frontend.tsd.evts[0].write(1).unwrap();
+    for k in 0..LEARN_AFTER {
+        for n in 1..TSD_COUNT {
+            rig.frontend.tsd.evts[n].write(1).unwrap();
+        }
+        rig.write(IO_BAR, super::tsd_offset(0), &100u32.to_le_bytes());
+        if k == 0 {
+            assert_eq!(rig.frame_lengths(), [60, 60, 60, 60, 100], "in guest order");
+        }
+    }
+    let addr = IO_BAR + super::tsd_offset(0);
+    let calls = rig.io.calls();
+    assert_eq!(
+        calls[TSD_COUNT..],
+        [(true, addr, FRAME_LEN, false), (true, addr, 100, true)],
+        "{calls:x?}"
+    );
+}
+
+#[test]
+fn c_plus_mode_never_arms_its_tally_register() {
+    let rig = Rig::new();
+    rig.write(IO_BAR, CPCMD as u64, &0u16.to_le_bytes());
+    rig.send_rounds(IO_BAR, 2 * LEARN_AFTER as usize);
+    assert!(rig.io.calls().is_empty(), "{:x?}", rig.io.calls());
+    assert_eq!(rig.frames(), 0, "C+ mode: TSD offsets send nothing");
+}
+
+#[test]
+fn a_bar_move_disarms_everything_and_learns_the_new_address() {
+    let rig = Rig::new();
+    rig.send_rounds(IO_BAR, LEARN_AFTER as usize);
+    rig.frames();
+    rig.frontend.tsd.evts[0].write(1).unwrap();
+    let moved = 0xd000u64;
+    rig.root
+        .config_write(DEVICE, 0x10, &(moved as u32 | 1).to_le_bytes());
+    assert_eq!(rig.root.bar_mapping(DEVICE, 0), Some((moved, Some(moved))));
+    rig.send_rounds(moved, 1);
+    let calls = rig.io.calls();
+    let disarmed: Vec<_> = (0..TSD_COUNT)
+        .map(|n| (true, IO_BAR + super::tsd_offset(n), FRAME_LEN, false))
+        .collect();
+    assert_eq!(calls[TSD_COUNT..2 * TSD_COUNT], disarmed, "{calls:x?}");
+    assert_eq!(calls[2 * TSD_COUNT..], armed_at(true, moved));
+    assert_eq!(
+        rig.frames(),
+        1 + TSD_COUNT,
+        "the absorbed write was not lost"
+    );
+}
+
+#[test]
+fn bar_bases_tell_the_address_space_apart_unless_they_coincide() {
+    let b = BarBases {
+        io: Some(IO_BAR),
+        mem: Some(MEM_BAR),
+    };
+    assert!(matches!(b.ioevent(IO_BAR, 0x10), Some(IoEventAddress::Pio(a)) if a == IO_BAR + 0x10));
+    assert!(
+        matches!(b.ioevent(MEM_BAR, 0x10), Some(IoEventAddress::Mmio(a)) if a == MEM_BAR + 0x10)
+    );
+    assert!(b.ioevent(0xe000, 0x10).is_none(), "no BAR there");
+    let same = BarBases {
+        io: Some(IO_BAR),
+        mem: Some(IO_BAR),
+    };
+    assert!(
+        same.ioevent(IO_BAR, 0x10).is_none(),
+        "ambiguous: not learned"
+    );
+}
