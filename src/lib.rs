@@ -6,6 +6,7 @@ pub mod config;
 pub mod cpuid;
 pub mod emulate;
 pub mod exit;
+pub mod exit_kind;
 pub mod kvm_stats;
 pub mod latency;
 pub mod layout;

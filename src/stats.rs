@@ -22,7 +22,7 @@ pub struct VmStats<'a> {
     pub threads: Threads<'a>,
     pub exits: &'a ExitCounters,
     /// wbvmm's handling time per exit kind (KVM_RUN return to the next KVM_RUN).
-    pub exit_latency: BTreeMap<&'static str, LatencySummary>,
+    pub exit_latency: BTreeMap<crate::exit_kind::ExitKind, LatencySummary>,
     pub exits_by_device: Vec<DeviceExits>,
     /// Emulation fallbacks per mnemonic: count and total handling time.
     pub emulated: &'a crate::emulate::EmulationStats,
@@ -71,8 +71,8 @@ impl<'a> VmStats<'a> {
                 .exits_by_device
                 .iter()
                 .map(|(k, n)| DeviceExits {
-                    bus: k.bus,
-                    device: k.device,
+                    bus: k.bus.name(),
+                    device: k.device.name(),
                     offset: k.offset,
                     count: *n,
                 })
