@@ -14,7 +14,6 @@ pub mod memory;
 pub mod net;
 pub mod probe;
 pub mod stats;
-pub mod stats_summary;
 pub mod terminal;
 pub mod vcpu;
 pub mod vmm;
