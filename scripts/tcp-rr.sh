@@ -447,7 +447,6 @@ fi
 
 epx=""
 kepx=""
-summary=""
 if [ "$guest" = linux ]; then
     # stats_section TITLE FILE: one section of `wbvmm stats FILE` (sections end at a blank line).
     stats_section() {
@@ -484,15 +483,21 @@ EOF
         wb_warn "wbvmm wrote no stats file"
     fi
 elif [ -f "$stats" ]; then
-    summary=$("$here/stats-summary" "$stats" --transactions "$trans")
-    printf '%s\n' "$summary" | while IFS= read -r l; do echo "stats:   $l"; done
-    epx=$(echo "$summary" | awk -F': ' '$1 == "exits_per_transaction" { print $2 }')
-    vtids=$(echo "$summary" | awk -F': ' '$1 == "vcpu_tids" { print $2 }')
+    "$wbvmm" stats "$stats" | sed 's/^/stats:   /'
+    # Exits that reach wbvmm: port and MMIO accesses (kicks and halts left out).
+    io=$("$wbvmm" stats --get exits.io_in --get exits.io_out --get exits.mmio_read \
+        --get exits.mmio_write "$stats" | awk '{ s += $1 } END { print s }')
+    epx=$(awk -v e="$io" -v t="$trans" 'BEGIN { printf "%.3f", e / t }')
+    echo "exits_to_wbvmm: $io ($epx per transaction)"
+    # KVM's own exit count (every exit, also those KVM handles), where the host offers it.
+    if kexits=$("$wbvmm" stats --get kvm.vcpu.exits "$stats" 2>/dev/null); then
+        kepx=$(awk -v e="$kexits" -v t="$trans" 'BEGIN { printf "%.3f", e / t }')
+    fi
+    vtids=$("$wbvmm" stats --get threads.vcpu "$stats")
     [ -n "$vtids" ] && echo "pinning: vCPU thread(s) from --stats: $vtids (their CPUs: the ps/taskset lines above)"
 else
     wb_warn "wbvmm wrote no stats file"
 fi
-[ "$guest" = testguest ] && kepx=$(echo "${summary:-}" | awk -F': ' '$1 == "kvm_exits_per_transaction" { print $2 }')
 if [ "$guest" = testguest ] && [ -n "$exit_us" ] && [ -n "$epx" ]; then
     python3 - "$tps" "$epx" "$exit_us" "${kepx:-}" <<'EOF'
 import sys

@@ -24,7 +24,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::{AsRawFd, FromRawFd};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 /// `KVM_GET_STATS_FD` = `_IO(KVMIO, 0xce)`.
@@ -138,8 +138,10 @@ pub struct KvmStatDesc {
 
 /// One statistic's value.
 ///
-/// Serialised untagged: scalars as a JSON number, arrays as a JSON array of numbers.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+/// Serialised untagged: scalars as a JSON number, arrays as a JSON array of numbers
+/// (read back, every number is a [`KvmStatValue::Scalar`]: JSON does not say which
+/// were peaks).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum KvmStatValue {
     /// A counter or gauge (`size == 1`); summed by [`KvmStats::add`].
@@ -178,7 +180,7 @@ impl KvmStatValue {
 }
 
 /// One sample of a stats fd: statistic name to value.
-#[derive(Serialize, Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 pub struct KvmStats(pub BTreeMap<String, KvmStatValue>);
 
 impl KvmStats {

@@ -132,10 +132,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print a --stats JSON file as readable tables.
+    /// Print a --stats JSON file as readable tables, or single values from it.
     Stats {
         /// The file written by --stats=PATH.
         file: PathBuf,
+        /// Print only the value at KEY.PATH (object keys and array indices joined by
+        /// dots, e.g. `exits.io_out`, `threads.vcpu.0`), one line per --get: numbers
+        /// and strings as they are, arrays of them space-separated, anything else as
+        /// JSON.
+        #[arg(long = "get", value_name = "KEY.PATH")]
+        get: Vec<String>,
     },
 }
 
@@ -172,9 +178,25 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_VMM_ERROR as u8)
             }
         },
-        Some(Command::Stats { file }) => match wbvmm::stats::read_file(&file) {
-            Ok(v) => {
-                print!("{}", wbvmm::stats_summary::summarize(&v));
+        Some(Command::Stats { file, get }) => match wbvmm::stats::read_file(&file) {
+            Ok(stats) if get.is_empty() => {
+                print!("{}", wbvmm::stats::summary::render(&stats));
+                ExitCode::SUCCESS
+            }
+            Ok(stats) => {
+                for path in &get {
+                    match stats.get(path) {
+                        Some(v) => println!("{}", wbvmm::stats::plain_value(&v)),
+                        None => {
+                            eprintln!(
+                                "wbvmm stats: {} has no {path:?} (see `wbvmm stats {}` for what it has)",
+                                file.display(),
+                                file.display()
+                            );
+                            return ExitCode::from(EXIT_VMM_ERROR as u8);
+                        }
+                    }
+                }
                 ExitCode::SUCCESS
             }
             Err(e) => {

@@ -1,21 +1,24 @@
-//! vCPU threads: the run loop and exit dispatch.
+//! vCPU threads: how a VM ends, the run loop, and what each vCPU measures. The exit
+//! handling itself is in [`dispatch`]; the exit kinds in [`crate::exit_kind`].
 
-use std::sync::atomic::{AtomicBool, Ordering};
+pub mod device_exits;
+pub mod dispatch;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
-use kvm_ioctls::{VcpuExit, VcpuFd};
-use serde::Serialize;
+use kvm_ioctls::VcpuFd;
 use wbvmm_devices::legacy::{ExitSink, GuestExitRequest};
 use wbvmm_devices::Bus;
 
+pub use self::device_exits::{BusKind, DeviceExitCounts, DeviceKey};
+use self::dispatch::{Action, ExitHandler, KvmVcpu};
 use crate::coalesced::CoalescedRing;
-use crate::emulate::kvm::VcpuEmulator;
 use crate::emulate::EmulationStats;
-use crate::latency::{ExitKind, ExitLatencies};
-use crate::memory::{fill_open_bus, MemoryStats, MmioRoute, MmioRouter, SlotRegistry};
-use std::collections::HashMap;
-use std::sync::atomic::AtomicU64;
-use std::time::Instant;
+pub use crate::exit_kind::ExitCounters;
+use crate::latency::ExitLatencies;
+use crate::memory::{MemoryStats, SlotRegistry};
 
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -178,34 +181,6 @@ impl ExitSink for ExitState {
     }
 }
 
-/// Exits counted by one vCPU, by reason.
-#[derive(Debug, Default, Clone, Serialize)]
-pub struct ExitCounters {
-    pub io_in: u64,
-    pub io_out: u64,
-    pub mmio_read: u64,
-    pub mmio_write: u64,
-    pub unclaimed_pio: u64,
-    pub hlt: u64,
-    pub interrupted: u64,
-    pub int3_injected: u64,
-    pub other: u64,
-}
-
-impl ExitCounters {
-    pub fn add(&mut self, o: &ExitCounters) {
-        self.io_in += o.io_in;
-        self.io_out += o.io_out;
-        self.mmio_read += o.mmio_read;
-        self.mmio_write += o.mmio_write;
-        self.unclaimed_pio += o.unclaimed_pio;
-        self.hlt += o.hlt;
-        self.interrupted += o.interrupted;
-        self.int3_injected += o.int3_injected;
-        self.other += o.other;
-    }
-}
-
 /// Everything a vCPU thread needs.
 pub struct VcpuContext {
     pub mailbox: Arc<StatsMailbox>,
@@ -219,32 +194,31 @@ pub struct VcpuContext {
     pub mmio_cache: bool,
 }
 
-/// Exits counted per device and register offset.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct DeviceKey {
-    pub bus: &'static str,
-    pub device: &'static str,
-    pub offset: u64,
-}
-
 /// Everything one vCPU measured; merged across vCPUs for `--stats`.
 #[derive(Debug, Clone, Default)]
 pub struct VcpuStats {
     pub exits: ExitCounters,
     pub latency: Box<ExitLatencies>,
-    pub by_device: HashMap<DeviceKey, u64>,
+    pub by_device: DeviceExitCounts,
     pub memory: MemoryStats,
     pub emulated: EmulationStats,
 }
 
 impl VcpuStats {
+    /// Empty, with room for the registers a guest usually reaches (so that counting
+    /// them does not allocate on the exit path).
+    pub fn new() -> Self {
+        Self {
+            by_device: DeviceExitCounts::with_capacity(64),
+            ..Default::default()
+        }
+    }
+
     pub fn merge(&mut self, o: &VcpuStats) {
         self.exits.add(&o.exits);
         self.emulated.merge(&o.emulated);
         self.latency.merge(&o.latency);
-        for (k, v) in &o.by_device {
-            *self.by_device.entry(*k).or_default() += v;
-        }
+        self.by_device.merge(&o.by_device);
         self.memory.merge(&o.memory);
     }
 }
@@ -259,15 +233,21 @@ pub struct StatsMailbox {
     pub slots: Mutex<HashMap<u32, (u64, VcpuStats)>>,
 }
 
-fn count_device(stats: &mut VcpuStats, bus: &'static str, device: &'static str, offset: u64) {
-    *stats
-        .by_device
-        .entry(DeviceKey {
-            bus,
-            device,
-            offset,
-        })
-        .or_default() += 1;
+impl StatsMailbox {
+    /// If a request newer than `answered` is pending, leave vCPU `id`'s statistics
+    /// (`stats()`, only called then) and note the request answered.
+    #[inline]
+    pub fn answer(&self, id: u32, answered: &mut u64, stats: impl FnOnce() -> VcpuStats) {
+        let req = self.request.load(Ordering::Relaxed);
+        if req != *answered {
+            *answered = req;
+            let copy = stats();
+            self.slots
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(id, (req, copy));
+        }
+    }
 }
 
 /// Replay queued writes on their buses, in order; returns how many there were.
@@ -279,205 +259,18 @@ pub fn replay_coalesced(ring: &CoalescedRing, pio: &Bus, mmio: &Bus) -> usize {
 }
 
 /// Run the vCPU until the VM stops. Returns what it measured.
-pub fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
-    let mut st = VcpuStats::default();
-    let mut router = MmioRouter::new(ctx.mmio_cache);
+pub fn run_loop(vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
+    let mut vcpu = KvmVcpu::new(vcpu);
+    let mut exits = ExitHandler::new(&ctx);
     let mut answered = 0u64;
-    let mut emulator = VcpuEmulator::new(&vcpu);
-    let fail = |o: VmOutcome| ctx.exit.finish(o);
     while !ctx.exit.stopping() {
-        let result = vcpu.run();
-        let t0 = Instant::now();
-        if let Some(ring) = &ctx.coalesced {
-            replay_coalesced(ring, &ctx.pio, &ctx.mmio);
+        if let Action::Stop(outcome) = exits.step(&mut vcpu) {
+            ctx.exit.finish(outcome);
         }
-        let c = &mut st.exits;
-        let kind = match result {
-            Ok(VcpuExit::IoIn(port, data)) => {
-                c.io_in += 1;
-                let port = u64::from(port);
-                match ctx.pio.route(port) {
-                    Some(r) => {
-                        r.device.read(r.base, port - r.base, data);
-                        count_device(&mut st, "pio", r.device.name(), port - r.base);
-                    }
-                    None => {
-                        data.fill(0xff);
-                        c.unclaimed_pio += 1;
-                        count_device(&mut st, "pio", "unclaimed", port);
-                    }
-                }
-                Some(ExitKind::IoIn)
-            }
-            Ok(VcpuExit::IoOut(port, data)) => {
-                c.io_out += 1;
-                let port = u64::from(port);
-                match ctx.pio.route(port) {
-                    Some(r) => {
-                        r.device.write(r.base, port - r.base, data);
-                        count_device(&mut st, "pio", r.device.name(), port - r.base);
-                    }
-                    None => count_device(&mut st, "pio", "unclaimed", port),
-                }
-                Some(ExitKind::IoOut)
-            }
-            Ok(VcpuExit::MmioRead(addr, data)) => {
-                c.mmio_read += 1;
-                // The router counts and rate-limit-logs unmapped accesses itself.
-                match router.route_mmio_in(addr, false, &ctx.memory, &ctx.mmio) {
-                    MmioRoute::Device(r) => {
-                        r.device.read(r.base, addr - r.base, data);
-                        let (name, off) = (r.device.name(), addr - r.base);
-                        count_device(&mut st, "mmio", name, off);
-                    }
-                    MmioRoute::Unmapped | MmioRoute::ReadOnlyRam => fill_open_bus(data),
-                }
-                Some(ExitKind::MmioRead)
-            }
-            Ok(VcpuExit::MmioWrite(addr, data)) => {
-                c.mmio_write += 1;
-                if let MmioRoute::Device(r) =
-                    router.route_mmio_in(addr, true, &ctx.memory, &ctx.mmio)
-                {
-                    r.device.write(r.base, addr - r.base, data);
-                    let (name, off) = (r.device.name(), addr - r.base);
-                    count_device(&mut st, "mmio", name, off);
-                }
-                Some(ExitKind::MmioWrite)
-            }
-            Ok(VcpuExit::Hlt) => {
-                // Only seen without an in-kernel LAPIC; nothing will wake this vCPU.
-                c.hlt += 1;
-                std::thread::sleep(std::time::Duration::from_millis(1));
-                None
-            }
-            Ok(VcpuExit::Shutdown) => {
-                let rip = vcpu.get_regs().map(|r| r.rip).unwrap_or(0);
-                fail(VmOutcome::TripleFault { vcpu: ctx.id, rip });
-                None
-            }
-            Ok(VcpuExit::SystemEvent(kind, _)) => {
-                match kind {
-                    kvm_bindings::KVM_SYSTEM_EVENT_SHUTDOWN => fail(VmOutcome::PowerOff),
-                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => fail(VmOutcome::Reset),
-                    other => fail(VmOutcome::Unexpected {
-                        vcpu: ctx.id,
-                        what: format!("KVM system event {other}"),
-                    }),
-                }
-                None
-            }
-            Ok(VcpuExit::FailEntry(reason, _cpu)) => {
-                fail(VmOutcome::FailEntry {
-                    vcpu: ctx.id,
-                    reason,
-                });
-                None
-            }
-            Ok(VcpuExit::InternalError) => {
-                let fallback = (&mut emulator, ctx.memory.as_ref(), &mut st.emulated);
-                if let Some(outcome) = handle_internal_error(&mut vcpu, ctx.id, c, fallback) {
-                    fail(outcome);
-                }
-                Some(ExitKind::Other)
-            }
-            Ok(VcpuExit::Intr) => {
-                c.interrupted += 1;
-                None
-            }
-            Ok(other) => {
-                c.other += 1;
-                fail(VmOutcome::Unexpected {
-                    vcpu: ctx.id,
-                    what: format!("unhandled exit {other:?}"),
-                });
-                None
-            }
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                // A kick (EINTR) or an AP woken by SIPI (EAGAIN).
-                c.interrupted += 1;
-                vcpu.set_kvm_immediate_exit(0);
-                None
-            }
-            Err(e) => {
-                fail(VmOutcome::Unexpected {
-                    vcpu: ctx.id,
-                    what: format!("KVM_RUN failed: {e}"),
-                });
-                None
-            }
-        };
-        if let Some(k) = kind {
-            st.latency.record(k, t0.elapsed().as_nanos() as u64);
-        }
-        let req = ctx.mailbox.request.load(Ordering::Relaxed);
-        if req != answered {
-            answered = req;
-            let mut copy = st.clone();
-            copy.memory = router.stats();
-            ctx.mailbox
-                .slots
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(ctx.id, (req, copy));
-        }
+        ctx.mailbox
+            .answer(ctx.id, &mut answered, || exits.snapshot());
     }
-    st.memory = router.stats();
-    st
-}
-
-/// KVM's emulator (which runs all guest kernel code on a nested PVM host) lacks some
-/// instructions; with KVM_CAP_EXIT_ON_EMULATION_FAILURE they come here and the
-/// fallback (`emulate`) carries them out or injects the exception hardware would
-/// raise. Whatever it cannot do, and every other internal error, ends the VM.
-fn handle_internal_error(
-    vcpu: &mut VcpuFd,
-    id: u32,
-    c: &mut ExitCounters,
-    (emulator, memory, emulated): (&mut VcpuEmulator, &SlotRegistry, &mut EmulationStats),
-) -> Option<VmOutcome> {
-    let run = vcpu.get_kvm_run();
-    // SAFETY: the exit reason is KVM_EXIT_INTERNAL_ERROR, so `internal` and
-    // `emulation_failure` are the union members KVM filled.
-    let (suberror, data, insn) = unsafe {
-        let internal = run.__bindgen_anon_1.internal;
-        let n = (internal.ndata as usize).min(internal.data.len());
-        let mut insn = Vec::new();
-        if internal.suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
-            let ef = run.__bindgen_anon_1.emulation_failure;
-            if ef.flags
-                & u64::from(kvm_bindings::KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
-                != 0
-            {
-                let b = ef.__bindgen_anon_1.__bindgen_anon_1;
-                insn = b.insn_bytes[..(b.insn_size as usize).min(15)].to_vec();
-            }
-        }
-        (internal.suberror, internal.data[..n].to_vec(), insn)
-    };
-    let mut decoded = None;
-    if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
-        match emulator.handle(vcpu, memory, &insn, emulated) {
-            Ok((_, delivered)) => {
-                if delivered == Some(3) {
-                    c.int3_injected += 1;
-                }
-                return None;
-            }
-            Err(text) => decoded = Some(text),
-        }
-    }
-    let regs = vcpu.get_regs().ok();
-    let sregs = vcpu.get_sregs().ok();
-    Some(VmOutcome::InternalError {
-        vcpu: id,
-        suberror,
-        rip: regs.map(|r| r.rip).unwrap_or(0),
-        cpl: sregs.map(|s| s.cs.selector as u8 & 3).unwrap_or(0),
-        insn,
-        data,
-        decoded,
-    })
+    exits.into_stats()
 }
 
 #[cfg(test)]

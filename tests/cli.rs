@@ -158,6 +158,42 @@ fn stats_command_errors() {
     std::fs::remove_file(bad).ok();
 }
 
+/// `wbvmm stats` reads a file through the typed schema: tables, or single values.
+#[test]
+fn stats_command_renders_and_gets_values() {
+    let path = std::env::temp_dir().join(format!("wbvmm-getstats-{}", std::process::id()));
+    std::fs::write(
+        &path,
+        r#"{"outcome": "Reset", "exit_code": 0, "threads": {"vcpu": [11, 12], "io": 10},
+            "exits": {"io_in": 3, "io_out": 4, "internal_error": 1}}"#,
+    )
+    .unwrap();
+    let file = path.to_str().unwrap();
+    let o = run(&["stats", file]);
+    assert_eq!(o.code, Some(0), "{}", o.show());
+    assert!(o.stdout.contains("outcome       Reset"), "{}", o.show());
+    assert!(o.stdout.contains("internal_error"), "{}", o.show());
+    let o = run(&[
+        "stats",
+        "--get",
+        "exits.io_out",
+        "--get",
+        "threads.vcpu",
+        "--get",
+        "outcome",
+        file,
+    ]);
+    assert_eq!(o.code, Some(0), "{}", o.show());
+    assert_eq!(o.stdout, "4\n11 12\nReset\n", "{}", o.show());
+    let o = run(&["stats", "--get", "exits.warp", file]);
+    assert_clean_failure(&o, 1, "has no \"exits.warp\"");
+    std::fs::write(&path, r#"{"exits": {"io_in": "many"}}"#).unwrap();
+    let o = run(&["stats", file]);
+    assert_clean_failure(&o, 1, "is not a --stats JSON file");
+    assert_once(&o, "invalid type: string \"many\"");
+    std::fs::remove_file(path).ok();
+}
+
 /// A --stats=PATH that cannot be created stops wbvmm before the guest runs.
 #[test]
 fn stats_path_is_checked_before_the_guest_starts() {

@@ -35,12 +35,48 @@ pub enum BusError {
     NotFound { base: u64 },
 }
 
+/// A small number for a device name, handed out when a device is put on a bus, so
+/// that per-device exit counters are keyed by an integer (no string hashing on the
+/// exit path) and the name is looked up only when a report is written. Devices with
+/// the same [`BusDevice::name`] share an id: reports list exits by name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct DeviceId(u32);
+
+/// Every name a [`DeviceId`] stands for, indexed by the id. Only grows by distinct
+/// `&'static str` names (device kinds), never by guest activity: a BAR the guest
+/// moves or remaps keeps its device's id.
+static DEVICE_NAMES: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+
+impl DeviceId {
+    /// The id of `name`, assigned on first use. Takes a lock: call it when registering
+    /// a device, not per access.
+    pub fn for_name(name: &'static str) -> DeviceId {
+        let mut names = DEVICE_NAMES.lock().unwrap_or_else(|e| e.into_inner());
+        let i = match names.iter().position(|n| *n == name) {
+            Some(i) => i,
+            None => {
+                names.push(name);
+                names.len() - 1
+            }
+        };
+        DeviceId(u32::try_from(i).unwrap_or(u32::MAX))
+    }
+
+    /// The name this id was assigned for.
+    pub fn name(self) -> &'static str {
+        let names = DEVICE_NAMES.lock().unwrap_or_else(|e| e.into_inner());
+        names.get(self.0 as usize).copied().unwrap_or("device")
+    }
+}
+
 /// One mapped range.
 #[derive(Clone)]
 pub struct BusRange {
     pub base: u64,
     pub len: u64,
     pub device: Arc<dyn BusDevice>,
+    /// The device's [`DeviceId`], for statistics.
+    pub id: DeviceId,
 }
 
 impl BusRange {
@@ -87,8 +123,14 @@ impl Bus {
         if cur.iter().any(|r| base < r.end() && r.base < base + len) {
             return Err(BusError::Overlap { base, len });
         }
+        let id = DeviceId::for_name(device.name());
         let mut next: Vec<BusRange> = cur.as_ref().clone();
-        next.push(BusRange { base, len, device });
+        next.push(BusRange {
+            base,
+            len,
+            device,
+            id,
+        });
         next.sort_by_key(|r| r.base);
         self.publish(next);
         Ok(())
@@ -231,5 +273,32 @@ mod tests {
         bus.remove(0x200).unwrap();
         assert!(!bus.read(0x200, &mut b));
         assert!(bus.remove(0x200).is_err());
+    }
+
+    struct Named(&'static str);
+    impl BusDevice for Named {
+        fn read(&self, _base: u64, _offset: u64, _data: &mut [u8]) {}
+        fn write(&self, _base: u64, _offset: u64, _data: &[u8]) {}
+        fn name(&self) -> &'static str {
+            self.0
+        }
+    }
+
+    #[test]
+    fn ranges_carry_a_device_id_by_name() {
+        let bus = Bus::new();
+        bus.insert(Arc::new(Named("bus-test-a")), 0x10, 4).unwrap();
+        bus.insert(Arc::new(Named("bus-test-b")), 0x20, 4).unwrap();
+        bus.insert(Arc::new(Named("bus-test-a")), 0x30, 4).unwrap();
+        let id = |addr| bus.route(addr).unwrap().id;
+        assert_eq!(id(0x11), id(0x33), "same name, same id");
+        assert_ne!(id(0x11), id(0x21));
+        assert_eq!(id(0x12).name(), "bus-test-a");
+        assert_eq!(id(0x22).name(), "bus-test-b");
+        // A moved range keeps its id.
+        let before = id(0x20);
+        bus.relocate(0x20, 0x40).unwrap();
+        assert_eq!(id(0x40), before);
+        assert_eq!(DeviceId::for_name("bus-test-b"), before);
     }
 }

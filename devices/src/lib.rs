@@ -11,6 +11,6 @@ pub mod legacy;
 pub mod net;
 pub mod pci;
 
-pub use bus::{Bus, BusDevice, BusError};
+pub use bus::{Bus, BusDevice, BusError, DeviceId};
 pub use dma::{DmaError, GuestDma, VecGuestMemory};
 pub use irq::IrqLine;

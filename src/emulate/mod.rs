@@ -572,7 +572,7 @@ pub struct EmulationStats {
     by_mnemonic: HashMap<Mnemonic, EmulationCount>,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct EmulationCount {
     pub count: u64,
     pub total_ns: u64,
@@ -605,16 +605,19 @@ impl EmulationStats {
     pub fn is_empty(&self) -> bool {
         self.by_mnemonic.is_empty()
     }
+
+    /// Counts by [`mnemonic_name`], as `--stats` reports them.
+    pub fn by_name(&self) -> BTreeMap<String, EmulationCount> {
+        self.by_mnemonic
+            .iter()
+            .map(|(k, v)| (mnemonic_name(*k), *v))
+            .collect()
+    }
 }
 
 impl Serialize for EmulationStats {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let m: BTreeMap<String, EmulationCount> = self
-            .by_mnemonic
-            .iter()
-            .map(|(k, v)| (mnemonic_name(*k), *v))
-            .collect();
-        m.serialize(s)
+        self.by_name().serialize(s)
     }
 }
 

@@ -359,7 +359,9 @@ impl<T: RangeItem> RangeIndex<T> for WbTree<T> {
 }
 
 /// Which index the memslot mirror uses (`--slot-index NAME`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
 pub enum SlotIndexKind {
     Linear,

@@ -1,13 +1,15 @@
-//! Statistics for the memory subsystem, serialisable to JSON. Nested objects so that new
+//! Statistics for the memory subsystem, serialisable to JSON and read back (missing
+//! fields as their defaults). Nested objects so that new
 //! groups can be added without breaking readers.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::index::SlotIndexKind;
 use super::registry::SlotRegistry;
 
 /// Lookups in one slot index.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct IndexStats {
     /// The index kind (`linear`, `size-sorted`, `binary`, `btree`, `wbtree`).
     pub index: Option<SlotIndexKind>,
@@ -61,7 +63,8 @@ impl IndexStats {
 }
 
 /// The per-vCPU MMIO-miss cache (summed over vCPUs after `merge`).
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct MissCacheStats {
     pub enabled: bool,
     pub entries: usize,
@@ -73,7 +76,8 @@ pub struct MissCacheStats {
 }
 
 /// MMIO exits as routed by the `MmioRouter`.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct MmioStats {
     pub exits: u64,
     pub device: u64,
@@ -85,7 +89,8 @@ pub struct MmioStats {
 }
 
 /// Slot-index lookups, by where they came from.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct LookupStats {
     /// Mirror lookups on the MMIO exit path (only on miss-cache misses).
     pub exit: IndexStats,
@@ -96,7 +101,8 @@ pub struct LookupStats {
 /// Everything, as one JSON object:
 /// `{ "slot_index": .., "slots": .., "generation": .., "lookups": {"exit": {..}, "dma": {..}},
 ///    "miss_cache": {..}, "mmio": {..} }`.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct MemoryStats {
     pub slot_index: Option<SlotIndexKind>,
     pub slots: usize,
