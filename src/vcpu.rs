@@ -280,6 +280,8 @@ pub fn replay_coalesced(ring: &CoalescedRing, pio: &Bus, mmio: &Bus) -> usize {
 
 /// Run the vCPU until the VM stops. Returns what it measured.
 pub fn run_loop(mut vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
+    // A kick (crate::vcpu_kick) now sets immediate_exit: cleared after the EINTR below.
+    let _kick = crate::vcpu_kick::arm(&mut vcpu);
     let mut st = VcpuStats::default();
     let mut router = MmioRouter::new(ctx.mmio_cache);
     let mut answered = 0u64;

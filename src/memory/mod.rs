@@ -47,6 +47,7 @@
 
 pub mod cache;
 pub mod dma;
+pub mod guest_ram;
 pub mod index;
 pub mod registry;
 pub mod stats;
