@@ -1,16 +1,16 @@
 //! What a run reports: the outcome, exits, interrupts, memory, KVM's and the NIC's
-//! statistics, and wbvmm's own footprint. Gathered from a [`RunningVm`] while it runs
+//! statistics, and wbvmm's own footprint. Gathered from a running VM's parts while it runs
 //! (SIGUSR1) and when it ends; written as JSON by `crate::stats`.
 
 use std::sync::atomic::Ordering;
 
 use vm_memory::GuestMemoryMmap;
 
-use crate::kvm_stats::KvmStats;
-use crate::memory::MemoryStats;
-use crate::net::NetStats;
+use crate::irq::IrqFdLine;
+use crate::kvm_stats::{KvmStats, KvmStatsReader};
+use crate::memory::{MemoryStats, SlotRegistry};
+use crate::net::{NetDevice, NetStats};
 use crate::vcpu::{DeviceKey, ExitCounters, VcpuStats, VmOutcome};
-use crate::vmm::RunningVm;
 
 /// When the process started (set first thing in `main`), for setup timing.
 pub static PROCESS_START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
@@ -85,7 +85,18 @@ fn process_rss_bytes() -> u64 {
         .unwrap_or(0)
 }
 
-impl RunningVm {
+/// The parts of a running VM a report is gathered from.
+pub(crate) struct ReportSources<'a> {
+    pub memory: &'a SlotRegistry,
+    pub net: Option<&'a NetDevice>,
+    pub kvm_stats: Option<&'a (KvmStatsReader, Vec<KvmStatsReader>)>,
+    pub serial_irq: &'a IrqFdLine,
+    pub tids: &'a [i32],
+    pub setup_time: std::time::Duration,
+    pub ram: &'a GuestMemoryMmap,
+}
+
+impl ReportSources<'_> {
     pub(crate) fn report(
         &self,
         outcome: Option<VmOutcome>,
@@ -93,18 +104,18 @@ impl RunningVm {
         io_tid: i32,
     ) -> RunReport {
         let mut all = VcpuStats {
-            memory: MemoryStats::for_registry(&self.vmm.memory),
+            memory: MemoryStats::for_registry(self.memory),
             ..Default::default()
         };
         for v in per_vcpu {
             all.merge(v);
         }
-        if let Some(n) = &self.vmm.net {
+        if let Some(n) = self.net {
             all.memory.lookups.dma.merge(&n.dma.stats());
         }
         let mut exits_by_device: Vec<(DeviceKey, u64)> = all.by_device.into_iter().collect();
         exits_by_device.sort_by_key(|e| std::cmp::Reverse(e.1));
-        let kvm = self.vmm.kvm_stats.as_ref().map(|(vm, vcpus)| {
+        let kvm = self.kvm_stats.map(|(vm, vcpus)| {
             let mut vcpu = KvmStats::default();
             for r in vcpus {
                 if let Ok(s) = r.sample() {
@@ -123,22 +134,19 @@ impl RunningVm {
             exits_by_device,
             emulated: all.emulated,
             interrupts: InterruptCounts {
-                serial: self.vmm.serial_irq.raised.load(Ordering::Relaxed),
+                serial: self.serial_irq.raised.load(Ordering::Relaxed),
                 nic: self
-                    .vmm
                     .net
-                    .as_ref()
                     .map(|n| n.irq.raised.load(Ordering::Relaxed))
                     .unwrap_or(0),
             },
             memory: all.memory,
             kvm,
-            vcpu_tids: self.tids.clone(),
+            vcpu_tids: self.tids.to_vec(),
             io_tid,
-            net: self.vmm.net.as_ref().map(|n| n.stats()),
+            net: self.net.map(|n| n.stats()),
             setup_time: self.setup_time,
-            rss_overhead_bytes: process_rss_bytes()
-                .saturating_sub(guest_resident_bytes(&self.vmm.ram.mem)),
+            rss_overhead_bytes: process_rss_bytes().saturating_sub(guest_resident_bytes(self.ram)),
         }
     }
 }
