@@ -19,7 +19,7 @@ use wbvmm::config::{CpuFeatureEdits, SerialMode};
 use wbvmm::memory::{SlotFlags, SlotRegistry};
 use wbvmm::net::{NetConfig, NetStats};
 use wbvmm::vcpu::VmOutcome;
-use wbvmm::vmm::{install_termination_handlers, RunReport, VmConfig, Vmm};
+use wbvmm::vmm::{block_vm_signals, RunReport, VmConfig, Vmm};
 
 /// The churned slots: above the guest's RAM, below the PCI hole.
 const CHURN_BASE: u64 = 0x4000_0000;
@@ -145,7 +145,10 @@ fn main() {
         cpu_affinity: Default::default(),
         io_affinity: None,
     };
-    install_termination_handlers();
+    if let Err(e) = block_vm_signals() {
+        eprintln!("soak-vm: cannot block SIGINT/SIGTERM/SIGUSR1 for the VM's signalfd: {e}");
+        std::process::exit(1);
+    }
     let running = match Vmm::new(&cfg).and_then(|v| v.start()) {
         Ok(r) => r,
         Err(e) => {

@@ -67,7 +67,7 @@ mod tests {
             "cannot set up the thing\n  caused by: Device or resource busy (os error 16)"
         );
         // No source: the message alone.
-        let e = crate::vmm::VmmError::MissingCap("KVM_CAP_X");
+        let e = crate::vmm::VmmError::from(crate::kvm::KvmError::MissingCap("KVM_CAP_X"));
         assert_eq!(error_chain(&e), e.to_string());
     }
 
@@ -109,6 +109,9 @@ mod tests {
     /// Every source-carrying error of wbvmm and its devices: the errno once.
     #[test]
     fn wrapped_os_errors_appear_once() {
+        use crate::io_thread::IoThreadError;
+        use crate::kvm::KvmError;
+        use crate::legacy::LegacyError;
         use crate::net::NetError;
         use crate::vmm::VmmError;
         use wbvmm_devices::net::rtl8139::Rtl8139Error;
@@ -143,15 +146,22 @@ mod tests {
                 source: os(),
             })
             .into(),
-            VmmError::KvmOpen(os().into()),
-            VmmError::Kvm {
+            KvmError::Open(os().into()).into(),
+            KvmError::Ioctl {
                 what: "do it",
                 source: os().into(),
-            },
-            VmmError::SerialFile {
+            }
+            .into(),
+            LegacyError::SerialFile {
                 path: "/x".into(),
                 source: os(),
-            },
+            }
+            .into(),
+            IoThreadError::Setup {
+                what: "epoll",
+                source: os(),
+            }
+            .into(),
             VmmError::Affinity(crate::affinity::AffinityError::Apply {
                 thread: "vcpu0".into(),
                 cpus: vec![1],

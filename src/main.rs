@@ -231,7 +231,12 @@ fn main() -> ExitCode {
                     return ExitCode::from(EXIT_VMM_ERROR as u8);
                 }
             }
-            vmm::install_termination_handlers();
+            // Before any thread exists: SIGINT/SIGTERM/SIGUSR1 (also one sent during
+            // setup) reach the VM's I/O thread, which ends the VM or takes a snapshot.
+            if let Err(e) = vmm::block_vm_signals() {
+                eprintln!("wbvmm: cannot block SIGINT/SIGTERM/SIGUSR1: {e}");
+                return ExitCode::from(EXIT_VMM_ERROR as u8);
+            }
             let stats_path = cli.stats.clone();
             let snapshot = move |r: &vmm::RunReport| {
                 // SIGUSR1: the running VM's statistics, to the --stats destination.

@@ -13,7 +13,8 @@ use serde::Serialize;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::boot::regs::{gdt_entry, segment_from_gdt};
-use crate::vmm::{open_kvm, VmmError};
+use crate::kvm::{ioctl_err, open_kvm};
+use crate::vmm::VmmError;
 
 const MEM_SIZE: usize = 4 << 20;
 const CODE: u64 = 0x10_0000;
@@ -81,7 +82,7 @@ struct ProbeVm {
 
 impl ProbeVm {
     fn new(kvm: &Kvm, cpl: u8) -> Result<Self, VmmError> {
-        let kerr = |what| move |source| VmmError::Kvm { what, source };
+        let kerr = ioctl_err;
         let vm = kvm.create_vm().map_err(kerr("create a probe VM"))?;
         vm.set_tss_address(crate::layout::KVM_TSS_START as usize)
             .map_err(kerr("set the TSS address"))?;
@@ -89,7 +90,7 @@ impl ProbeVm {
             .map_err(VmmError::ProbeMemory)?;
         let host = mem
             .get_host_address(GuestAddress(0))
-            .map_err(|e| VmmError::GuestMemoryLayout(e.to_string()))?;
+            .map_err(VmmError::ProbeHostAddress)?;
         let region = kvm_userspace_memory_region {
             slot: 0,
             guest_phys_addr: 0,
@@ -153,18 +154,12 @@ impl ProbeVm {
         self.mem
             .write_slice(code, GuestAddress(CODE))
             .map_err(crate::boot::BootError::from)?;
-        let mut regs = self.vcpu.get_regs().map_err(|source| VmmError::Kvm {
-            what: "read regs",
-            source,
-        })?;
+        let mut regs = self.vcpu.get_regs().map_err(ioctl_err("read regs"))?;
         regs.rip = CODE;
         regs.rsp = STACK_TOP;
         // IOPL 3 so the CPL3 variant may use `out`.
         regs.rflags = 0x3002;
-        self.vcpu.set_regs(&regs).map_err(|source| VmmError::Kvm {
-            what: "set regs",
-            source,
-        })?;
+        self.vcpu.set_regs(&regs).map_err(ioctl_err("set regs"))?;
         let start = Instant::now();
         loop {
             match self.vcpu.run() {
@@ -177,12 +172,7 @@ impl ProbeVm {
                     )))
                 }
                 Err(e) if e.errno() == libc::EINTR => {}
-                Err(source) => {
-                    return Err(VmmError::Kvm {
-                        what: "run the probe guest",
-                        source,
-                    })
-                }
+                Err(source) => return Err(ioctl_err("run the probe guest")(source).into()),
             }
             if start.elapsed() > timeout {
                 return Err(VmmError::Probe("probe guest did not finish in time".into()));

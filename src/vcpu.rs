@@ -261,6 +261,10 @@ pub fn replay_coalesced(ring: &CoalescedRing, pio: &Bus, mmio: &Bus) -> usize {
 /// Run the vCPU until the VM stops. Returns what it measured.
 pub fn run_loop(vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
     let mut vcpu = KvmVcpu::new(vcpu);
+    // A kick (crate::vcpu_kick) sets immediate_exit; the dispatch clears it after the
+    // EINTR. Declared after `vcpu`, so dropped before it: a late kick never writes to
+    // an unmapped kvm_run page.
+    let _kick = crate::vcpu_kick::arm(vcpu.fd_mut());
     let mut exits = ExitHandler::new(&ctx);
     let mut answered = 0u64;
     while !ctx.exit.stopping() {

@@ -81,6 +81,8 @@ pub enum BootError {
     },
     #[error("writing boot structures into guest memory failed")]
     GuestMemory(#[from] vm_memory::GuestMemoryError),
+    #[error(transparent)]
+    MpTable(#[from] mptable::MpTableError),
 }
 
 /// The memory hint for the linux-loader errors that mean the image (or the command
@@ -405,10 +407,9 @@ pub fn write_mptable(
     mem: &GuestMemoryMmap,
     cpus: u32,
     pci: &[mptable::PciIntx],
-) -> Result<(), crate::vmm::VmmError> {
+) -> Result<(), BootError> {
     let bytes = mptable::build(MPTABLE_START, cpus, pci)?;
-    mem.write_slice(&bytes, GuestAddress(MPTABLE_START))
-        .map_err(BootError::from)?;
+    mem.write_slice(&bytes, GuestAddress(MPTABLE_START))?;
     Ok(())
 }
 

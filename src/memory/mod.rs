@@ -50,6 +50,7 @@ pub mod cache;
 pub mod dma;
 #[cfg(any(test, feature = "test-doubles"))]
 pub mod fake_backend;
+pub mod guest_ram;
 pub mod index;
 pub mod mapping;
 pub mod registry;

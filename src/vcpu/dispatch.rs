@@ -77,6 +77,11 @@ impl KvmVcpu {
         let emulator = VcpuEmulator::new(&fd);
         Self { fd, emulator }
     }
+
+    /// The vCPU's fd, for arming the kick (`crate::vcpu_kick::arm`).
+    pub fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
+    }
 }
 
 impl Vcpu for KvmVcpu {
