@@ -12,6 +12,7 @@ pub mod layout;
 pub mod memory;
 pub mod net;
 pub mod probe;
+pub mod seccomp;
 pub mod stats;
 pub mod stats_summary;
 pub mod terminal;

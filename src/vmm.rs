@@ -684,6 +684,7 @@ impl Vmm {
                     }
                     // SAFETY: gettid has no preconditions.
                     let _ = tid_tx.send(unsafe { libc::gettid() });
+                    crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
                     vcpu::run_loop(vcpu, ctx)
                 })
                 .map_err(io_err("a vCPU thread"))?;
@@ -696,6 +697,7 @@ impl Vmm {
             .map(|(i, t)| format!("vcpu{i}={t}"))
             .collect();
         eprintln!("wbvmm: threads {} wbvmm-io={}", names.join(" "), io.tid);
+        crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
         Ok(RunningVm {
             vmm: self,
             threads,
@@ -1083,6 +1085,7 @@ impl IoThread {
                         log::error!("{}", crate::error_chain(&e));
                     }
                 }
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Io);
                 // SAFETY: gettid has no preconditions.
                 let _ = tid_tx.send(unsafe { libc::gettid() });
                 let mut events = vec![EpollEvent::default(); 8];
