@@ -12,13 +12,17 @@
 //! that made it (`SECCOMP_RET_TRAP`, not `KILL_PROCESS`, which would die without a
 //! word): the handler prints `wbvmm: seccomp: the vCPU thread vcpu0 made a forbidden
 //! system call socket (41) ...` with `write(2)` only, puts the terminal back, and
-//! ends the process with status [`EXIT_SECCOMP`]. `--seccomp log` lets forbidden
-//! calls through and has the kernel log each (`SECCOMP_RET_LOG`: an audit record,
-//! `type=1326 ... comm="vcpu0" ... syscall=41`, in dmesg or the audit log), as
-//! Cloud Hypervisor's `--seccomp log` does: the call keeps its effect, so wbvmm runs
-//! on exactly as without a filter while the log shows what a filter would have
-//! stopped. `--seccomp off` installs nothing.
+//! ends the process with status [`EXIT_SECCOMP`]. `--seccomp log` reports each
+//! forbidden call with the same line (`... ; let through`) and lets it go on with its
+//! effect, so wbvmm runs exactly as without a filter while the lines show what the
+//! filter would have stopped. Not `SECCOMP_RET_LOG` (Cloud Hypervisor's choice): that
+//! only reaches the kernel's audit log, which is silent where audit is off (as on the
+//! development machines), so wbvmm could not report anything. Instead the filter
+//! answers `SECCOMP_RET_USER_NOTIF`, and an unfiltered supervisor thread ([`log`])
+//! prints the line and answers `SECCOMP_USER_NOTIF_FLAG_CONTINUE` (Linux 5.5+), which
+//! runs the call as if no filter were there. `--seccomp off` installs nothing.
 
+mod log;
 mod names;
 mod rules;
 
@@ -42,7 +46,7 @@ pub enum SeccompMode {
     /// The offending thread reports the call and wbvmm stops.
     #[default]
     Kill,
-    /// The call goes through and the kernel logs it.
+    /// The offending thread reports the call, which then goes on with its effect.
     Log,
     /// No filter.
     Off,
@@ -97,16 +101,23 @@ pub enum SeccompError {
     ActionUnavailable(&'static str, #[source] std::io::Error),
     #[error("cannot install the SIGSYS handler that reports forbidden system calls")]
     Handler(#[source] std::io::Error),
+    #[error("cannot start the thread that reports forbidden system calls in --seccomp log mode")]
+    Supervisor(#[source] std::io::Error),
 }
 
 /// The BPF program of `kind`'s filter in `mode` (None for [`SeccompMode::Off`]).
 pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
     let on_forbidden = match mode {
         SeccompMode::Kill => SeccompAction::Trap,
+        // Turned into SECCOMP_RET_USER_NOTIF below (seccompiler has no such action).
         SeccompMode::Log => SeccompAction::Log,
         SeccompMode::Off => return Ok(None),
     };
-    build(kind, on_forbidden).map(Some)
+    let mut program = build(kind, on_forbidden)?;
+    if mode == SeccompMode::Log {
+        log::notify_instead_of_log(&mut program);
+    }
+    Ok(Some(program))
 }
 
 fn build(kind: ThreadKind, on_forbidden: SeccompAction) -> Result<BpfProgram, SeccompError> {
@@ -127,13 +138,17 @@ fn build(kind: ThreadKind, on_forbidden: SeccompAction) -> Result<BpfProgram, Se
 /// handler must be in place ([`configure`] does both for a whole VM).
 pub fn install(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
     match filter(kind, mode)? {
-        Some(program) => apply(kind, &program),
+        Some(program) => apply(kind, mode, &program),
         None => Ok(()),
     }
 }
 
-fn apply(kind: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError> {
+fn apply(kind: ThreadKind, mode: SeccompMode, program: &BpfProgram) -> Result<(), SeccompError> {
     remember_thread(kind);
+    if mode == SeccompMode::Log {
+        return log::apply_reported(IDENTITY.with(|c| c.get()), program)
+            .map_err(|source| SeccompError::Apply { kind, source });
+    }
     seccompiler::apply_filter(program).map_err(|e| SeccompError::Apply {
         kind,
         source: match e {
@@ -145,6 +160,7 @@ fn apply(kind: ThreadKind, program: &BpfProgram) -> Result<(), SeccompError> {
 
 /// The filters of a configured process, built once before the VM exists.
 struct Armed {
+    mode: SeccompMode,
     main: BpfProgram,
     vcpu: BpfProgram,
     io: BpfProgram,
@@ -160,7 +176,7 @@ pub fn configure(mode: SeccompMode) -> Result<(), SeccompError> {
     let action = match mode {
         SeccompMode::Off => return Ok(()),
         SeccompMode::Kill => (libc::SECCOMP_RET_TRAP, "trap"),
-        SeccompMode::Log => (libc::SECCOMP_RET_LOG, "log"),
+        SeccompMode::Log => (libc::SECCOMP_RET_USER_NOTIF, "report (user notification)"),
     };
     // SAFETY: SECCOMP_GET_ACTION_AVAIL only reads the u32 we pass.
     if unsafe {
@@ -178,12 +194,15 @@ pub fn configure(mode: SeccompMode) -> Result<(), SeccompError> {
         ));
     }
     let armed = Armed {
+        mode,
         main: filter(ThreadKind::Main, mode)?.unwrap_or_default(),
         vcpu: filter(ThreadKind::Vcpu, mode)?.unwrap_or_default(),
         io: filter(ThreadKind::Io, mode)?.unwrap_or_default(),
     };
-    if mode == SeccompMode::Kill {
-        install_sigsys_handler()?;
+    match mode {
+        SeccompMode::Kill => install_sigsys_handler()?,
+        SeccompMode::Log => log::start_supervisor().map_err(SeccompError::Supervisor)?,
+        SeccompMode::Off => {}
     }
     // Answered now, while files may still be looked at: the vCPU threads ask when
     // they start, under their filter.
@@ -207,7 +226,7 @@ pub fn enter(kind: ThreadKind) {
         ThreadKind::Vcpu => &armed.vcpu,
         ThreadKind::Io => &armed.io,
     };
-    if let Err(e) = apply(kind, program) {
+    if let Err(e) = apply(kind, armed.mode, program) {
         eprintln!("wbvmm: {}", crate::error_chain(&e));
         std::process::exit(crate::vcpu::EXIT_VMM_ERROR);
     }
@@ -315,8 +334,9 @@ impl fmt::Write for LineBuf {
     }
 }
 
-/// The report line for a forbidden call `nr` made by thread `who`.
-fn report_line(who: &Identity, nr: i64, out: &mut LineBuf) {
+/// The report line for a forbidden call `nr` made by thread `who`; `ending` says
+/// what happens next.
+fn report_line(who: &Identity, nr: i64, ending: fmt::Arguments, out: &mut LineBuf) {
     use fmt::Write;
     let name = std::str::from_utf8(&who.name[..who.len]).unwrap_or("");
     let _ = match who.kind {
@@ -327,10 +347,7 @@ fn report_line(who: &Identity, nr: i64, out: &mut LineBuf) {
         Some(call) => write!(out, " made a forbidden system call: {call} ({nr})"),
         None => write!(out, " made a forbidden system call: number {nr}"),
     };
-    let _ = writeln!(
-        out,
-        "; wbvmm stops (status {EXIT_SECCOMP}; --seccomp log lets such calls through and logs them)"
-    );
+    let _ = writeln!(out, "; {ending}");
 }
 
 extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -345,7 +362,14 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
         buf: [0; 256],
         len: 0,
     };
-    report_line(&who, i64::from(info.syscall), &mut line);
+    report_line(
+        &who,
+        i64::from(info.syscall),
+        format_args!(
+            "wbvmm stops (status {EXIT_SECCOMP}; --seccomp log reports such calls and lets them through)"
+        ),
+        &mut line,
+    );
     // SAFETY: write, tcsetattr and _exit are async-signal-safe, and every filter
     // allows them (write, ioctl(0, TCSETS), exit_group).
     unsafe {
@@ -548,7 +572,7 @@ mod tests {
             buf: [0; 256],
             len: 0,
         };
-        report_line(&who, libc::SYS_socket, &mut out);
+        report_line(&who, libc::SYS_socket, format_args!("x"), &mut out);
         let line = std::str::from_utf8(&out.buf[..out.len]).unwrap();
         assert!(
             line.starts_with(
@@ -564,7 +588,7 @@ mod tests {
             buf: [0; 256],
             len: 0,
         };
-        report_line(&main, 9999, &mut out);
+        report_line(&main, 9999, format_args!("x"), &mut out);
         let line = std::str::from_utf8(&out.buf[..out.len]).unwrap();
         assert!(
             line.starts_with(
