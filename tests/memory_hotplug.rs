@@ -51,6 +51,9 @@ fn run(index: SlotIndexKind, mmio_cache: bool) {
         cpu_affinity: Default::default(),
         io_affinity: None,
     };
+    // Under wbvmm's filters (as `wbvmm` runs): the slot changes below are made by this
+    // thread, the VM's main thread, under the main thread's filter.
+    wbvmm::seccomp::configure(wbvmm::seccomp::SeccompMode::Kill).expect("seccomp filters");
     let running = Vmm::new(&cfg).expect("build VM").start().expect("start VM");
     let ones = format!("watch: {WATCH_GPA:#x} = 0xffffffffffffffff");
     wait_for(&serial, &ones, 1, Duration::from_secs(30));

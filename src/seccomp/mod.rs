@@ -99,6 +99,8 @@ pub enum SeccompError {
     },
     #[error("this kernel cannot {0} a forbidden system call (see /proc/sys/kernel/seccomp/actions_avail); use another --seccomp mode")]
     ActionUnavailable(&'static str, #[source] std::io::Error),
+    #[error("seccomp filters were already set up for this process in mode {0:?}")]
+    AlreadyConfigured(SeccompMode),
     #[error("cannot install the SIGSYS handler that reports forbidden system calls")]
     Handler(#[source] std::io::Error),
     #[error("cannot start the thread that reports forbidden system calls in --seccomp log mode")]
@@ -173,6 +175,13 @@ static ARMED: OnceLock<Armed> = OnceLock::new();
 /// mode install the SIGSYS handler. [`enter`] then installs them as the threads
 /// start. Without this call (library users, most tests) [`enter`] does nothing.
 pub fn configure(mode: SeccompMode) -> Result<(), SeccompError> {
+    // Once per process: a second call may come from a thread already filtered.
+    if let Some(armed) = ARMED.get() {
+        return match armed.mode == mode {
+            true => Ok(()),
+            false => Err(SeccompError::AlreadyConfigured(armed.mode)),
+        };
+    }
     let action = match mode {
         SeccompMode::Off => return Ok(()),
         SeccompMode::Kill => (libc::SECCOMP_RET_TRAP, "trap"),
@@ -226,9 +235,14 @@ pub fn enter(kind: ThreadKind) {
         ThreadKind::Vcpu => &armed.vcpu,
         ThreadKind::Io => &armed.io,
     };
-    if let Err(e) = apply(kind, armed.mode, program) {
-        eprintln!("wbvmm: {}", crate::error_chain(&e));
-        std::process::exit(crate::vcpu::EXIT_VMM_ERROR);
+    // A thread that starts a second VM (tests do) keeps the filter it has: installing
+    // another would take calls (`seccomp`, `prctl`) that the first forbids.
+    let filtered = IDENTITY.with(|c| c.get()).kind == Some(kind);
+    if !filtered {
+        if let Err(e) = apply(kind, armed.mode, program) {
+            eprintln!("wbvmm: {}", crate::error_chain(&e));
+            std::process::exit(crate::vcpu::EXIT_VMM_ERROR);
+        }
     }
     let (open, cv) = &GATE;
     let mut is_open = open.lock().unwrap_or_else(|e| e.into_inner());

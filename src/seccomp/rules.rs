@@ -173,6 +173,8 @@ pub fn rules(kind: ThreadKind, pid: u32) -> Result<Rules, BackendError> {
     };
     match kind {
         ThreadKind::Vcpu => {
+            // The tap's TX frames: in C mode a TSD write transmits on the exit path.
+            r.insert(libc::SYS_writev, vec![]);
             // KVM_RUN and what the exit path and the emulation fallback
             // (src/emulate/kvm.rs) read and write; KVM_IOEVENTFD because the C-mode
             // TSD doorbells are learnt (and the C+ doorbell follows BAR moves) on
