@@ -97,7 +97,7 @@ struct Cli {
     stats: Option<Option<PathBuf>>,
 
     /// Per-thread system call filters: kill (a forbidden call stops wbvmm with a line
-    /// naming the thread and the call), log (let through, logged by the kernel), off.
+    /// naming the thread and the call), log (the same line, and the call goes on), off.
     #[arg(long, value_name = "kill|log|off", default_value = "kill", value_parser = parse_seccomp)]
     seccomp: wbvmm::seccomp::SeccompMode,
 }

@@ -158,7 +158,7 @@ fn common(pid: u32) -> Result<Rules, BackendError> {
     // the SIGSYS report on any thread.
     r.insert(
         libc::SYS_ioctl,
-        ioctls(&[libc::TCSETS as u64, libc::TCGETS as u64], Some(0))?,
+        ioctls(&[libc::TCSETS, libc::TCGETS], Some(0))?,
     );
     Ok(r)
 }
