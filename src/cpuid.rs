@@ -222,7 +222,9 @@ pub fn hide(cpuid: &mut CpuId, f: Feature) {
 /// testguest's `cpuid` word: guest CPUID is answered by the outer hypervisor, not
 /// from the table KVM_SET_CPUID2 installs, so hiding features has no effect.
 pub fn pvm_host() -> bool {
-    std::path::Path::new("/sys/module/kvm_pvm").exists()
+    // Asked once: vCPU threads ask again under a seccomp filter that allows no file lookups.
+    static PVM: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *PVM.get_or_init(|| std::path::Path::new("/sys/module/kvm_pvm").exists())
 }
 
 #[cfg(test)]

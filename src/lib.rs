@@ -18,6 +18,7 @@ pub mod memory;
 pub mod net;
 pub mod probe;
 pub mod run_report;
+pub mod seccomp;
 pub mod stats;
 pub mod terminal;
 pub mod vcpu;

@@ -24,6 +24,7 @@ EXIT STATUS:
   102  KVM internal error (RIP, CPL and instruction bytes are printed)
   103  other unexpected VM exit
   130  quit from the console (Ctrl-A x) or by SIGINT/SIGTERM
+  159  --seccomp kill: a thread made a forbidden system call (the line says which)
 
 CONSOLE: with --serial stdio the guest's COM1 is on the terminal, which is put in
 raw mode; press Ctrl-A x to quit, Ctrl-A Ctrl-A to send Ctrl-A.";
@@ -94,6 +95,16 @@ struct Cli {
     /// Write statistics as JSON when the VM ends: to PATH, or to stderr without one.
     #[arg(long, value_name = "PATH", num_args = 0..=1, require_equals = true)]
     stats: Option<Option<PathBuf>>,
+
+    /// Per-thread system call filters: kill (a forbidden call stops wbvmm with a line
+    /// naming the thread and the call), log (the same line, and the call goes on), off.
+    #[arg(long, value_name = "kill|log|off", default_value = "kill", value_parser = parse_seccomp)]
+    seccomp: wbvmm::seccomp::SeccompMode,
+}
+
+fn parse_seccomp(s: &str) -> Result<wbvmm::seccomp::SeccompMode, String> {
+    s.parse()
+        .map_err(|e: wbvmm::seccomp::SeccompError| e.to_string())
 }
 
 fn parse_slot_index(s: &str) -> Result<SlotIndexKind, String> {
@@ -235,6 +246,12 @@ fn main() -> ExitCode {
             // setup) reach the VM's I/O thread, which ends the VM or takes a snapshot.
             if let Err(e) = vmm::block_vm_signals() {
                 eprintln!("wbvmm: cannot block SIGINT/SIGTERM/SIGUSR1: {e}");
+                return ExitCode::from(EXIT_VMM_ERROR as u8);
+            }
+            // After the signals are blocked: `--seccomp log`'s supervisor thread inherits
+            // the mask, so a SIGINT still reaches the VM's signalfd.
+            if let Err(e) = wbvmm::seccomp::configure(cli.seccomp) {
+                eprintln!("wbvmm: {}", error_chain(&e));
                 return ExitCode::from(EXIT_VMM_ERROR as u8);
             }
             let stats_path = cli.stats.clone();

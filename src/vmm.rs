@@ -270,6 +270,8 @@ impl Vmm {
             .map(|(i, t)| format!("vcpu{i}={t}"))
             .collect();
         eprintln!("wbvmm: threads {} wbvmm-io={}", names.join(" "), io.tid);
+        // The vCPU threads wait for this filter before their first KVM_RUN.
+        crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
         Ok(RunningVm {
             vmm: self,
             threads,
@@ -320,6 +322,8 @@ impl Vmm {
                 }
                 // SAFETY: gettid has no preconditions.
                 let _ = tid_tx.send(unsafe { libc::gettid() });
+                // After the tid send (start() waits for it), before the first KVM_RUN.
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Vcpu);
                 vcpu::run_loop(vcpu, ctx)
             })
             .map_err(io_err("a vCPU thread"))?;

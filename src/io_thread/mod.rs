@@ -353,6 +353,7 @@ impl IoThread {
                         log::error!("{}", crate::error_chain(&e));
                     }
                 }
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Io);
                 // SAFETY: gettid has no preconditions.
                 let _ = tid_tx.send(unsafe { libc::gettid() });
                 lp.run();
