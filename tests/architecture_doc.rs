@@ -23,7 +23,11 @@ fn every_path_in_architecture_md_exists() {
     let doc = std::fs::read_to_string(root.join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
     let paths = named_paths(&doc);
     // The page names the whole exit path and every thread's files: far more than this.
-    assert!(paths.len() >= 30, "only {} paths found: {paths:?}", paths.len());
+    assert!(
+        paths.len() >= 30,
+        "only {} paths found: {paths:?}",
+        paths.len()
+    );
     let missing: Vec<&String> = paths.iter().filter(|p| !root.join(p).exists()).collect();
     assert!(
         missing.is_empty(),
