@@ -354,7 +354,9 @@ impl NetDevice {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+/// The NIC's and the tap's counters. Also the `--stats` schema's `net`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct NetStats {
     pub tap: String,
     pub rx_packets: u64,

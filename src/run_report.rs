@@ -36,15 +36,18 @@ pub struct RunReport {
     pub rss_overhead_bytes: u64,
 }
 
-/// Interrupts wbvmm raised, by source.
-#[derive(Debug, Clone, Default, serde::Serialize)]
+/// Interrupts wbvmm raised, by source. Also the `--stats` schema's `interrupts`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct InterruptCounts {
     pub serial: u64,
     pub nic: u64,
 }
 
-/// KVM's own statistics, where the host offers them (KVM_GET_STATS_FD).
-#[derive(Debug, Clone, Default, serde::Serialize)]
+/// KVM's own statistics, where the host offers them (KVM_GET_STATS_FD). Also the
+/// `--stats` schema's `kvm`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct KvmReport {
     pub vm: KvmStats,
     /// Summed over vCPUs.

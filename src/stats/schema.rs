@@ -9,7 +9,6 @@ use serde::{Deserialize, Serialize};
 
 use crate::emulate::EmulationCount;
 use crate::exit_kind::{ExitCounters, ExitKind};
-use crate::kvm_stats::KvmStats;
 use crate::latency::LatencySummary;
 use crate::memory::MemoryStats;
 use crate::vmm::RunReport;
@@ -62,40 +61,10 @@ pub struct DeviceExits {
     pub count: u64,
 }
 
-/// Interrupts wbvmm raised, by source.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Interrupts {
-    pub serial: u64,
-    pub nic: u64,
-}
-
-/// KVM's own statistics, where the host offers them (KVM_GET_STATS_FD).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Kvm {
-    pub vm: KvmStats,
-    /// Summed over vCPUs.
-    pub vcpu: KvmStats,
-}
-
-/// The NIC and its tap.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Net {
-    pub tap: String,
-    pub rx_packets: u64,
-    pub rx_bytes: u64,
-    pub rx_filtered: u64,
-    pub rx_ring_full: u64,
-    pub rx_disabled: u64,
-    pub tx_packets: u64,
-    pub tx_bytes: u64,
-    pub tx_dropped: u64,
-    pub tap_rx_frames: u64,
-    pub rx_backpressure: u64,
-    pub tap_errors: u64,
-}
+// The VMM's own report types are the schema's too (they derive Deserialize):
+// one description of each section.
+pub use crate::net::NetStats as Net;
+pub use crate::vmm::{InterruptCounts as Interrupts, KvmReport as Kvm};
 
 impl VmStats {
     pub fn from_report(r: &RunReport) -> Self {
@@ -126,10 +95,10 @@ impl VmStats {
                 })
                 .collect(),
             emulated: r.emulated.by_name(),
-            interrupts: Interrupts::from(&r.interrupts),
+            interrupts: r.interrupts.clone(),
             memory: r.memory.clone(),
-            net: r.net.as_ref().map(Net::from),
-            kvm: r.kvm.as_ref().map(Kvm::from),
+            net: r.net.clone(),
+            kvm: r.kvm.clone(),
         }
     }
 
@@ -148,58 +117,5 @@ impl VmStats {
             };
         }
         Some(v)
-    }
-}
-
-// The conversions below destructure every field, so a field added to the VMM's
-// report types fails to build until the schema has it too.
-
-impl From<&crate::vmm::InterruptCounts> for Interrupts {
-    fn from(i: &crate::vmm::InterruptCounts) -> Self {
-        let crate::vmm::InterruptCounts { serial, nic } = *i;
-        Self { serial, nic }
-    }
-}
-
-impl From<&crate::vmm::KvmReport> for Kvm {
-    fn from(k: &crate::vmm::KvmReport) -> Self {
-        let crate::vmm::KvmReport { vm, vcpu } = k;
-        Self {
-            vm: vm.clone(),
-            vcpu: vcpu.clone(),
-        }
-    }
-}
-
-impl From<&crate::net::NetStats> for Net {
-    fn from(n: &crate::net::NetStats) -> Self {
-        let crate::net::NetStats {
-            tap,
-            rx_packets,
-            rx_bytes,
-            rx_filtered,
-            rx_ring_full,
-            rx_disabled,
-            tx_packets,
-            tx_bytes,
-            tx_dropped,
-            tap_rx_frames,
-            rx_backpressure,
-            tap_errors,
-        } = n.clone();
-        Self {
-            tap,
-            rx_packets,
-            rx_bytes,
-            rx_filtered,
-            rx_ring_full,
-            rx_disabled,
-            tx_packets,
-            tx_bytes,
-            tx_dropped,
-            tap_rx_frames,
-            rx_backpressure,
-            tap_errors,
-        }
     }
 }
