@@ -13,7 +13,6 @@ use wbvmm_devices::net::rtl8139::{
     Rtl8139, Rtl8139Config, Rtl8139Error, REVISION_C, REVISION_CPLUS,
 };
 use wbvmm_devices::net::tap::{Tap, TapError, TapOptions};
-use wbvmm_devices::net::RxResult;
 use wbvmm_devices::pci::{BarSpec, PciDevice, PciError, PciIds, PciPlacement, PciRoot};
 use wbvmm_devices::{Bus, BusDevice, GuestDma, IrqLine};
 
@@ -302,37 +301,6 @@ impl NetDevice {
             doorbell,
             dma,
         })
-    }
-
-    /// Move frames from the tap into the guest while it has room; at most `budget`
-    /// frames per call so console input is not starved. Returns false when the
-    /// guest's ring is full (stop watching the tap until the NIC signals space).
-    pub fn pump_rx(&self, buf: &mut [u8], budget: usize) -> bool {
-        for _ in 0..budget {
-            if !self.nic.can_receive() {
-                self.io.rx_backpressure.fetch_add(1, Ordering::Relaxed);
-                return false;
-            }
-            match self.tap.read_frame(buf) {
-                Ok(Some(n)) => {
-                    self.io.tap_rx_frames.fetch_add(1, Ordering::Relaxed);
-                    self.io.tap_rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    if self.nic.receive(&buf[..n]) == RxResult::RingFull {
-                        self.io.rx_backpressure.fetch_add(1, Ordering::Relaxed);
-                        return false;
-                    }
-                }
-                Ok(None) => return true,
-                Err(e) => {
-                    // A tap deleted under the guest: keep the VM running, count it.
-                    if self.io.tap_errors.fetch_add(1, Ordering::Relaxed) == 0 {
-                        log::warn!("{}", crate::error_chain(&e));
-                    }
-                    return true;
-                }
-            }
-        }
-        true
     }
 
     pub fn stats(&self) -> NetStats {
