@@ -1,11 +1,11 @@
 //! Interrupt lines from devices into KVM's in-kernel irqchip.
 //!
 //! - [`IrqFdLine`]: an edge line, one KVM irqfd (COM1 on IRQ 4).
-//! - The NIC's level line (an irqfd with resample: KVM lowers the line at the guest's
-//!   EOI and signals the resample eventfd; the I/O thread raises it again while the
-//!   device still asserts) is `crate::net::LevelIrq`, next to the NIC it serves.
+//! - [`LevelIrq`]: a level line, an irqfd with resample (the NIC on GSI 16): KVM
+//!   lowers the line at the guest's EOI and signals the resample eventfd; the I/O
+//!   thread raises it again while the device still asserts.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use kvm_ioctls::VmFd;
 use thiserror::Error;
@@ -57,6 +57,54 @@ impl IrqLine for IrqFdLine {
         self.raised.fetch_add(1, Ordering::Relaxed);
         // EAGAIN means the counter is saturated: the interrupt is already pending.
         let _ = self.evt.write(1);
+    }
+}
+
+/// A level-triggered interrupt line through a KVM irqfd with resample: KVM lowers
+/// the line when the guest EOIs it and signals `resample`; if the device still
+/// asserts, the I/O thread raises it again.
+pub struct LevelIrq {
+    trigger: EventFd,
+    pub resample: EventFd,
+    asserted: AtomicBool,
+    /// Times the line was raised (including re-raises after an EOI).
+    pub raised: AtomicU64,
+}
+
+impl LevelIrq {
+    pub fn new(vm: &VmFd, gsi: u32) -> Result<Self, IrqError> {
+        let eventfd =
+            || EventFd::new(libc::EFD_NONBLOCK).map_err(|source| IrqError::EventFd { gsi, source });
+        let (trigger, resample) = (eventfd()?, eventfd()?);
+        vm.register_irqfd_with_resample(&trigger, &resample, gsi)
+            .map_err(|source| IrqError::Register { gsi, source })?;
+        Ok(Self {
+            trigger,
+            resample,
+            asserted: AtomicBool::new(false),
+            raised: AtomicU64::new(0),
+        })
+    }
+
+    /// The guest EOI'd the interrupt: raise it again while the device asserts it.
+    pub fn on_resample(&self) {
+        let _ = self.resample.read();
+        if self.asserted.load(Ordering::Acquire) {
+            self.trigger();
+        }
+    }
+}
+
+impl IrqLine for LevelIrq {
+    fn trigger(&self) {
+        self.raised.fetch_add(1, Ordering::Relaxed);
+        let _ = self.trigger.write(1);
+    }
+    fn set_level(&self, asserted: bool) {
+        let was = self.asserted.swap(asserted, Ordering::AcqRel);
+        if asserted && !was {
+            self.trigger();
+        }
     }
 }
 

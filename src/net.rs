@@ -2,19 +2,19 @@
 //! interrupt (irqfd with resample), and the RX path run by the `wbvmm-io` thread.
 
 use std::str::FromStr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use crate::irq::LevelIrq;
 use kvm_ioctls::VmFd;
 use serde::Serialize;
 use thiserror::Error;
-use vmm_sys_util::eventfd::EventFd;
 use wbvmm_devices::net::rtl8139::{
     Rtl8139, Rtl8139Config, Rtl8139Error, REVISION_C, REVISION_CPLUS,
 };
 use wbvmm_devices::net::tap::{Tap, TapError, TapOptions};
 use wbvmm_devices::pci::{BarSpec, PciDevice, PciError, PciIds, PciPlacement, PciRoot};
-use wbvmm_devices::{Bus, BusDevice, GuestDma, IrqLine};
+use wbvmm_devices::{Bus, BusDevice, GuestDma};
 
 mod doorbell;
 pub use doorbell::{Doorbell, TsdDoorbells, TsdIoEvents};
@@ -39,6 +39,8 @@ pub enum NetError {
     Pci(#[from] PciError),
     #[error("cannot wire the NIC's interrupt")]
     Irq(#[source] std::io::Error),
+    #[error("cannot wire the NIC's interrupt line")]
+    Line(#[source] crate::irq::IrqError),
 }
 
 /// How the C+ TX doorbell (a TxPoll write) reaches the NIC.
@@ -107,53 +109,6 @@ impl FromStr for NetConfig {
             return Err(bad());
         }
         Ok(cfg)
-    }
-}
-
-/// A level-triggered interrupt line through a KVM irqfd with resample: KVM lowers
-/// the line when the guest EOIs it and signals `resample`; if the device still
-/// asserts, the I/O thread raises it again.
-pub struct LevelIrq {
-    trigger: EventFd,
-    pub resample: EventFd,
-    asserted: AtomicBool,
-    /// Times the line was raised (including re-raises after an EOI).
-    pub raised: AtomicU64,
-}
-
-impl LevelIrq {
-    pub fn new(vm: &VmFd, gsi: u32) -> Result<Self, NetError> {
-        let trigger = EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::Irq)?;
-        let resample = EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::Irq)?;
-        vm.register_irqfd_with_resample(&trigger, &resample, gsi)
-            .map_err(|e| NetError::Irq(std::io::Error::from_raw_os_error(e.errno())))?;
-        Ok(Self {
-            trigger,
-            resample,
-            asserted: AtomicBool::new(false),
-            raised: AtomicU64::new(0),
-        })
-    }
-
-    /// The guest EOI'd the interrupt: raise it again while the device asserts it.
-    pub fn on_resample(&self) {
-        let _ = self.resample.read();
-        if self.asserted.load(Ordering::Acquire) {
-            self.trigger();
-        }
-    }
-}
-
-impl IrqLine for LevelIrq {
-    fn trigger(&self) {
-        self.raised.fetch_add(1, Ordering::Relaxed);
-        let _ = self.trigger.write(1);
-    }
-    fn set_level(&self, asserted: bool) {
-        let was = self.asserted.swap(asserted, Ordering::AcqRel);
-        if asserted && !was {
-            self.trigger();
-        }
     }
 }
 
@@ -240,7 +195,7 @@ impl NetDevice {
         cfg: &NetConfig,
     ) -> Result<Self, NetError> {
         let tap = Arc::new(Tap::open(&cfg.tap, TapOptions { vnet_hdr: true })?);
-        let irq = Arc::new(LevelIrq::new(vm, NIC_GSI)?);
+        let irq = Arc::new(LevelIrq::new(vm, NIC_GSI).map_err(NetError::Line)?);
         let nic = Arc::new(Rtl8139::new(
             Rtl8139Config {
                 mac: cfg.mac,
