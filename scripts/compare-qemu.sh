@@ -223,7 +223,7 @@ def draw_chart(data, path):
         return "no rows to draw"
     colours = {"wbvmm": "#1f77b4", "qemu": "#d62728"}
     panels = (2 if rr else 0) + (1 if st else 0)
-    width = max(8.0, 0.55 * len(rr) + 2.5)
+    width = max(11.0, 0.55 * len(rr) + 4.5)
     fig, axes = plt.subplots(panels, 1, figsize=(width, 3.6 * panels), squeeze=False,
                              gridspec_kw={"height_ratios": ([3, 2] if rr else []) + ([1.6] if st else [])})
     axes = [a[0] for a in axes]
@@ -233,8 +233,8 @@ def draw_chart(data, path):
     def pf(d, k):
         v = d.get(k)
         return "?" if v is None else f"{v:.1f}"
-    fig.suptitle(f"wbvmm vs QEMU {m.get('qemu_version', '')}: host netperf TCP_RR against the test guest, medians of "
-                 f"{m.get('runs')} alternating runs x {m.get('secs')} s ({m.get('date', '')})\n"
+    fig.suptitle(f"wbvmm vs QEMU {m.get('qemu_version', '')}: the host's netperf against the test guest's netserver, "
+                 f"medians of {m.get('runs')} alternating runs, TCP_RR {m.get('secs')} s each ({m.get('date', '')})\n"
                  f"wbvmm probe: MMIO exit round trip CPL0 {pf(pr0, 'mmio_exit_cpl0_us')} / CPL3 "
                  f"{pf(pr0, 'mmio_exit_cpl3_us')} us at start, {pf(pr1, 'mmio_exit_cpl0_us')} / "
                  f"{pf(pr1, 'mmio_exit_cpl3_us')} us at end; load {m.get('load_start', '?')} -> {m.get('load_end', '?')}",
@@ -254,7 +254,7 @@ def draw_chart(data, path):
         fx = [x for x, r in zip(xs, rr) if r["size"] in floor]
         if fx:
             ax.scatter(fx, [floor[rr[x]["size"]] for x in fx], marker="_", s=300, color="black", zorder=3,
-                       label="no-VM floor (veth, same pinning)")
+                       label="no-VM floor")
         for x, r in zip(xs, rr):
             if r.get("ratio"):
                 top = max(r["wbvmm"]["tps"] or 0, r["qemu"]["tps"] or 0)
@@ -265,9 +265,9 @@ def draw_chart(data, path):
         ax.set_ylabel("netperf trans/s (log)")
         ax.set_xticks(xs)
         ax.set_xticklabels(labels, fontsize=7)
-        ax.set_title("TCP_RR transactions per second (label: wbvmm/QEMU; red = below the row's goal, 2.0x or 1.2x for irq)",
+        ax.set_title("TCP_RR trans/s; labels wbvmm/QEMU, red below the row's goal (2.0x; irq 1.2x); floor: no VM, veth",
                      fontsize=9)
-        ax.legend(fontsize=8, loc="upper right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0))
         ax.grid(axis="y", which="both", alpha=0.3)
 
         ax = axes[ai]
@@ -275,7 +275,7 @@ def draw_chart(data, path):
         w = 0.27
         series = (("wbvmm", "kvm", "wbvmm: KVM exits", colours["wbvmm"], None),
                   ("wbvmm", "user", "wbvmm: exits to userspace", "#9ecae1", None),
-                  ("qemu", "kvm", "QEMU: KVM exits (each I/O one goes to QEMU)", colours["qemu"], None))
+                  ("qemu", "kvm", "QEMU: KVM exits\n(its I/O exits go to QEMU)", colours["qemu"], None))
         floor_y = 1e-3
         for k, (side, key, label, colour, _) in enumerate(series):
             ys = [max(r[side].get(key) or 0, floor_y) if r[side].get(key) is not None else 0 for r in rr]
@@ -286,7 +286,7 @@ def draw_chart(data, path):
         ax.set_xticks(xs)
         ax.set_xticklabels(labels, fontsize=7)
         ax.set_title(f"exits per transaction (values below {floor_y} drawn at {floor_y})", fontsize=9)
-        ax.legend(fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0))
         ax.grid(axis="y", which="both", alpha=0.3)
     if st:
         ax = axes[ai]
@@ -306,7 +306,7 @@ def draw_chart(data, path):
             title += f"; no-VM floor {fl:.0f} MB/s"
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("MB/s")
-        ax.legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.005, 1.0))
         ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     d = os.path.dirname(os.path.abspath(path))
