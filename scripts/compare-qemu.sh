@@ -882,11 +882,11 @@ def main():
     failures = []
     unit = {"rr": ("trans/s", "trans"), "stream": ("MB/s", "MB")}
 
-    # Per VM run: boot to `listening`, the two snapshots, the guest's watch, teardown (~1 s measured
-    # on a loaded nested host; more while the host is busier).
-    vm_overhead = 2
-    # The stream's rate guessed low (a few MB/s on a loaded nested host) so the estimate errs long.
-    stream_secs = stream_bytes / 3e6 if stream_bytes else 0
+    # Per VM run: boot to `listening`, the two snapshots, the guest's watch, teardown (~0.5 s
+    # measured at load 9 on a nested host: the round takes ~1 s more than netperf's length).
+    vm_overhead = 1
+    # The stream's rate guessed low (8-40 MB/s measured at load 9) so the estimate errs long.
+    stream_secs = stream_bytes / 5e6 if stream_bytes else 0
     per_round = sum(2 * ((secs if k == "rr" else stream_secs) + vm_overhead) for (k, _, _, _) in rows)
     per_round += len(floor_variants) * len(sizes) * (secs + 0.5) + (1 if (floor_variants and stream_bytes) else 0)
     est = runs * per_round
