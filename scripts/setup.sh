@@ -44,7 +44,7 @@ APT_PACKAGES=(
     iproute2 iputils-ping socat netperf
     busybox-static cpio xz-utils zstd file python3 kmod
     linux-source-6.1 bc bison flex libelf-dev lz4
-    procps util-linux
+    procps util-linux python3-matplotlib
 )
 
 START=$(date +%s)
