@@ -69,6 +69,8 @@ pub struct LevelIrq {
     asserted: AtomicBool,
     /// Times the line was raised (including re-raises after an EOI).
     pub raised: AtomicU64,
+    /// Resample events: the guest EOI'd the line (KVM lowered it).
+    pub resamples: AtomicU64,
 }
 
 impl LevelIrq {
@@ -78,17 +80,25 @@ impl LevelIrq {
         let (trigger, resample) = (eventfd()?, eventfd()?);
         vm.register_irqfd_with_resample(&trigger, &resample, gsi)
             .map_err(|source| IrqError::Register { gsi, source })?;
-        Ok(Self {
+        Ok(Self::on_eventfds(trigger, resample))
+    }
+
+    fn on_eventfds(trigger: EventFd, resample: EventFd) -> Self {
+        Self {
             trigger,
             resample,
             asserted: AtomicBool::new(false),
             raised: AtomicU64::new(0),
-        })
+            resamples: AtomicU64::new(0),
+        }
     }
 
     /// The guest EOI'd the interrupt: raise it again while the device asserts it.
     pub fn on_resample(&self) {
-        let _ = self.resample.read();
+        // Several EOIs between two wake-ups arrive as one count > 1.
+        if let Ok(n) = self.resample.read() {
+            self.resamples.fetch_add(n, Ordering::Relaxed);
+        }
         if self.asserted.load(Ordering::Acquire) {
             self.trigger();
         }
@@ -124,5 +134,41 @@ mod tests {
         // A level assert on an edge line is one pulse (IrqLine's default).
         line.set_level(true);
         assert_eq!(evt.read().unwrap(), 1);
+    }
+
+    /// What KVM does at the guest's EOI, by hand: it signals the resample eventfd
+    /// (here a write) after lowering the line.
+    fn eoi(line: &LevelIrq, resample: &EventFd) {
+        resample.write(1).unwrap();
+        line.on_resample();
+    }
+
+    #[test]
+    fn a_level_line_is_raised_again_after_an_eoi_only_while_asserted() {
+        let (trigger, resample) = (
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+        );
+        let line =
+            LevelIrq::on_eventfds(trigger.try_clone().unwrap(), resample.try_clone().unwrap());
+        line.set_level(true);
+        assert_eq!(trigger.read().unwrap(), 1, "the rising edge raises");
+        line.set_level(true);
+        assert!(trigger.read().is_err(), "still asserted: no second raise");
+        // EOI while the device still asserts (the guest acked nothing): raised again.
+        eoi(&line, &resample);
+        assert_eq!(trigger.read().unwrap(), 1);
+        // The guest acked, then EOI'd: the line stays down.
+        line.set_level(false);
+        eoi(&line, &resample);
+        assert!(trigger.read().is_err(), "deasserted: not raised at the EOI");
+        // Two EOIs before the I/O thread woke: one read, both counted.
+        resample.write(2).unwrap();
+        line.on_resample();
+        assert_eq!(line.resamples.load(Ordering::Relaxed), 4);
+        assert_eq!(line.raised.load(Ordering::Relaxed), 2);
+        // A spurious wake-up with nothing to read counts nothing.
+        line.on_resample();
+        assert_eq!(line.resamples.load(Ordering::Relaxed), 4);
     }
 }
