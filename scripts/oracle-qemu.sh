@@ -178,7 +178,7 @@ for mode_io in cplus,pio c,mmio; do
         "^net: driver shape linux-irq \(.*, woken by INTx\)\$" \
         '^ping: 3 sent, 3 received' \
         '^rr: 200 transactions in [0-9.]+ s = ' \
-        '^net: intx quiesced: irqs=[1-9][0-9]* spurious=[0-9]+$'
+        '^net: intx quiesced: irqs=[1-9][0-9]* spurious=[0-9]+ idle=[0-9]+$'
 done
 # Failure paths end with a clear line and a non-zero status.
 run "net=rr $base port=$closed_port secs=1 nic=c"

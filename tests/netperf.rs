@@ -525,9 +525,10 @@ fn host_netperf_against_the_interrupt_driven_driver_on_wbvmm_and_qemu() {
         // adds one more kind of resample: unmasking a level entry whose line went
         // up while it was masked (a re-raise racing the quiesce) signals the
         // resampler instead of injecting (ioapic_write_indirect, Linux 6.4+), so
-        // each of the 2 arms (ping, netserver) may add one. Each delivery needs a
-        // raise; raises that found the line still up (a new event before the
-        // EOI) are raised again at that EOI, so raises can only exceed deliveries.
+        // each of the 2 arms (ping, netserver) may add one. Raises (the level's
+        // rising edges) are no bound either way: KVM delivers again at an EOI
+        // while the level stays up, and an edge while the vector is in service
+        // is no delivery of its own.
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&stats).unwrap_or_default())
                 .unwrap_or_else(|e| panic!("final statistics: {e}\n{}", o.show()));
@@ -540,7 +541,7 @@ fn host_netperf_against_the_interrupt_driven_driver_on_wbvmm_and_qemu() {
             v["interrupts"],
             o.show()
         );
-        assert!(raised >= irqs, "{who}: {:#}", v["interrupts"]);
+        assert!(raised > 0, "{who}: {:#}", v["interrupts"]);
 
         // The oracle: the same driver on QEMU's rtl8139, whose INTx reaches the
         // IOAPIC through the PIIX's PIRQ routing (qboot's interrupt line).

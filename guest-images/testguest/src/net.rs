@@ -635,10 +635,11 @@ pub(crate) fn print_nic_stats(nic: &Nic, who: &str) {
     if nic.shape == rtl8139::Shape::LinuxIrq {
         let h = nicirq::shared();
         println!(
-            "{}: nic irqs={} spurious={} irq_events={} napi_polls={}",
+            "{}: nic irqs={} spurious={} idle={} irq_events={} napi_polls={}",
             who,
             h.taken.load(core::sync::atomic::Ordering::Relaxed),
             h.spurious.load(core::sync::atomic::Ordering::Relaxed),
+            h.idle.load(core::sync::atomic::Ordering::Relaxed),
             s.irq_events,
             s.napi_polls
         );

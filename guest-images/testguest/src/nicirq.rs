@@ -65,6 +65,9 @@ pub struct IrqShared {
     pub writes: AtomicU64,
     /// +88: spurious-vector entries.
     pub spurious: AtomicU64,
+    /// +96: interrupts that found IntrStatus 0 (nothing to do: delivered again
+    /// after the work was acked, or shared).
+    pub idle: AtomicU64,
 }
 
 #[no_mangle]
@@ -81,6 +84,7 @@ pub static NIC_IRQ_STATE: IrqShared = IrqShared {
     reads: AtomicU64::new(0),
     writes: AtomicU64::new(0),
     spurious: AtomicU64::new(0),
+    idle: AtomicU64::new(0),
 };
 
 pub fn shared() -> &'static IrqShared {
@@ -112,7 +116,7 @@ nic_irq_entry:
     call nic_irq_r16
     mov %eax, %edi
     test %edi, %edi
-    jz 9f                           # not ours
+    jz 8f                           # nothing pending
     cmp $0xffff, %edi
     je 9f                           # chip gone
     or %rdi, NIC_IRQ_STATE+48
@@ -131,6 +135,9 @@ nic_irq_entry:
     mov $0x3c, %ecx                 # IntrMask = no-RX mask
     call nic_irq_w16
     call nic_irq_r16                # flushing read-back
+    jmp 9f
+8:
+    incq NIC_IRQ_STATE+96
 9:
     mov NIC_IRQ_STATE+16, %rax
     movl $0, (%rax)                 # local APIC EOI
@@ -262,7 +269,7 @@ pub fn arm(bus: Bus, masks: Masks, r: &Route) -> u64 {
     s.rx_bits.store(masks.rx as u64, Ordering::SeqCst);
     s.norx_mask.store(masks.norx as u64, Ordering::SeqCst);
     reset_flags();
-    for c in [&s.taken, &s.reads, &s.writes, &s.spurious] {
+    for c in [&s.taken, &s.reads, &s.writes, &s.spurious, &s.idle] {
         c.store(0, Ordering::SeqCst);
     }
     let redirection = NIC_VECTOR as u32 | (r.active_low as u32) << 13 | (r.level as u32) << 15;
@@ -332,7 +339,7 @@ extern "C" fn arm_at_cpl0(_: u64) -> u64 {
 /// stops asserting), the IOAPIC entry masked (a raise in flight stays
 /// there), then, bounded, until the local APIC holds the vector neither
 /// requested nor in service (one already accepted is taken, at CPL3, first).
-/// Prints `net: intx quiesced: irqs=N spurious=S`.
+/// Prints `net: intx quiesced: irqs=N spurious=S idle=I`.
 pub fn quiesce() {
     let s = shared();
     let a = unsafe { &mut *addr_of_mut!(ARM) };
@@ -359,8 +366,9 @@ pub fn quiesce() {
     }
     a.lapic = 0;
     crate::println!(
-        "net: intx quiesced: irqs={} spurious={}",
+        "net: intx quiesced: irqs={} spurious={} idle={}",
         s.taken.load(Ordering::SeqCst),
-        s.spurious.load(Ordering::SeqCst)
+        s.spurious.load(Ordering::SeqCst),
+        s.idle.load(Ordering::SeqCst)
     );
 }
