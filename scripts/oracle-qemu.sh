@@ -1,7 +1,8 @@
 #!/bin/bash
 # Oracle run: the test guest's RTL8139 driver against QEMU's own rtl8139
 # model (an independent implementation), in C+ and C mode, over port I/O
-# and MMIO: `net=ping` and `net=rr` against a host peer.
+# and MMIO: `net=ping` and `net=rr` against a host peer, polled and (with
+# nicdrv=linux-irq) woken by the NIC's INTx.
 #
 #   scripts/oracle-qemu.sh [--elf PATH] [--secs N] [--verbose]
 #
@@ -162,6 +163,22 @@ for rx in nowrap cbr,nowrap; do
     line=$(grep -E '^rr: [0-9]+ transactions in [0-9.]+ s = [0-9.]+ trans/s$' "$out" | tail -1)
     check "rr nic=c nicrx=$rx" 1 "${line#rr: }" \
         '^rr: 1000 transactions in [0-9.]+ s = ' '^rr: nic .* rx_resets=0 rx_split=[1-9]'
+done
+# The Linux-shaped driver woken by the NIC's real INTx (nicdrv=linux-irq): the
+# route from the firmware's MP table (SeaBIOS: the PCI entry, to the PIIX-routed
+# IRQ) or the PCI interrupt line, the IOAPIC entry, the CPL0 handler; its final
+# interrupt count must be non-zero. Both revisions' drivers, both buses.
+for mode_io in cplus,pio c,mmio; do
+    mode=${mode_io%,*} io=${mode_io#*,}
+    run "net=ping net=rr $base port=$port trans=200 secs=600 nicdrv=linux-irq nic=$mode nicio=$io"
+    line=$(grep -E '^rr: [0-9]+ transactions in [0-9.]+ s = [0-9.]+ trans/s$' "$out" | tail -1)
+    irqs=$(grep -E '^rr: nic irqs=' "$out" | sed 's/^rr: nic //;s/ irq_events.*//')
+    check "ping, rr nicdrv=linux-irq nic=$mode nicio=$io" 1 "${line#rr: } [$irqs]" \
+        '^net: intx INTA -> ioapic 0x[0-9a-f]+ pin [0-9]+ \(level, active (low|high), from the (mp table|pci interrupt line)\) vector 0x30' \
+        "^net: driver shape linux-irq \(.*, woken by INTx\)\$" \
+        '^ping: 3 sent, 3 received' \
+        '^rr: 200 transactions in [0-9.]+ s = ' \
+        '^net: intx quiesced: irqs=[1-9][0-9]* spurious=[0-9]+ idle=[0-9]+$'
 done
 # Failure paths end with a clear line and a non-zero status.
 run "net=rr $base port=$closed_port secs=1 nic=c"

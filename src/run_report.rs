@@ -41,7 +41,10 @@ pub struct RunReport {
 #[serde(default)]
 pub struct InterruptCounts {
     pub serial: u64,
+    /// NIC INTx raises, re-raises after an EOI included.
     pub nic: u64,
+    /// The guest's EOIs of the NIC's line (irqfd resample events).
+    pub nic_resamples: u64,
 }
 
 /// KVM's own statistics, where the host offers them (KVM_GET_STATS_FD). Also the
@@ -141,6 +144,10 @@ impl ReportSources<'_> {
                 nic: self
                     .net
                     .map(|n| n.irq.raised.load(Ordering::Relaxed))
+                    .unwrap_or(0),
+                nic_resamples: self
+                    .net
+                    .map(|n| n.irq.resamples.load(Ordering::Relaxed))
                     .unwrap_or(0),
             },
             memory: all.memory,

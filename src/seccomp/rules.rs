@@ -73,6 +73,7 @@ ioctl_iow_nr!(
     kvm_bindings::kvm_userspace_memory_region2
 );
 ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_bindings::kvm_irqfd);
+ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_bindings::kvm_irq_level);
 ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_bindings::kvm_ioeventfd);
 
 /// One thread kind's rules, by system call number (an empty rule list: any arguments).
@@ -206,6 +207,8 @@ pub fn rules(kind: ThreadKind, pid: u32) -> Result<Rules, BackendError> {
                     KVM_GET_CPUID2(),
                     KVM_SET_SIGNAL_MASK(),
                     KVM_IOEVENTFD(),
+                    // The NIC's level line follows its register writes (src/irq.rs).
+                    KVM_IRQ_LINE(),
                 ],
             )?;
         }
@@ -226,7 +229,8 @@ pub fn rules(kind: ThreadKind, pid: u32) -> Result<Rules, BackendError> {
                 r.insert(nr, vec![]);
             }
             // The C+ doorbell follows BAR moves and C-mode doorbells are re-armed here.
-            add_ioctls(&mut r, &[KVM_IOEVENTFD()])?;
+            // KVM_IRQ_LINE: the NIC's level line follows the frames it receives.
+            add_ioctls(&mut r, &[KVM_IOEVENTFD(), KVM_IRQ_LINE()])?;
         }
         ThreadKind::Main => {
             for nr in [
@@ -288,6 +292,7 @@ mod tests {
         assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
         assert_eq!(KVM_SET_SREGS(), 0x4138_ae84);
         assert_eq!(KVM_IOEVENTFD(), 0x4040_ae79);
+        assert_eq!(KVM_IRQ_LINE(), 0x4008_ae61);
         assert_eq!(KVM_SET_USER_MEMORY_REGION(), 0x4020_ae46);
         assert_eq!(KVM_GET_XSAVE(), 0x9000_aea4);
     }

@@ -123,6 +123,7 @@ pub fn run(info: &BootInfo) -> u32 {
                         net::EXIT_NET_SETUP
                     }
                 };
+                crate::nicirq::quiesce();
                 if status != 0 {
                     io::exit(status);
                 }

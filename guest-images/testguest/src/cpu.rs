@@ -96,6 +96,18 @@ fn gate(handler: u64, dpl: u8, ist: u8) -> [u64; 2] {
     [low, handler >> 32]
 }
 
+/// Installs a DPL 0 interrupt gate for `vector` on the kernel stack (TSS.RSP0:
+/// interrupts arrive at CPL3 only, so that stack is free). At CPL0 only.
+///
+/// # Safety
+/// `handler` must be an interrupt entry that ends in `iretq`.
+pub unsafe fn set_interrupt_gate(vector: u8, handler: u64) {
+    let idt = &mut (*IDT.get()).0;
+    let g = gate(handler, 0, 0);
+    idt[2 * vector as usize] = g[0];
+    idt[2 * vector as usize + 1] = g[1];
+}
+
 #[repr(C, packed)]
 struct DescriptorPtr {
     limit: u16,

@@ -22,6 +22,7 @@ mod memmap;
 mod mptable;
 mod net;
 mod netserver;
+mod nicirq;
 mod paging;
 mod pci;
 mod pvh;

@@ -97,3 +97,70 @@ pub fn probe() -> MpInfo {
     }
     MpInfo::Table { cpus }
 }
+
+/// An MP table I/O interrupt entry (type 3) for a PCI INTx.
+pub struct IntxEntry {
+    /// The destination IOAPIC's address (from its type 2 entry).
+    pub ioapic: u64,
+    pub pin: u8,
+    /// MPS flags: polarity bits 1:0, trigger mode bits 3:2.
+    pub flags: u16,
+}
+
+/// The configuration table's entries as (address, type), walked by length.
+fn entries() -> impl Iterator<Item = (u64, u8)> {
+    let (mut p, end) = match find_floating().map(|fp| read32(fp + 4) as u64) {
+        Some(config) if config != 0 && read32(config) == u32::from_le_bytes(*b"PCMP") => {
+            (config + 44, config + read16(config + 4) as u64)
+        }
+        _ => (0, 0),
+    };
+    core::iter::from_fn(move || {
+        if p >= end {
+            return None;
+        }
+        let (at, kind) = (p, read8(p));
+        p += match kind {
+            0 => 20,
+            1..=4 => 8,
+            _ => return None,
+        };
+        Some((at, kind))
+    })
+}
+
+/// The address of the IOAPIC with MP id `id`.
+fn ioapic_address(id: u8) -> Option<u64> {
+    entries()
+        .find(|&(a, k)| k == 2 && read8(a + 1) == id)
+        .map(|(a, _)| read32(a + 4) as u64)
+}
+
+/// The first IOAPIC's address.
+pub fn first_ioapic() -> Option<u64> {
+    entries()
+        .find(|&(_, k)| k == 2)
+        .map(|(a, _)| read32(a + 4) as u64)
+}
+
+/// Where PCI `bus`/`dev`'s INTx `pin` (1 = INTA) goes: the I/O interrupt entry
+/// (interrupt type INT) whose source is that bus (a "PCI   " bus entry) and
+/// source IRQ `dev << 2 | pin - 1`, as MPS 1.4 D.3 lays out PCI sources.
+pub fn pci_intx(bus: u8, dev: u8, pin: u8) -> Option<IntxEntry> {
+    let is_pci_bus = |id: u8| {
+        entries().any(|(a, k)| {
+            k == 1
+                && read8(a + 1) == id
+                && (0..6).all(|i| read8(a + 2 + i) == b"PCI   "[i as usize])
+        })
+    };
+    let src = dev << 2 | (pin - 1) & 3;
+    let (a, _) = entries().find(|&(a, k)| {
+        k == 3 && read8(a + 1) == 0 && read8(a + 4) == bus && read8(a + 5) == src && is_pci_bus(bus)
+    })?;
+    Some(IntxEntry {
+        ioapic: ioapic_address(read8(a + 6))?,
+        pin: read8(a + 7),
+        flags: read16(a + 2),
+    })
+}

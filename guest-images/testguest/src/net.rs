@@ -7,7 +7,7 @@ use crate::commands::parse_num;
 use crate::io::rdtsc;
 use crate::pci::{self, Bdf};
 use crate::rtl8139::{self, Bus, Mode, Nic};
-use crate::{paging, println, tsc, Global};
+use crate::{nicirq, paging, println, tsc, Global};
 use smoltcp::iface::{Config, Interface, SocketSet, SocketStorage};
 use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::{icmp, tcp};
@@ -57,7 +57,7 @@ pub struct NetArgs {
     pub force_bars: bool,
     /// `nicrx=cbr|nowrap`: C-mode RX variants (`rtl8139::RxOpts`).
     pub rx: rtl8139::RxOpts,
-    /// `nicdrv=lean|linux`: the data path's register sequence (`rtl8139::Shape`).
+    /// `nicdrv=lean|linux|linux-irq`: the data path's register sequence (`rtl8139::Shape`).
     pub shape: rtl8139::Shape,
     /// Set by `soak` per round: BAR0 (I/O) and BAR1 (memory) addresses to
     /// program whatever is there (moving the BARs of a running device).
@@ -156,7 +156,8 @@ impl NetArgs {
                 self.shape = match v {
                     "lean" => rtl8139::Shape::Lean,
                     "linux" => rtl8139::Shape::Linux,
-                    _ => return Err("bad nicdrv (lean, linux)"),
+                    "linux-irq" => rtl8139::Shape::LinuxIrq,
+                    _ => return Err("bad nicdrv (lean, linux, linux-irq)"),
                 }
             }
             "nicrx" => {
@@ -221,11 +222,19 @@ pub fn bring_up(args: &NetArgs) -> Result<Nic, ()> {
         pci::write_bar(bdf, 1, mmio_base);
         bar1.base = mmio_base;
     }
-    // INTx off as well: the driver polls, and on PVM hosts CPL3 runs with
-    // interrupts effectively enabled (IMR = 0 also keeps the chip quiet).
+    // INTx off as well unless the driver takes the interrupt: it polls, and
+    // on PVM hosts CPL3 runs with interrupts effectively enabled (IMR = 0 also
+    // keeps the chip quiet).
+    let takes_irq = args.shape == rtl8139::Shape::LinuxIrq;
     bdf.set_command_bits(
-        pci::CMD_IO | pci::CMD_MEMORY | pci::CMD_BUS_MASTER | pci::CMD_INTX_DISABLE,
+        pci::CMD_IO
+            | pci::CMD_MEMORY
+            | pci::CMD_BUS_MASTER
+            | if takes_irq { 0 } else { pci::CMD_INTX_DISABLE },
     );
+    if takes_irq {
+        bdf.clear_command_bits(pci::CMD_INTX_DISABLE);
+    }
     println!(
         "pci: {:02x}:{:02x}.{} {:04x}:{:04x} rev 0x{:02x} io=0x{:04x} mmio=0x{:08x}",
         bdf.bus, bdf.dev, bdf.func, f.vendor, f.device, f.revision, bar0.base, bar1.base
@@ -257,6 +266,25 @@ pub fn bring_up(args: &NetArgs) -> Result<Nic, ()> {
             Bus::Mmio(bar1.base)
         }
     };
+    if takes_irq {
+        let Some(route) = nicirq::route(bdf) else {
+            println!("net: no INTx route for the NIC (no MP table entry, no PCI interrupt line)");
+            return Err(());
+        };
+        let lapic = nicirq::arm(bus, rtl8139::irq_masks(mode), &route);
+        let pin = (bdf.read32(0x3c) >> 8) & 0xff;
+        println!(
+            "net: intx INT{} -> ioapic 0x{:x} pin {} ({}, {}, from the {}) vector 0x{:x} lapic 0x{:x}",
+            (b'A' + (pin as u8).saturating_sub(1)) as char,
+            route.ioapic,
+            route.pin,
+            if route.level { "level" } else { "edge" },
+            if route.active_low { "active low" } else { "active high" },
+            route.source,
+            nicirq::NIC_VECTOR,
+            lapic
+        );
+    }
     let nic = match Nic::init(bus, mode, args.rx, args.shape) {
         Ok(n) => n,
         Err(e) => {
@@ -278,11 +306,16 @@ pub fn bring_up(args: &NetArgs) -> Result<Nic, ()> {
     );
     if args.shape != rtl8139::Shape::Lean {
         println!(
-            "net: driver shape {} ({}'s register sequence, IntrStatus polled)",
+            "net: driver shape {} ({}'s register sequence, {})",
             args.shape.name(),
             match mode {
                 Mode::C => "8139too",
                 Mode::CPlus => "8139cp",
+            },
+            if takes_irq {
+                "woken by INTx"
+            } else {
+                "IntrStatus polled"
             }
         );
     }
@@ -604,7 +637,18 @@ pub fn ping(args: &NetArgs) -> u32 {
 
 pub(crate) fn print_nic_stats(nic: &Nic, who: &str) {
     let s = &nic.stats;
-    if s.irq_events > 0 {
+    if nic.shape == rtl8139::Shape::LinuxIrq {
+        let h = nicirq::shared();
+        println!(
+            "{}: nic irqs={} spurious={} idle={} irq_events={} napi_polls={}",
+            who,
+            h.taken.load(core::sync::atomic::Ordering::Relaxed),
+            h.spurious.load(core::sync::atomic::Ordering::Relaxed),
+            h.idle.load(core::sync::atomic::Ordering::Relaxed),
+            s.irq_events,
+            s.napi_polls
+        );
+    } else if s.irq_events > 0 {
         println!(
             "{}: nic irq_events={} napi_polls={}",
             who, s.irq_events, s.napi_polls
@@ -615,8 +659,8 @@ pub(crate) fn print_nic_stats(nic: &Nic, who: &str) {
         who,
         s.tx_frames,
         s.rx_frames,
-        nic.regs.reads,
-        nic.regs.writes,
+        nic.reg_reads(),
+        nic.reg_writes(),
         s.rx_cbr_reads,
         s.tx_dropped,
         s.rx_resets,
@@ -686,7 +730,7 @@ pub fn rr(args: &NetArgs) -> u32 {
         tsc::ticks_to_ns(rdtsc() - t_connect) / 1000
     );
 
-    let (reads0, writes0) = (nic.regs.reads, nic.regs.writes);
+    let (reads0, writes0) = (nic.reg_reads(), nic.reg_writes());
     let (tx0, rx0) = (nic.stats.tx_frames, nic.stats.rx_frames);
     let t0 = rdtsc();
     let end = t0 + tsc::ns_to_ticks(args.secs as u64 * 1_000_000_000);
@@ -727,7 +771,7 @@ pub fn rr(args: &NetArgs) -> u32 {
         }
     }
     let ns = tsc::ticks_to_ns(rdtsc() - t0).max(1);
-    let (reads, writes) = (nic.regs.reads - reads0, nic.regs.writes - writes0);
+    let (reads, writes) = (nic.reg_reads() - reads0, nic.reg_writes() - writes0);
     let (txf, rxf) = (nic.stats.tx_frames - tx0, nic.stats.rx_frames - rx0);
 
     // Close politely, bounded (500 ms).

@@ -653,10 +653,10 @@ fn serve_one(srv: &mut Server, test: u32) -> Result<(), &'static str> {
             port
         ),
     }
-    let (reads0, writes0) = (srv.nic.regs.reads, srv.nic.regs.writes);
+    let (reads0, writes0) = (srv.nic.reg_reads(), srv.nic.reg_writes());
     let (tx0, rx0) = (srv.nic.stats.tx_frames, srv.nic.stats.rx_frames);
     let c = srv.run_data(&rq)?;
-    let (reads, writes) = (srv.nic.regs.reads - reads0, srv.nic.regs.writes - writes0);
+    let (reads, writes) = (srv.nic.reg_reads() - reads0, srv.nic.reg_writes() - writes0);
     let (txf, rxf) = (srv.nic.stats.tx_frames - tx0, srv.nic.stats.rx_frames - rx0);
     srv.write_message(&results(&c))?;
     // netperf reads the results, then shuts its side of the control

@@ -51,6 +51,15 @@ impl Bdf {
     }
 }
 
+impl Bdf {
+    /// Clears command bits (read-modify-write, as `set_command_bits`).
+    pub fn clear_command_bits(self, bits: u16) -> u16 {
+        let cmd = (self.read32(0x04) & 0xffff) as u16 & !bits;
+        self.write32(0x04, cmd as u32);
+        cmd
+    }
+}
+
 /// A function found on bus 0.
 #[derive(Clone, Copy, Debug)]
 pub struct Function {

@@ -224,6 +224,12 @@ pub enum Shape {
     /// completion from the descriptors (C+) or each TSD's status (C), and in
     /// C mode the RxBufEmpty check, CAPR and the RX ack per packet.
     Linux,
+    /// The same sequence, woken by the NIC's real INTx interrupt instead of
+    /// polling IntrStatus: the CPL0 handler (`nicirq`) reads IntrStatus, acks
+    /// the non-RX bits, masks RX and schedules the poll; the CPL3 side waits
+    /// for that in memory (no exits), then polls RX as `Linux` does, and
+    /// takes C mode's TX completion from the status the handler recorded.
+    LinuxIrq,
 }
 
 impl Shape {
@@ -231,7 +237,33 @@ impl Shape {
         match self {
             Shape::Lean => "lean",
             Shape::Linux => "linux",
+            Shape::LinuxIrq => "linux-irq",
         }
+    }
+
+    /// Whether the data path is 8139too's / 8139cp's register sequence.
+    pub fn linux_like(self) -> bool {
+        matches!(self, Shape::Linux | Shape::LinuxIrq)
+    }
+}
+
+/// The handler's masks for `mode` (`nicirq::arm`): ack all but the RX bits,
+/// which schedule the poll with IntrMask = the no-RX mask.
+pub fn irq_masks(mode: Mode) -> crate::nicirq::Masks {
+    match mode {
+        // 8139too acks TxErr after its TX interrupt; here TX completion is the
+        // poll's, so the handler acks it with the rest (else it would assert
+        // the line until the poll ran).
+        Mode::C => crate::nicirq::Masks {
+            ack: !RX_ACK_BITS,
+            rx: RX_ACK_BITS,
+            norx: RTL_NORX_INTR,
+        },
+        Mode::CPlus => crate::nicirq::Masks {
+            ack: !CP_RX_INTR,
+            rx: CP_RX_INTR,
+            norx: CP_NORX_INTR,
+        },
     }
 }
 
@@ -312,6 +344,29 @@ pub struct Stats {
     pub napi_polls: u64,
 }
 
+impl Nic {
+    /// Register reads, the interrupt handler's included.
+    pub fn reg_reads(&self) -> u64 {
+        self.regs.reads + self.handler_count(|s| &s.reads)
+    }
+
+    /// Register writes, the interrupt handler's included.
+    pub fn reg_writes(&self) -> u64 {
+        self.regs.writes + self.handler_count(|s| &s.writes)
+    }
+
+    fn handler_count(
+        &self,
+        f: impl Fn(&crate::nicirq::IrqShared) -> &core::sync::atomic::AtomicU64,
+    ) -> u64 {
+        if self.shape == Shape::LinuxIrq {
+            f(crate::nicirq::shared()).load(Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+}
+
 pub struct Nic {
     pub regs: Regs,
     pub mode: Mode,
@@ -334,7 +389,7 @@ pub struct Nic {
     pending: Option<(usize, usize)>,
     rx_cbr_only: bool,
     rcr_c: u32,
-    shape: Shape,
+    pub shape: Shape,
     /// Linux shape: RX is masked and being polled (between napi_schedule and
     /// napi_complete).
     napi: bool,
@@ -511,7 +566,9 @@ impl Nic {
         // IOAPIC pin masked, so IntrStatus is polled instead.
         r.w16(IMR, 0);
         r.w16(ISR, 0xffff);
-        if shape == Shape::Linux {
+        if shape.linux_like() {
+            // The handler's poll flag and events belong to the chip just reset.
+            crate::nicirq::reset_flags();
             r.w16(
                 IMR,
                 match mode {
@@ -530,11 +587,15 @@ impl Nic {
     /// Whether a TX buffer is free now (C mode may read a register).
     pub fn tx_ready(&mut self) -> bool {
         match self.mode {
-            Mode::C if self.shape == Shape::Linux => {
+            Mode::C if self.shape.linux_like() => {
                 let i = self.tx_next;
                 if self.tx_busy & (1 << i) != 0 {
                     // The queue is stopped until the TX interrupt frees one.
-                    self.linux_irq();
+                    if self.shape == Shape::LinuxIrq {
+                        self.take_irq_events();
+                    } else {
+                        self.linux_irq();
+                    }
                 }
                 self.tx_busy & (1 << i) == 0
             }
@@ -677,6 +738,9 @@ impl Nic {
         if self.shape == Shape::Linux {
             return self.linux_rx_peek();
         }
+        if self.shape == Shape::LinuxIrq {
+            return self.irq_rx_peek();
+        }
         match self.mode {
             Mode::C => self.c_rx_peek(),
             Mode::CPlus => self.cp_rx_peek(),
@@ -740,6 +804,37 @@ impl Nic {
         }
     }
 
+    /// Linux-irq shape: what the interrupt handler recorded since last time.
+    /// C mode's TX completion (rtl8139_tx_interrupt) runs here, at CPL3.
+    fn take_irq_events(&mut self) {
+        let shared = crate::nicirq::shared();
+        // Cheap test first: the swap is a locked instruction.
+        if shared.pending.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let status = shared.pending.swap(0, Ordering::AcqRel) as u16;
+        self.stats.irq_events += 1;
+        if self.mode == Mode::C && status & (INT_TOK | INT_TER) != 0 {
+            self.c_tx_interrupt();
+        }
+    }
+
+    /// Linux-irq shape: a poll starts when the handler has scheduled one (a
+    /// flag in memory: waiting costs no exit), then runs as `Linux`'s.
+    fn irq_rx_peek(&mut self) -> bool {
+        self.take_irq_events();
+        if !self.napi {
+            if crate::nicirq::shared().napi.load(Ordering::Acquire) == 0 {
+                return false;
+            }
+            self.napi = true;
+            // cp_rx_poll acks RX at its start (C+; C acks per packet).
+            self.napi_ack = true;
+            self.stats.napi_polls += 1;
+        }
+        self.napi_poll()
+    }
+
     /// Linux shape: the "interrupt" when not polling, then the NAPI-like
     /// poll: a frame if there is one, else napi_complete (unmask).
     fn linux_rx_peek(&mut self) -> bool {
@@ -750,6 +845,12 @@ impl Nic {
             }
             self.stats.napi_polls += 1;
         }
+        self.napi_poll()
+    }
+
+    /// The NAPI-like poll's step: a frame if there is one, else
+    /// napi_complete and the unmask.
+    fn napi_poll(&mut self) -> bool {
         let found = match self.mode {
             Mode::CPlus => {
                 if self.napi_ack {
@@ -773,6 +874,11 @@ impl Nic {
             }
         };
         if !found {
+            if self.shape == Shape::LinuxIrq {
+                // napi_complete before the unmask, as the drivers: an RX
+                // interrupt from the unmask on schedules the next poll.
+                crate::nicirq::shared().napi.store(0, Ordering::Release);
+            }
             self.regs.w16(
                 IMR,
                 match self.mode {
@@ -953,7 +1059,7 @@ impl Nic {
                 compiler_fence(Ordering::SeqCst);
                 self.rx_off = (pos + rec) % RX_RING;
                 self.rx_unreported += rec;
-                if self.shape == Shape::Linux {
+                if self.shape.linux_like() {
                     // rtl8139_rx per packet: RxBufPtr, then rtl8139_isr_ack.
                     self.rx_unreported = 0;
                     self.regs.w16(CAPR, (self.rx_off as u16).wrapping_sub(16));
