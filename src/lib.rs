@@ -20,6 +20,7 @@ pub mod probe;
 pub mod run_report;
 pub mod seccomp;
 pub mod stats;
+pub mod symbols;
 pub mod terminal;
 pub mod vcpu;
 pub mod vcpu_kick;

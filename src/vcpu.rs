@@ -202,6 +202,16 @@ pub struct VcpuStats {
     pub by_device: DeviceExitCounts,
     pub memory: MemoryStats,
     pub emulated: EmulationStats,
+    /// Where the vCPU was when it answered (one per vCPU once merged).
+    pub positions: Vec<VcpuPosition>,
+}
+
+/// A vCPU's place in guest code at a snapshot or at its end.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VcpuPosition {
+    pub id: u32,
+    pub rip: u64,
+    pub cpl: u8,
 }
 
 impl VcpuStats {
@@ -220,6 +230,7 @@ impl VcpuStats {
         self.latency.merge(&o.latency);
         self.by_device.merge(&o.by_device);
         self.memory.merge(&o.memory);
+        self.positions.extend_from_slice(&o.positions);
     }
 }
 
@@ -272,9 +283,9 @@ pub fn run_loop(vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
             ctx.exit.finish(outcome);
         }
         ctx.mailbox
-            .answer(ctx.id, &mut answered, || exits.snapshot());
+            .answer(ctx.id, &mut answered, || exits.snapshot(&vcpu));
     }
-    exits.into_stats()
+    exits.into_stats(&vcpu)
 }
 
 #[cfg(test)]

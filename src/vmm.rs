@@ -143,6 +143,8 @@ pub struct Vmm {
     serial_irq: Arc<IrqFdLine>,
     /// KVM's binary statistics for the VM and each vCPU, where the host has them.
     kvm_stats: KvmStatsReaders,
+    /// The kernel ELF's function symbols, for reports of where vCPUs are.
+    symbols: crate::symbols::KernelSymbols,
     /// Last: the host memory must outlive the registry and the VM fd.
     pub ram: GuestRam,
 }
@@ -227,6 +229,7 @@ impl Vmm {
             coalesced,
             serial_irq: com1.irq,
             kvm_stats,
+            symbols: crate::symbols::KernelSymbols::new(&config.kernel),
             ram,
         })
     }

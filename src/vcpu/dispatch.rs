@@ -18,7 +18,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use wbvmm_devices::{Bus, DeviceId};
 
 use super::device_exits::{BusKind, DeviceKey};
-use super::{replay_coalesced, VcpuContext, VcpuStats, VmOutcome};
+use super::{replay_coalesced, VcpuContext, VcpuPosition, VcpuStats, VmOutcome};
 use crate::coalesced::CoalescedRing;
 use crate::emulate::kvm::VcpuEmulator;
 use crate::emulate::EmulationStats;
@@ -243,17 +243,27 @@ impl ExitHandler {
         action
     }
 
-    /// What this vCPU measured so far (for a SIGUSR1 snapshot).
-    pub fn snapshot(&self) -> VcpuStats {
+    /// What this vCPU measured so far, and where `vcpu` is (for a SIGUSR1 snapshot).
+    pub fn snapshot(&self, vcpu: &impl Vcpu) -> VcpuStats {
         let mut copy = self.stats.clone();
         copy.memory = self.router.stats();
+        copy.positions = vec![self.position(vcpu)];
         copy
     }
 
-    /// What this vCPU measured, when it stops.
-    pub fn into_stats(mut self) -> VcpuStats {
+    /// What this vCPU measured, and where it stopped.
+    pub fn into_stats(mut self, vcpu: &impl Vcpu) -> VcpuStats {
         self.stats.memory = self.router.stats();
+        self.stats.positions = vec![self.position(vcpu)];
         self.stats
+    }
+
+    fn position(&self, vcpu: &impl Vcpu) -> VcpuPosition {
+        VcpuPosition {
+            id: self.id,
+            rip: vcpu.rip(),
+            cpl: vcpu.cpl(),
+        }
     }
 
     #[inline]
