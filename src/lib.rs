@@ -7,6 +7,7 @@ pub mod cpuid;
 pub mod emulate;
 pub mod exit;
 pub mod exit_kind;
+pub mod gdb;
 pub mod io_thread;
 pub mod irq;
 pub mod kvm;

@@ -189,11 +189,12 @@ fn world(coalesced: Option<Arc<CoalescedRing>>) -> World {
         exit: Arc::new(ExitState::default()),
         memory,
         mmio_cache: true,
+        debug: None,
     };
     World {
         uart,
         nic,
-        handler: ExitHandler::new(&ctx),
+        handler: ExitHandler::new(&ctx, None),
     }
 }
 
