@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use object::{Object, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSection, ObjectSymbol, SectionKind, SymbolKind};
 
 /// One function: where it starts, how long it is (0 when the ELF does not say), its
 /// demangled name.
@@ -31,7 +31,7 @@ impl SymbolTable {
         };
         let mut sorted: Vec<Symbol> = file
             .symbols()
-            .filter(|s| s.kind() == SymbolKind::Text && s.address() != 0)
+            .filter(|s| s.address() != 0 && is_code(&file, s))
             .filter_map(|s| {
                 let name = s.name().ok()?;
                 // `{:#}` leaves out the hash suffix of Rust's legacy mangling.
@@ -77,6 +77,19 @@ impl SymbolTable {
     /// The address of the function called `name` (demangled, without hash).
     pub fn address_of(&self, name: &str) -> Option<u64> {
         self.sorted.iter().find(|s| s.name == name).map(|s| s.addr)
+    }
+}
+
+/// Functions, and the untyped labels of assembly code (`_start32`,
+/// `entry_SYSCALL_64`'s neighbours) in executable sections.
+fn is_code(file: &object::File, s: &object::Symbol) -> bool {
+    match s.kind() {
+        SymbolKind::Text => true,
+        SymbolKind::Unknown | SymbolKind::Label => s
+            .section_index()
+            .and_then(|i| file.section_by_index(i).ok())
+            .is_some_and(|sec| sec.kind() == SectionKind::Text),
+        _ => false,
     }
 }
 
