@@ -144,6 +144,7 @@ fn main() {
         net: Some(net),
         cpu_affinity: Default::default(),
         io_affinity: None,
+        gdb: None,
     };
     if let Err(e) = block_vm_signals() {
         eprintln!("soak-vm: cannot block SIGINT/SIGTERM/SIGUSR1 for the VM's signalfd: {e}");

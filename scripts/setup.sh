@@ -45,6 +45,7 @@ APT_PACKAGES=(
     busybox-static cpio xz-utils zstd file python3 kmod
     linux-source-6.1 bc bison flex libelf-dev lz4
     procps util-linux python3-matplotlib
+    gdb
 )
 
 START=$(date +%s)

@@ -92,6 +92,11 @@ struct Cli {
     #[arg(long, value_name = "LIST", value_parser = parse_cpu_list)]
     io_affinity: Option<wbvmm::affinity::CpuList>,
 
+    /// Serve a GDB remote stub on this Unix socket path; the guest waits for the
+    /// debugger before its first instruction (gdb: target remote PATH).
+    #[arg(long, value_name = "SOCKET")]
+    gdb: Option<PathBuf>,
+
     /// Write statistics as JSON when the VM ends: to PATH, or to stderr without one.
     #[arg(long, value_name = "PATH", num_args = 0..=1, require_equals = true)]
     stats: Option<Option<PathBuf>>,
@@ -234,6 +239,7 @@ fn main() -> ExitCode {
                 net: cli.net,
                 cpu_affinity: cli.cpu_affinity.unwrap_or_default(),
                 io_affinity: cli.io_affinity,
+                gdb: cli.gdb,
             };
             // A --stats file that cannot be written fails now, not after the guest ran.
             if let Some(Some(path)) = &cli.stats {

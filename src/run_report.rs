@@ -10,6 +10,7 @@ use crate::irq::IrqFdLine;
 use crate::kvm_stats::{KvmStats, KvmStatsReader};
 use crate::memory::{MemoryStats, SlotRegistry};
 use crate::net::{NetDevice, NetStats};
+use crate::symbols::KernelSymbols;
 use crate::vcpu::{DeviceKey, ExitCounters, VcpuStats, VmOutcome};
 
 /// When the process started (set first thing in `main`), for setup timing.
@@ -29,6 +30,8 @@ pub struct RunReport {
     pub kvm: Option<KvmReport>,
     pub net: Option<NetStats>,
     pub vcpu_tids: Vec<i32>,
+    /// Where each vCPU was, by id.
+    pub vcpus: Vec<VcpuAt>,
     pub io_tid: i32,
     /// Process start to the vCPU threads' start (just before the first KVM_RUN).
     pub setup_time: std::time::Duration,
@@ -45,6 +48,19 @@ pub struct InterruptCounts {
     pub nic: u64,
     /// The guest's EOIs of the NIC's line (irqfd resample events).
     pub nic_resamples: u64,
+}
+
+/// Where one vCPU was in guest code. Also the `--stats` schema's `vcpus` entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct VcpuAt {
+    pub id: u32,
+    pub rip: u64,
+    /// The privilege level (CS.RPL): 0 kernel, 3 user.
+    pub cpl: u8,
+    /// `function+0xoffset` from the kernel ELF's symbol table, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub symbol: Option<String>,
 }
 
 /// KVM's own statistics, where the host offers them (KVM_GET_STATS_FD). Also the
@@ -100,6 +116,7 @@ pub(crate) struct ReportSources<'a> {
     pub tids: &'a [i32],
     pub setup_time: std::time::Duration,
     pub ram: &'a GuestMemoryMmap,
+    pub symbols: &'a KernelSymbols,
 }
 
 impl ReportSources<'_> {
@@ -119,6 +136,17 @@ impl ReportSources<'_> {
         if let Some(n) = self.net {
             all.memory.lookups.dma.merge(&n.dma.stats());
         }
+        let mut vcpus: Vec<VcpuAt> = all
+            .positions
+            .iter()
+            .map(|p| VcpuAt {
+                id: p.id,
+                rip: p.rip,
+                cpl: p.cpl,
+                symbol: self.symbols.table().describe(p.rip),
+            })
+            .collect();
+        vcpus.sort_by_key(|v| v.id);
         let mut exits_by_device: Vec<(DeviceKey, u64)> = all.by_device.into_iter().collect();
         exits_by_device.sort_by_key(|e| std::cmp::Reverse(e.1));
         let kvm = self.kvm_stats.map(|(vm, vcpus)| {
@@ -153,6 +181,7 @@ impl ReportSources<'_> {
             memory: all.memory,
             kvm,
             vcpu_tids: self.tids.to_vec(),
+            vcpus,
             io_tid,
             net: self.net.map(|n| n.stats()),
             setup_time: self.setup_time,

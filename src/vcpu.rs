@@ -17,6 +17,7 @@ use self::dispatch::{Action, ExitHandler, KvmVcpu};
 use crate::coalesced::CoalescedRing;
 use crate::emulate::EmulationStats;
 pub use crate::exit_kind::ExitCounters;
+use crate::gdb::port::StopCause;
 use crate::latency::ExitLatencies;
 use crate::memory::{MemoryStats, SlotRegistry};
 
@@ -192,6 +193,8 @@ pub struct VcpuContext {
     pub exit: Arc<ExitState>,
     pub memory: Arc<SlotRegistry>,
     pub mmio_cache: bool,
+    /// This vCPU's end of the GDB stub (`--gdb`).
+    pub debug: Option<crate::gdb::port::VcpuPort>,
 }
 
 /// Everything one vCPU measured; merged across vCPUs for `--stats`.
@@ -202,6 +205,16 @@ pub struct VcpuStats {
     pub by_device: DeviceExitCounts,
     pub memory: MemoryStats,
     pub emulated: EmulationStats,
+    /// Where the vCPU was when it answered (one per vCPU once merged).
+    pub positions: Vec<VcpuPosition>,
+}
+
+/// A vCPU's place in guest code at a snapshot or at its end.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VcpuPosition {
+    pub id: u32,
+    pub rip: u64,
+    pub cpl: u8,
 }
 
 impl VcpuStats {
@@ -220,6 +233,7 @@ impl VcpuStats {
         self.latency.merge(&o.latency);
         self.by_device.merge(&o.by_device);
         self.memory.merge(&o.memory);
+        self.positions.extend_from_slice(&o.positions);
     }
 }
 
@@ -259,22 +273,42 @@ pub fn replay_coalesced(ring: &CoalescedRing, pio: &Bus, mmio: &Bus) -> usize {
 }
 
 /// Run the vCPU until the VM stops. Returns what it measured.
-pub fn run_loop(vcpu: VcpuFd, ctx: VcpuContext) -> VcpuStats {
+pub fn run_loop(vcpu: VcpuFd, mut ctx: VcpuContext) -> VcpuStats {
     let mut vcpu = KvmVcpu::new(vcpu);
     // A kick (crate::vcpu_kick) sets immediate_exit; the dispatch clears it after the
     // EINTR. Declared after `vcpu`, so dropped before it: a late kick never writes to
     // an unmapped kvm_run page.
     let _kick = crate::vcpu_kick::arm(vcpu.fd_mut());
-    let mut exits = ExitHandler::new(&ctx);
+    // With --gdb only; it starts paused, so the guest waits for the debugger.
+    let mut debug = ctx.debug.take();
+    if let Some(d) = debug.as_mut() {
+        d.attach();
+    }
+    let mut exits = ExitHandler::new(&ctx, debug.as_ref().map(|d| d.shared()));
     let mut answered = 0u64;
     while !ctx.exit.stopping() {
-        if let Action::Stop(outcome) = exits.step(&mut vcpu) {
-            ctx.exit.finish(outcome);
+        let stopped = match debug.as_ref() {
+            Some(d) if d.pause_wanted() => Some(StopCause::Paused),
+            _ => None,
+        };
+        let stopped = stopped.or_else(|| match exits.step(&mut vcpu) {
+            Action::Resume => None,
+            Action::Stop(outcome) => {
+                ctx.exit.finish(outcome);
+                None
+            }
+            Action::Debug(cause) => Some(cause),
+        });
+        if let (Some(cause), Some(d)) = (stopped, debug.as_mut()) {
+            let (mailbox, id) = (&ctx.mailbox, ctx.id);
+            let answer = || mailbox.answer(id, &mut answered, || exits.snapshot(&vcpu));
+            d.park(cause, vcpu.fd(), &ctx.memory, &ctx.exit, answer);
+            continue;
         }
         ctx.mailbox
-            .answer(ctx.id, &mut answered, || exits.snapshot());
+            .answer(ctx.id, &mut answered, || exits.snapshot(&vcpu));
     }
-    exits.into_stats()
+    exits.into_stats(&vcpu)
 }
 
 #[cfg(test)]

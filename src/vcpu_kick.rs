@@ -70,6 +70,14 @@ pub fn kick<T>(thread: &JoinHandle<T>) {
     }
 }
 
+/// Kick the thread `thread`, once: for a caller that keeps the thread's id, not its
+/// handle, and knows (under its own lock) that the thread has not ended yet.
+pub fn kick_pthread(thread: libc::pthread_t) {
+    // SAFETY: the caller guarantees `thread` is a live thread of this process; the
+    // handler only sets immediate_exit.
+    unsafe { libc::pthread_kill(thread, SIGRTMIN()) };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -86,6 +86,8 @@ pub enum VmmError {
         #[source]
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Gdb(#[from] crate::gdb::GdbError),
     #[error("cannot place a device on the I/O or MMIO bus")]
     Bus(#[from] wbvmm_devices::BusError),
 }
@@ -116,6 +118,8 @@ pub struct VmConfig {
     pub cpu_affinity: VcpuAffinity,
     /// `--io-affinity`: the `wbvmm-io` thread's host CPUs.
     pub io_affinity: Option<CpuList>,
+    /// `--gdb SOCKET`: a GDB remote stub; the guest waits for the debugger.
+    pub gdb: Option<PathBuf>,
 }
 
 /// A built VM, ready to run.
@@ -143,6 +147,10 @@ pub struct Vmm {
     serial_irq: Arc<IrqFdLine>,
     /// KVM's binary statistics for the VM and each vCPU, where the host has them.
     kvm_stats: KvmStatsReaders,
+    /// The kernel ELF's function symbols, for reports of where vCPUs are.
+    symbols: crate::symbols::KernelSymbols,
+    /// The GDB stub, bound, until `start` runs it.
+    gdb: Option<crate::gdb::GdbServer>,
     /// Last: the host memory must outlive the registry and the VM fd.
     pub ram: GuestRam,
 }
@@ -201,6 +209,11 @@ impl Vmm {
             );
         }
         let (vcpus, kvm_stats) = create_vcpus(&kvm, &vm, config, &ram, &boot)?;
+        // Bound here, on the main thread before any system call filter.
+        let gdb = match &config.gdb {
+            Some(path) => Some(crate::gdb::GdbServer::bind(path, config.cpus)?),
+            None => None,
+        };
         let coalesced = vcpus
             .first()
             .and_then(|v0| legacy::coalesce_com1_output(&kvm, &vm, v0));
@@ -227,6 +240,8 @@ impl Vmm {
             coalesced,
             serial_irq: com1.irq,
             kvm_stats,
+            symbols: crate::symbols::KernelSymbols::new(&config.kernel),
+            gdb,
             ram,
         })
     }
@@ -259,8 +274,10 @@ impl Vmm {
         let setup_time = PROCESS_START.get().map(|t| t.elapsed()).unwrap_or_default();
         let mut threads = Vec::new();
         let mut tids = Vec::new();
+        let mut gdb = self.gdb.take();
         for (id, vcpu) in std::mem::take(&mut self.vcpus).into_iter().enumerate() {
-            let (thread, tid) = self.spawn_vcpu(id as u32, vcpu, wake_tx.clone())?;
+            let debug = gdb.as_mut().and_then(|g| g.take_port(id as u32));
+            let (thread, tid) = self.spawn_vcpu(id as u32, vcpu, debug, wake_tx.clone())?;
             threads.push(thread);
             tids.push(tid);
         }
@@ -270,6 +287,9 @@ impl Vmm {
             .map(|(i, t)| format!("vcpu{i}={t}"))
             .collect();
         eprintln!("wbvmm: threads {} wbvmm-io={}", names.join(" "), io.tid);
+        if let Some(g) = gdb {
+            g.spawn(self.exit.clone())?;
+        }
         // The vCPU threads wait for this filter before their first KVM_RUN.
         crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
         Ok(RunningVm {
@@ -288,6 +308,7 @@ impl Vmm {
         &self,
         id: u32,
         vcpu: VcpuFd,
+        debug: Option<crate::gdb::port::VcpuPort>,
         wake: Sender<Wake>,
     ) -> Result<(JoinHandle<VcpuStats>, i32), VmmError> {
         let ctx = VcpuContext {
@@ -299,6 +320,7 @@ impl Vmm {
             exit: self.exit.clone(),
             memory: self.memory.clone(),
             mmio_cache: self.mmio_cache,
+            debug,
         };
         let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let pin = self.cpu_affinity.0.get(&id).cloned();

@@ -190,6 +190,7 @@ fn run(tx: &str, net_id: u8) {
         net: Some(net),
         cpu_affinity: Default::default(),
         io_affinity: None,
+        gdb: None,
     };
     let running = Vmm::new(&cfg).expect("build VM").start().expect("start VM");
     let reg = running.vmm.memory.clone();

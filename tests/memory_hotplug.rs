@@ -50,6 +50,7 @@ fn run(index: SlotIndexKind, mmio_cache: bool) {
         net: None,
         cpu_affinity: Default::default(),
         io_affinity: None,
+        gdb: None,
     };
     // Under wbvmm's filters (as `wbvmm` runs): the slot changes below are made by this
     // thread, the VM's main thread, under the main thread's filter.

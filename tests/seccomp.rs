@@ -55,6 +55,7 @@ fn child(spec: &str) -> ! {
         net: None,
         cpu_affinity: Default::default(),
         io_affinity: None,
+        gdb: None,
     };
     let report = vmm::run(&cfg, &|_| {}).expect("run the VM");
     let code = report.outcome.map(|o| o.exit_code()).unwrap_or(1);

@@ -73,6 +73,8 @@ pub enum ThreadKind {
     Vcpu,
     /// The `wbvmm-io` thread: console input, tap RX, doorbells, timers.
     Io,
+    /// The `wbvmm-gdb` thread (`--gdb`): the debugger's socket.
+    Gdb,
 }
 
 impl fmt::Display for ThreadKind {
@@ -81,6 +83,7 @@ impl fmt::Display for ThreadKind {
             ThreadKind::Main => "main",
             ThreadKind::Vcpu => "vCPU",
             ThreadKind::Io => "I/O",
+            ThreadKind::Gdb => "GDB stub",
         })
     }
 }
@@ -166,6 +169,7 @@ struct Armed {
     main: BpfProgram,
     vcpu: BpfProgram,
     io: BpfProgram,
+    gdb: BpfProgram,
 }
 
 static ARMED: OnceLock<Armed> = OnceLock::new();
@@ -207,6 +211,7 @@ pub fn configure(mode: SeccompMode) -> Result<(), SeccompError> {
         main: filter(ThreadKind::Main, mode)?.unwrap_or_default(),
         vcpu: filter(ThreadKind::Vcpu, mode)?.unwrap_or_default(),
         io: filter(ThreadKind::Io, mode)?.unwrap_or_default(),
+        gdb: filter(ThreadKind::Gdb, mode)?.unwrap_or_default(),
     };
     match mode {
         SeccompMode::Kill => install_sigsys_handler()?,
@@ -234,6 +239,7 @@ pub fn enter(kind: ThreadKind) {
         ThreadKind::Main => &armed.main,
         ThreadKind::Vcpu => &armed.vcpu,
         ThreadKind::Io => &armed.io,
+        ThreadKind::Gdb => &armed.gdb,
     };
     // A thread that starts a second VM (tests do) keeps the filter it has: installing
     // another would take calls (`seccomp`, `prctl`) that the first forbids.
@@ -256,7 +262,7 @@ pub fn enter(kind: ThreadKind) {
                 is_open = cv.wait(is_open).unwrap_or_else(|e| e.into_inner());
             }
         }
-        ThreadKind::Io => {}
+        ThreadKind::Io | ThreadKind::Gdb => {}
     }
     drop(is_open);
     #[cfg(feature = "test-hooks")]
@@ -411,6 +417,7 @@ pub mod test_hooks {
             ThreadKind::Main => 1,
             ThreadKind::Vcpu => 2,
             ThreadKind::Io => 3,
+            ThreadKind::Gdb => 4,
         }
     }
 
@@ -464,7 +471,12 @@ mod tests {
 
     #[test]
     fn sockets_of_any_family_are_denied_on_every_thread() {
-        for kind in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Io] {
+        for kind in [
+            ThreadKind::Main,
+            ThreadKind::Vcpu,
+            ThreadKind::Io,
+            ThreadKind::Gdb,
+        ] {
             let errs = under_filter(kind, || {
                 [
                     libc::AF_INET,
@@ -480,7 +492,12 @@ mod tests {
 
     #[test]
     fn executable_mappings_are_denied_and_plain_ones_allowed() {
-        for kind in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Io] {
+        for kind in [
+            ThreadKind::Main,
+            ThreadKind::Vcpu,
+            ThreadKind::Io,
+            ThreadKind::Gdb,
+        ] {
             let (rw, rwx, mprotect_x) = under_filter(kind, || unsafe {
                 let map = |prot| {
                     libc::mmap(

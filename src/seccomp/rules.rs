@@ -74,6 +74,12 @@ ioctl_iow_nr!(
 );
 ioctl_iow_nr!(KVM_IRQFD, KVMIO, 0x76, kvm_bindings::kvm_irqfd);
 ioctl_iow_nr!(KVM_IRQ_LINE, KVMIO, 0x61, kvm_bindings::kvm_irq_level);
+ioctl_iow_nr!(
+    KVM_SET_GUEST_DEBUG,
+    KVMIO,
+    0x9b,
+    kvm_bindings::kvm_guest_debug
+);
 ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_bindings::kvm_ioeventfd);
 
 /// One thread kind's rules, by system call number (an empty rule list: any arguments).
@@ -209,6 +215,8 @@ pub fn rules(kind: ThreadKind, pid: u32) -> Result<Rules, BackendError> {
                     KVM_IOEVENTFD(),
                     // The NIC's level line follows its register writes (src/irq.rs).
                     KVM_IRQ_LINE(),
+                    // --gdb: int3 and single-step exits, set by the vCPU itself.
+                    KVM_SET_GUEST_DEBUG(),
                 ],
             )?;
         }
@@ -231,6 +239,21 @@ pub fn rules(kind: ThreadKind, pid: u32) -> Result<Rules, BackendError> {
             // The C+ doorbell follows BAR moves and C-mode doorbells are re-armed here.
             // KVM_IRQ_LINE: the NIC's level line follows the frames it receives.
             add_ioctls(&mut r, &[KVM_IOEVENTFD(), KVM_IRQ_LINE()])?;
+        }
+        ThreadKind::Gdb => {
+            // The debugger's connection on the socket bound before the filters (one
+            // at a time, accepted again after a detach); the vCPUs' stop events
+            // through an eventfd (`read`); KVM is only touched by the vCPU threads.
+            // std reads and writes sockets with recvfrom/sendto.
+            for nr in [
+                libc::SYS_accept4,
+                libc::SYS_poll,
+                libc::SYS_ppoll,
+                libc::SYS_recvfrom,
+                libc::SYS_sendto,
+            ] {
+                r.insert(nr, vec![]);
+            }
         }
         ThreadKind::Main => {
             for nr in [
@@ -299,7 +322,12 @@ mod tests {
 
     #[test]
     fn no_thread_may_create_sockets_exec_or_fork() {
-        for kind in [ThreadKind::Main, ThreadKind::Vcpu, ThreadKind::Io] {
+        for kind in [
+            ThreadKind::Main,
+            ThreadKind::Vcpu,
+            ThreadKind::Io,
+            ThreadKind::Gdb,
+        ] {
             let r = rules(kind, 1).unwrap();
             for nr in [
                 libc::SYS_socket,

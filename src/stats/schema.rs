@@ -24,6 +24,8 @@ pub struct VmStats {
     /// wbvmm's resident memory beyond the resident guest RAM.
     pub rss_overhead_bytes: u64,
     pub threads: Threads,
+    /// Where each vCPU was (RIP, CPL, kernel symbol), by id.
+    pub vcpus: Vec<Vcpu>,
     pub exits: ExitCounters,
     /// wbvmm's handling time per exit kind (KVM_RUN return to the next KVM_RUN), for
     /// the kinds with samples.
@@ -64,6 +66,7 @@ pub struct DeviceExits {
 // The VMM's own report types are the schema's too (they derive Deserialize):
 // one description of each section.
 pub use crate::net::NetStats as Net;
+pub use crate::run_report::VcpuAt as Vcpu;
 pub use crate::vmm::{InterruptCounts as Interrupts, KvmReport as Kvm};
 
 impl VmStats {
@@ -81,6 +84,7 @@ impl VmStats {
                 vcpu: r.vcpu_tids.clone(),
                 io: r.io_tid,
             },
+            vcpus: r.vcpus.clone(),
             exits: r.exits.clone(),
             exit_latency: r.exit_latency.summary(),
             // Device names are looked up here, once per report, not per exit.

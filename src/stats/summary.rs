@@ -18,6 +18,7 @@ const TOP_DEVICES: usize = 10;
 pub fn render(s: &VmStats) -> String {
     let mut out = String::new();
     run_section(s, &mut out);
+    vcpus_section(s, &mut out);
     exits_section(s, &mut out);
     devices_section(&s.exits_by_device, &mut out);
     emulated_section(s, &mut out);
@@ -64,6 +65,24 @@ fn run_section(s: &VmStats, out: &mut String) {
         kv("I/O thread", s.threads.io.to_string()),
     ];
     table(&rows, &[false, false], Default::default(), out);
+}
+
+/// Where each vCPU was: RIP, CPL and the kernel function.
+fn vcpus_section(s: &VmStats, out: &mut String) {
+    if s.vcpus.is_empty() {
+        return;
+    }
+    section("vCPUs", out);
+    let mut rows = vec![cells(&["vCPU", "RIP", "CPL", "symbol"])];
+    for v in &s.vcpus {
+        rows.push(vec![
+            v.id.to_string(),
+            format!("{:#x}", v.rip),
+            v.cpl.to_string(),
+            v.symbol.clone().unwrap_or_else(|| "-".into()),
+        ]);
+    }
+    table(&rows, &[false, false, true, false], HEADER, out);
 }
 
 /// One row per exit kind of the table, with its handling time where it is timed.

@@ -18,11 +18,12 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use wbvmm_devices::{Bus, DeviceId};
 
 use super::device_exits::{BusKind, DeviceKey};
-use super::{replay_coalesced, VcpuContext, VcpuStats, VmOutcome};
+use super::{replay_coalesced, VcpuContext, VcpuPosition, VcpuStats, VmOutcome};
 use crate::coalesced::CoalescedRing;
 use crate::emulate::kvm::VcpuEmulator;
 use crate::emulate::EmulationStats;
 use crate::exit_kind::ExitKind;
+use crate::gdb::port::{Shared as DebugShared, StopCause};
 use crate::memory::{fill_open_bus, MmioRoute, MmioRouter, SlotRegistry};
 
 /// What the vCPU thread does after an exit.
@@ -32,6 +33,8 @@ pub enum Action {
     Resume,
     /// The VM ends (the first end reported wins, see `ExitState::finish`).
     Stop(VmOutcome),
+    /// Stopped for the debugger (`--gdb`): a breakpoint it placed, or a single step.
+    Debug(StopCause),
 }
 
 /// What KVM reported with `KVM_EXIT_INTERNAL_ERROR`.
@@ -81,6 +84,11 @@ impl KvmVcpu {
     /// The vCPU's fd, for arming the kick (`crate::vcpu_kick::arm`).
     pub fn fd_mut(&mut self) -> &mut VcpuFd {
         &mut self.fd
+    }
+
+    /// The vCPU's fd, for the debugger's requests while it is parked.
+    pub fn fd(&self) -> &VcpuFd {
+        &self.fd
     }
 }
 
@@ -155,10 +163,12 @@ pub struct ExitHandler {
     /// The id port I/O to no device is counted under.
     unclaimed: DeviceId,
     stats: VcpuStats,
+    /// The GDB stub's breakpoints (`--gdb` only).
+    debugger: Option<Arc<DebugShared>>,
 }
 
 impl ExitHandler {
-    pub fn new(ctx: &VcpuContext) -> Self {
+    pub fn new(ctx: &VcpuContext, debugger: Option<Arc<DebugShared>>) -> Self {
         Self {
             id: ctx.id,
             pio: ctx.pio.clone(),
@@ -168,6 +178,7 @@ impl ExitHandler {
             router: MmioRouter::new(ctx.mmio_cache),
             unclaimed: DeviceId::for_name("unclaimed"),
             stats: VcpuStats::new(),
+            debugger,
         }
     }
 
@@ -214,6 +225,8 @@ impl ExitHandler {
                 (Some(ExitKind::InternalError), self.internal_error(vcpu))
             }
             Ok(VcpuExit::Intr) => (Some(ExitKind::Interrupted), Action::Resume),
+            // Only with --gdb (KVM_SET_GUEST_DEBUG): not an exit the guest makes.
+            Ok(VcpuExit::Debug(arch)) => (None, self.debug_exit(vcpu, arch.exception)),
             Ok(other) => {
                 let what = format!("unhandled exit {other:?}");
                 (
@@ -243,17 +256,27 @@ impl ExitHandler {
         action
     }
 
-    /// What this vCPU measured so far (for a SIGUSR1 snapshot).
-    pub fn snapshot(&self) -> VcpuStats {
+    /// What this vCPU measured so far, and where `vcpu` is (for a SIGUSR1 snapshot).
+    pub fn snapshot(&self, vcpu: &impl Vcpu) -> VcpuStats {
         let mut copy = self.stats.clone();
         copy.memory = self.router.stats();
+        copy.positions = vec![self.position(vcpu)];
         copy
     }
 
-    /// What this vCPU measured, when it stops.
-    pub fn into_stats(mut self) -> VcpuStats {
+    /// What this vCPU measured, and where it stopped.
+    pub fn into_stats(mut self, vcpu: &impl Vcpu) -> VcpuStats {
         self.stats.memory = self.router.stats();
+        self.stats.positions = vec![self.position(vcpu)];
         self.stats
+    }
+
+    fn position(&self, vcpu: &impl Vcpu) -> VcpuPosition {
+        VcpuPosition {
+            id: self.id,
+            rip: vcpu.rip(),
+            cpl: vcpu.cpl(),
+        }
     }
 
     #[inline]
@@ -328,6 +351,31 @@ impl ExitHandler {
         }
     }
 
+    /// A debug exit (`--gdb`): #DB after a single step; #BP at one of the debugger's
+    /// int3s, or the guest's own int3, which goes on to the guest as hardware would
+    /// deliver it (the fallback emulates it).
+    fn debug_exit(&mut self, vcpu: &mut impl Vcpu, exception: u32) -> Action {
+        match exception {
+            1 => Action::Debug(StopCause::Step),
+            3 if self.is_breakpoint(vcpu) => Action::Debug(StopCause::Breakpoint),
+            3 => match vcpu.emulate(&self.memory, &[0xcc], &mut self.stats.emulated) {
+                Ok(_) => Action::Resume,
+                Err(what) => Action::Stop(VmOutcome::Unexpected {
+                    vcpu: self.id,
+                    what,
+                }),
+            },
+            _ => Action::Resume,
+        }
+    }
+
+    /// Whether `vcpu` is at one of the debugger's int3s.
+    fn is_breakpoint(&self, vcpu: &impl Vcpu) -> bool {
+        self.debugger
+            .as_ref()
+            .is_some_and(|d| d.is_breakpoint(vcpu.rip()))
+    }
+
     /// KVM's emulator (which runs all guest kernel code on a nested PVM host) lacks some
     /// instructions; with KVM_CAP_EXIT_ON_EMULATION_FAILURE they come here and the
     /// fallback (`emulate`) carries them out or injects the exception hardware would
@@ -339,6 +387,10 @@ impl ExitHandler {
             insn,
         } = vcpu.internal_error();
         let mut decoded = None;
+        // An int3 at CPL0 comes here on this host (KVM's emulator does not run it).
+        if insn.first() == Some(&0xcc) && self.is_breakpoint(vcpu) {
+            return Action::Debug(StopCause::Breakpoint);
+        }
         if suberror == kvm_bindings::KVM_INTERNAL_ERROR_EMULATION {
             match vcpu.emulate(&self.memory, &insn, &mut self.stats.emulated) {
                 Ok(delivered) => {

@@ -124,6 +124,7 @@ impl RunningVm {
             tids: &self.tids,
             setup_time: self.setup_time,
             ram: &vmm.ram.mem,
+            symbols: &vmm.symbols,
         };
         sources.report(outcome, per_vcpu, io_tid)
     }

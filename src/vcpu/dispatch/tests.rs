@@ -189,11 +189,12 @@ fn world(coalesced: Option<Arc<CoalescedRing>>) -> World {
         exit: Arc::new(ExitState::default()),
         memory,
         mmio_cache: true,
+        debug: None,
     };
     World {
         uart,
         nic,
-        handler: ExitHandler::new(&ctx),
+        handler: ExitHandler::new(&ctx, None),
     }
 }
 
@@ -236,7 +237,7 @@ fn port_io_reaches_the_device_and_is_counted_by_register() {
             ('r', UART, 5, vec![0x45]),
         ]
     );
-    let s = w.handler.into_stats();
+    let s = w.handler.into_stats(&vcpu);
     assert_eq!(s.exits.get(ExitKind::IoOut), 1);
     assert_eq!(s.exits.get(ExitKind::IoIn), 2);
     assert_eq!(s.by_device.get(&key(BusKind::Pio, "test-uart", 5)), 2);
@@ -252,7 +253,7 @@ fn unclaimed_ports_read_all_ones_and_count_by_port() {
     w.handler.step(&mut vcpu);
     assert_eq!(vcpu.buf[..2], [0xff, 0xff]);
     w.handler.step(&mut vcpu);
-    let s = w.handler.into_stats();
+    let s = w.handler.into_stats(&vcpu);
     // Only reads count as unclaimed_pio; both count under the "unclaimed" device by port.
     assert_eq!(s.exits.get(ExitKind::UnclaimedPio), 1);
     assert_eq!(s.by_device.get(&key(BusKind::Pio, "unclaimed", 0x61)), 1);
@@ -282,7 +283,7 @@ fn mmio_goes_through_the_router_to_the_device_or_open_bus() {
             ('r', NIC_MMIO, 0x3e, vec![0x7e, 0x7e]),
         ]
     );
-    let s = w.handler.into_stats();
+    let s = w.handler.into_stats(&vcpu);
     assert_eq!(s.exits.get(ExitKind::MmioRead), 4);
     assert_eq!(s.exits.get(ExitKind::MmioWrite), 2);
     assert_eq!(s.by_device.get(&key(BusKind::Mmio, "test-nic", 0x3e)), 2);
@@ -347,7 +348,7 @@ fn the_ends_of_the_vm_stop_with_their_outcome() {
         "{:?}",
         actions[6]
     );
-    let s = w.handler.into_stats();
+    let s = w.handler.into_stats(&vcpu);
     assert_eq!(
         s.exits.get(ExitKind::Other),
         1,
@@ -368,7 +369,7 @@ fn kicks_and_halts_resume_and_are_counted() {
     let actions = run_all(&mut w, &mut vcpu);
     assert!(actions.iter().all(|a| *a == Action::Resume), "{actions:?}");
     assert_eq!(vcpu.immediate_exit_cleared, 2);
-    let s = w.handler.into_stats();
+    let s = w.handler.into_stats(&vcpu);
     assert_eq!(s.exits.get(ExitKind::Interrupted), 3);
     assert_eq!(s.exits.get(ExitKind::Hlt), 1);
     assert!(
@@ -425,7 +426,7 @@ fn internal_errors_go_to_the_fallback_and_are_counted() {
         })
     ));
     assert!(vcpu.emulated.is_empty());
-    let s = w.handler.into_stats();
+    let s = w.handler.into_stats(&vcpu);
     assert_eq!(s.exits.get(ExitKind::InternalError), 4);
     assert_eq!(s.exits.get(ExitKind::Int3Injected), 1);
     assert_eq!(s.latency.get(ExitKind::InternalError).count(), 4);
@@ -485,15 +486,25 @@ fn snapshots_copy_the_counters_and_leave_them_running() {
     mailbox
         .request
         .store(1, std::sync::atomic::Ordering::SeqCst);
-    mailbox.answer(2, &mut answered, || w.handler.snapshot());
+    vcpu.rip = 0x1234;
+    mailbox.answer(2, &mut answered, || w.handler.snapshot(&vcpu));
     w.handler.step(&mut vcpu);
     let slots = mailbox.slots.lock().unwrap();
     let (req, snap) = &slots[&2];
     assert_eq!((*req, answered), (1, 1));
     assert_eq!(snap.exits.get(ExitKind::MmioRead), 1);
     assert_eq!(
+        snap.positions,
+        [VcpuPosition {
+            id: 2,
+            rip: 0x1234,
+            cpl: 3
+        }],
+        "where the vCPU was when it answered"
+    );
+    assert_eq!(
         snap.memory.mmio.exits, 1,
         "the router's counters are in the copy"
     );
-    assert_eq!(w.handler.into_stats().exits.get(ExitKind::MmioRead), 2);
+    assert_eq!(w.handler.into_stats(&vcpu).exits.get(ExitKind::MmioRead), 2);
 }
