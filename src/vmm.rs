@@ -231,6 +231,11 @@ impl Vmm {
         })
     }
 
+    /// The NIC's register shadow, with `--net ...,shadow=on`.
+    pub fn nic_shadow(&self) -> Option<&Arc<crate::net::RegisterShadow>> {
+        self.net.as_ref()?.frontend.as_ref()?.shadow.as_ref()
+    }
+
     /// Start the I/O and vCPU threads. SIGINT, SIGTERM and SIGUSR1 are blocked in
     /// the calling thread from here on: the I/O thread reads them.
     pub fn start(mut self) -> Result<RunningVm, VmmError> {
@@ -238,6 +243,9 @@ impl Vmm {
         block_vm_signals().map_err(io_err("blocking SIGINT/SIGTERM/SIGUSR1"))?;
         let signals = SignalFd::new().map_err(io_err("a signalfd"))?;
         let (wake_tx, wake_rx) = std::sync::mpsc::channel();
+        if let Some(s) = self.nic_shadow() {
+            s.remap_on(wake_tx.clone());
+        }
         let stdio = self.serial_mode == SerialMode::Stdio;
         let sources = IoSources {
             console: Console::new(
