@@ -244,7 +244,13 @@ impl Vmm {
         let signals = SignalFd::new().map_err(io_err("a signalfd"))?;
         let (wake_tx, wake_rx) = std::sync::mpsc::channel();
         if let Some(s) = self.nic_shadow() {
-            s.remap_on(wake_tx.clone());
+            let main = std::sync::Mutex::new(wake_tx.clone());
+            s.remap_on(move || {
+                let _ = main
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .send(Wake::NicShadow);
+            });
         }
         let stdio = self.serial_mode == SerialMode::Stdio;
         let sources = IoSources {

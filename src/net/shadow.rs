@@ -12,13 +12,11 @@
 //! the device (slower, not wrong), and loads at the old one, where nothing else is
 //! mapped, read the shadow rather than open bus.
 
-use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use wbvmm_devices::net::rtl8139::{Rtl8139, ShadowPage, SHADOW_PAGE_SIZE};
 use wbvmm_devices::pci::PciRoot;
 
-use crate::io_thread::Wake;
 use crate::memory::{SlotFlags, SlotId, SlotRegistry};
 
 /// The NIC's MMIO BAR index.
@@ -34,8 +32,8 @@ pub struct RegisterShadow {
     device: u8,
     /// (BAR address, slot) while mapped.
     at: Mutex<Option<(u64, SlotId)>>,
-    /// The main thread, once the VM runs: it moves the slot.
-    main: OnceLock<Sender<Wake>>,
+    /// Wakes the main thread, once the VM runs: it moves the slot.
+    main: OnceLock<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl RegisterShadow {
@@ -56,19 +54,17 @@ impl RegisterShadow {
         s
     }
 
-    /// From now on BAR moves wake the main thread (`Wake::NicShadow`), which calls
-    /// [`RegisterShadow::remap`].
-    pub fn remap_on(&self, main: Sender<Wake>) {
-        let _ = self.main.set(main);
+    /// From now on BAR moves call `wake_main` (the VM sends the main thread
+    /// `io_thread::Wake::NicShadow`), which then calls [`RegisterShadow::remap`].
+    pub fn remap_on(&self, wake_main: impl Fn() + Send + Sync + 'static) {
+        let _ = self.main.set(Box::new(wake_main));
     }
 
     /// The BAR may have moved: move the slot now (during setup) or have the main
     /// thread do it (while the VM runs).
     pub fn follow_bar(&self) {
         match self.main.get() {
-            Some(main) => {
-                let _ = main.send(Wake::NicShadow);
-            }
+            Some(wake_main) => wake_main(),
             None => self.remap(),
         }
     }
