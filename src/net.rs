@@ -17,7 +17,9 @@ use wbvmm_devices::pci::{BarSpec, PciDevice, PciError, PciIds, PciPlacement, Pci
 use wbvmm_devices::{Bus, BusDevice, GuestDma};
 
 mod doorbell;
+mod shadow;
 pub use doorbell::{Doorbell, TsdDoorbells, TsdIoEvents};
+pub use shadow::RegisterShadow;
 
 /// Where the NIC sits: 00:03.0 (as under QEMU), INTA routed to IOAPIC pin 16 (pins
 /// 16-23 are the IOAPIC-only ones in KVM's default routing), BARs where a BIOS would
@@ -29,7 +31,7 @@ pub const NIC_MMIO_BAR: u64 = 0xfebf_f000;
 
 #[derive(Debug, Error)]
 pub enum NetError {
-    #[error("'{0}' is not a --net spec: use tap=NAME[,mac=52:54:00:12:34:56][,rev=0x20|0x10][,tx=ioeventfd|exit]")]
+    #[error("'{0}' is not a --net spec: use tap=NAME[,mac=52:54:00:12:34:56][,rev=0x20|0x10][,tx=ioeventfd|exit][,poll-us=0..1000][,shadow=on|off] (shadow=on needs tx=ioeventfd)")]
     BadSpec(String),
     #[error(transparent)]
     Tap(#[from] TapError),
@@ -53,13 +55,23 @@ pub enum TxDoorbell {
     Exit,
 }
 
-/// `--net tap=NAME[,mac=MAC][,rev=0x10|0x20][,tx=ioeventfd|exit]`
+/// The I/O thread's default busy-poll window after NIC activity, in microseconds
+/// (see `io_thread::BusyPoll` and the README's "Levers" for the measurement).
+pub const DEFAULT_POLL_US: u32 = 50;
+/// The longest window `poll-us=` accepts.
+pub const MAX_POLL_US: u32 = 1000;
+
+/// `--net tap=NAME[,mac=MAC][,rev=0x10|0x20][,tx=ioeventfd|exit][,poll-us=N]`
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
     pub tap: String,
     pub mac: [u8; 6],
     pub revision: u8,
     pub tx: TxDoorbell,
+    /// The I/O thread's longest busy-poll window after NIC activity (0: off).
+    pub poll_us: u32,
+    /// Guest reads of the MMIO BAR from a read-only shadow page (no exit).
+    pub shadow: bool,
 }
 
 impl FromStr for NetConfig {
@@ -71,6 +83,8 @@ impl FromStr for NetConfig {
             mac: Rtl8139Config::default().mac,
             revision: REVISION_CPLUS,
             tx: TxDoorbell::IoEventFd,
+            poll_us: DEFAULT_POLL_US,
+            shadow: false,
         };
         for part in s.split(',') {
             let (k, v) = part.split_once('=').ok_or_else(bad)?;
@@ -95,6 +109,19 @@ impl FromStr for NetConfig {
                         _ => return Err(bad()),
                     }
                 }
+                "poll-us" => {
+                    cfg.poll_us = v.parse().map_err(|_| bad())?;
+                    if cfg.poll_us > MAX_POLL_US {
+                        return Err(bad());
+                    }
+                }
+                "shadow" => {
+                    cfg.shadow = match v {
+                        "on" => true,
+                        "off" => false,
+                        _ => return Err(bad()),
+                    }
+                }
                 "rev" => {
                     cfg.revision = match v {
                         "0x20" | "32" => REVISION_CPLUS,
@@ -105,7 +132,8 @@ impl FromStr for NetConfig {
                 _ => return Err(bad()),
             }
         }
-        if cfg.tap.is_empty() {
+        // The shadow follows the BAR through the doorbell frontend's hook.
+        if cfg.tap.is_empty() || (cfg.shadow && cfg.tx != TxDoorbell::IoEventFd) {
             return Err(bad());
         }
         Ok(cfg)
@@ -120,6 +148,9 @@ pub struct IoCounters {
     /// Times the guest ring was full and the tap was left unread.
     pub rx_backpressure: AtomicU64,
     pub tap_errors: AtomicU64,
+    /// Busy-poll windows that found work, and that ended empty.
+    pub polls_found: AtomicU64,
+    pub polls_empty: AtomicU64,
 }
 
 /// What the buses and the PCI root see: the NIC, with the C-mode doorbell learner
@@ -130,6 +161,8 @@ pub struct NicFrontend {
     /// The TxPoll ioeventfd, moved with the BARs the moment they move (weak: the
     /// doorbell holds the PCI root, which holds this frontend).
     pub doorbell: std::sync::OnceLock<std::sync::Weak<Doorbell>>,
+    /// The register shadow's memslot, moved with the MMIO BAR.
+    pub shadow: Option<Arc<RegisterShadow>>,
 }
 
 impl BusDevice for NicFrontend {
@@ -169,6 +202,9 @@ impl PciDevice for NicFrontend {
         if let Some(d) = self.doorbell.get().and_then(std::sync::Weak::upgrade) {
             d.follow_bars();
         }
+        if let Some(s) = &self.shadow {
+            s.follow_bar();
+        }
     }
 }
 
@@ -183,6 +219,8 @@ pub struct NetDevice {
     pub frontend: Option<Arc<NicFrontend>>,
     /// The NIC's DMA path through the memslot mirror (for its lookup statistics).
     pub dma: Arc<crate::memory::GuestRamDma>,
+    /// The I/O thread's longest busy-poll window after NIC activity.
+    pub poll_window: std::time::Duration,
 }
 
 impl NetDevice {
@@ -215,18 +253,31 @@ impl NetDevice {
         let bars = (NIC_PCI_DEVICE, nic.bars());
         let frontend = match cfg.tx {
             TxDoorbell::IoEventFd => {
+                let tsd = TsdDoorbells::new(
+                    vm.clone(),
+                    Arc::downgrade(root),
+                    bars.clone(),
+                    buses.0.clone(),
+                    buses.1.clone(),
+                )?;
+                let shadow = cfg.shadow.then(|| {
+                    Arc::new(RegisterShadow::new(
+                        &nic,
+                        dma.registry().clone(),
+                        Arc::downgrade(root),
+                        NIC_PCI_DEVICE,
+                    ))
+                });
                 let f = Arc::new(NicFrontend {
                     nic: nic.clone(),
-                    tsd: TsdDoorbells::new(
-                        vm.clone(),
-                        Arc::downgrade(root),
-                        bars.clone(),
-                        buses.0.clone(),
-                        buses.1.clone(),
-                    )?,
+                    tsd: if cfg.shadow { tsd.never_learn() } else { tsd },
                     doorbell: std::sync::OnceLock::new(),
+                    shadow,
                 });
                 root.add_device(f.clone(), placement)?;
+                if let Some(s) = &f.shadow {
+                    s.follow_bar();
+                }
                 Some(f)
             }
             TxDoorbell::Exit => {
@@ -255,6 +306,7 @@ impl NetDevice {
             io: Arc::new(IoCounters::default()),
             doorbell,
             dma,
+            poll_window: std::time::Duration::from_micros(cfg.poll_us.into()),
         })
     }
 
@@ -273,6 +325,8 @@ impl NetDevice {
             tap_rx_frames: self.io.tap_rx_frames.load(Ordering::Relaxed),
             rx_backpressure: self.io.rx_backpressure.load(Ordering::Relaxed),
             tap_errors: self.io.tap_errors.load(Ordering::Relaxed),
+            polls_found: self.io.polls_found.load(Ordering::Relaxed),
+            polls_empty: self.io.polls_empty.load(Ordering::Relaxed),
         }
     }
 }
@@ -293,6 +347,9 @@ pub struct NetStats {
     pub tap_rx_frames: u64,
     pub rx_backpressure: u64,
     pub tap_errors: u64,
+    /// The I/O thread's busy-poll windows that found work / ended empty.
+    pub polls_found: u64,
+    pub polls_empty: u64,
 }
 
 #[cfg(test)]
@@ -307,6 +364,10 @@ mod tests {
         assert_eq!(c.mac, [2, 0, 0, 0xaa, 0xbb, 0xcc]);
         assert_eq!(c.revision, REVISION_C);
         assert_eq!(c.tx, TxDoorbell::IoEventFd);
+        assert_eq!(c.poll_us, DEFAULT_POLL_US);
+        assert!(!c.shadow);
+        assert!("tap=a,shadow=on".parse::<NetConfig>().unwrap().shadow);
+        assert_eq!("tap=a,poll-us=0".parse::<NetConfig>().unwrap().poll_us, 0);
         assert_eq!(
             "tap=a,tx=exit".parse::<NetConfig>().unwrap().tx,
             TxDoorbell::Exit
@@ -319,6 +380,10 @@ mod tests {
             "tap=a,mac=zz",
             "tap=a,rev=0x30",
             "tap=a,x=1",
+            "tap=a,poll-us=-1",
+            "tap=a,poll-us=1001",
+            "tap=a,shadow=yes",
+            "tap=a,shadow=on,tx=exit",
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
         }

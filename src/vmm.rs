@@ -246,6 +246,11 @@ impl Vmm {
         })
     }
 
+    /// The NIC's register shadow, with `--net ...,shadow=on`.
+    pub fn nic_shadow(&self) -> Option<&Arc<crate::net::RegisterShadow>> {
+        self.net.as_ref()?.frontend.as_ref()?.shadow.as_ref()
+    }
+
     /// Start the I/O and vCPU threads. SIGINT, SIGTERM and SIGUSR1 are blocked in
     /// the calling thread from here on: the I/O thread reads them.
     pub fn start(mut self) -> Result<RunningVm, VmmError> {
@@ -253,6 +258,15 @@ impl Vmm {
         block_vm_signals().map_err(io_err("blocking SIGINT/SIGTERM/SIGUSR1"))?;
         let signals = SignalFd::new().map_err(io_err("a signalfd"))?;
         let (wake_tx, wake_rx) = std::sync::mpsc::channel();
+        if let Some(s) = self.nic_shadow() {
+            let main = std::sync::Mutex::new(wake_tx.clone());
+            s.remap_on(move || {
+                let _ = main
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .send(Wake::NicShadow);
+            });
+        }
         let stdio = self.serial_mode == SerialMode::Stdio;
         let sources = IoSources {
             console: Console::new(

@@ -157,6 +157,46 @@ fn ping_and_rr_in_both_modes_and_both_bars() {
     }
 }
 
+/// The read-only register shadow (`--net ...,shadow=on`): the Linux-shaped driver
+/// (`nicdrv=linux`, IntrStatus polled, acked, IntrMask masked around the poll) over
+/// the MMIO BAR reads its registers from the shadow page without exits, and still
+/// moves every frame: its acks and masks (writes) exit and are seen by its next
+/// loads, or it would lose interrupts' causes or spin on stale status.
+#[test]
+fn register_shadow_serves_linux_shaped_reads_without_exits() {
+    if !kvm_available("register_shadow_serves_linux_shaped_reads_without_exits") {
+        return;
+    }
+    let Some(mut ns) = NetNs::new("netshadow", 28) else {
+        return;
+    };
+    ns.echo_server(7777, 120);
+    for mode in ["cplus", "c"] {
+        let words = format!(
+            "net=rr port=7777 trans={RR_TRANSACTIONS} secs=600 nic={mode} nicio=mmio nicdrv=linux"
+        );
+        let mut reads = Vec::new();
+        for shadow in ["off", "on"] {
+            let spec = format!("tap={},shadow={shadow}", ns.tap);
+            let o = guest(&ns, &spec, &words, &["--stats"]);
+            assert_eq!(o.code, Some(0), "rr {mode} shadow={shadow}\n{}", o.show());
+            let line = o
+                .stdout
+                .lines()
+                .find(|l| l.starts_with("rr: ") && l.contains("trans/s"))
+                .expect("rr line");
+            let n: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+            assert_eq!(n, RR_TRANSACTIONS, "{line}");
+            reads.push(stats(&o)["exits"]["mmio_read"].as_u64().unwrap());
+        }
+        // Without the shadow every IntrStatus poll is an exit; with it, none is.
+        assert!(
+            reads[0] >= RR_TRANSACTIONS && reads[1] < RR_TRANSACTIONS / 10,
+            "{mode}: MMIO read exits without / with the shadow: {reads:?}"
+        );
+    }
+}
+
 #[test]
 fn txpoll_doorbell_follows_a_bar_move_at_once() {
     if !kvm_available("txpoll_doorbell_follows_a_bar_move_at_once") {

@@ -15,6 +15,7 @@
 //! Hypervisor's `EpollDispatch`, crosvm's `EventToken`) dispatches without either,
 //! and reads as the list of what the thread waits for.
 
+mod busy_poll;
 mod console;
 mod nic;
 mod signals;
@@ -23,13 +24,14 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use wbvmm_devices::Bus;
 
+pub use busy_poll::BusyPoll;
 pub use console::Console;
 pub use nic::{FrameSource, Nic, NicDoorbells, RX_BUDGET};
 pub use signals::{block_vm_signals, SignalFd, VM_SIGNALS};
@@ -128,6 +130,9 @@ pub enum Wake {
     Snapshot,
     /// Something ended the VM (`ExitState` has the outcome), or a vCPU thread ended.
     Ended,
+    /// The NIC's MMIO BAR moved: move its register shadow's memslot (only the main
+    /// thread may change memslots; see `crate::net::RegisterShadow`).
+    NicShadow,
 }
 
 /// The loop's epoll, addressed by [`Token`].
@@ -182,6 +187,8 @@ pub struct IoLoop {
     /// Queued UART output was replayed at the last wake-up.
     output_flowing: bool,
     events: Vec<EpollEvent>,
+    /// Polling after NIC activity instead of going to sleep (`--net ...,poll-us=N`).
+    poll: BusyPoll,
 }
 
 impl IoLoop {
@@ -201,12 +208,14 @@ impl IoLoop {
         if let Some(n) = &src.nic {
             n.watch(&watcher).map_err(setup_err("NIC events"))?;
         }
+        let poll = BusyPoll::new(src.nic.as_ref().map_or(Duration::ZERO, Nic::poll_window));
         Ok(Self {
             watcher,
             _stop: stop,
             src,
             output_flowing: false,
             events: vec![EpollEvent::default(); 8],
+            poll,
         })
     }
 
@@ -218,8 +227,67 @@ impl IoLoop {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
             };
+            let nic = self.nic_ready(n);
+            self.poll.woke(Instant::now(), nic);
             if self.dispatch_ready(n) == Flow::Stop {
                 return;
+            }
+            if nic && self.busy_poll() == Flow::Stop {
+                return;
+            }
+        }
+    }
+
+    /// Whether any of the `n` ready events is the NIC's data path.
+    fn nic_ready(&self, n: usize) -> bool {
+        self.events[..n].iter().any(|e| {
+            matches!(
+                Token::from_u64(e.data()),
+                Some(
+                    Token::Tap
+                        | Token::NicRxSpace
+                        | Token::NicTxPoll
+                        | Token::NicTsd(_)
+                        | Token::NicResample
+                )
+            )
+        })
+    }
+
+    /// After NIC activity: poll every source without sleeping for the window
+    /// [`BusyPoll`] allows, serving what comes, again while windows find work.
+    fn busy_poll(&mut self) -> Flow {
+        loop {
+            let start = Instant::now();
+            let Some(window) = self.poll.window(start) else {
+                self.poll.skipped(start);
+                return Flow::Continue;
+            };
+            let found = loop {
+                let n = match self.wait(0) {
+                    Ok(n) => n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+                    Err(_) => return Flow::Stop,
+                };
+                if n > 0 {
+                    if self.dispatch_ready(n) == Flow::Stop {
+                        return Flow::Stop;
+                    }
+                    break true;
+                }
+                if start.elapsed() >= window {
+                    break false;
+                }
+                // The peer (netperf, the tap's writer) may share this CPU: let it run.
+                std::thread::yield_now();
+            };
+            let now = Instant::now();
+            self.poll.finished(found, now - start, now);
+            if let Some(nic) = &self.src.nic {
+                nic.count_poll(found);
+            }
+            if !found {
+                return Flow::Continue;
             }
         }
     }

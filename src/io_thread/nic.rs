@@ -7,7 +7,7 @@
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
@@ -90,6 +90,8 @@ pub struct Nic {
     /// fired: no NIC lock per wake-up.
     timer: Option<Instant>,
     frame: Vec<u8>,
+    /// The I/O loop's longest busy-poll window after NIC activity (zero: none).
+    poll_window: Duration,
 }
 
 impl Nic {
@@ -109,7 +111,28 @@ impl Nic {
             tap_open: true,
             timer,
             frame: vec![0; MAX_TAP_FRAME],
+            poll_window: Duration::ZERO,
         }
+    }
+
+    /// Busy-poll up to `window` after NIC activity (see `super::BusyPoll`).
+    pub fn with_poll_window(mut self, window: Duration) -> Self {
+        self.poll_window = window;
+        self
+    }
+
+    pub fn poll_window(&self) -> Duration {
+        self.poll_window
+    }
+
+    /// A busy-poll window ended, having found work or not.
+    pub fn count_poll(&self, found: bool) {
+        let c = if found {
+            &self.counters.polls_found
+        } else {
+            &self.counters.polls_empty
+        };
+        c.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The VM's NIC: its tap, model, counters and KVM doorbells.
@@ -120,6 +143,7 @@ impl Nic {
             net.io.clone(),
             net.clone(),
         )
+        .with_poll_window(net.poll_window)
     }
 
     pub fn watch(&self, w: &Watcher) -> std::io::Result<()> {

@@ -464,3 +464,48 @@ fn the_thread_serves_input_until_stopped() {
     assert_eq!(got, b"ok");
     io.stop();
 }
+
+#[test]
+fn after_nic_activity_the_loop_polls_serves_what_comes_and_counts_its_windows() {
+    let (nic, parts) = nic();
+    let mut f = Fixture::build(Some((
+        nic.with_poll_window(std::time::Duration::from_micros(200)),
+        parts,
+    )));
+    let found = |f: &Fixture| f.parts().counters.polls_found.load(Ordering::Relaxed);
+    let empty = |f: &Fixture| f.parts().counters.polls_empty.load(Ordering::Relaxed);
+    f.parts().send(60);
+    assert!(f.turn().contains(&Token::Tap));
+    // Nothing more queued: one window, which ends empty.
+    assert_eq!(f.lp.busy_poll(), Flow::Continue);
+    assert_eq!((found(&f), empty(&f)), (0, 1));
+    // A frame queued before the poll: its first look finds it and serves it without a
+    // blocking wait, then the next window ends empty.
+    f.parts().consume_all();
+    f.parts().send(100);
+    assert_eq!(f.lp.busy_poll(), Flow::Continue);
+    assert_eq!(f.parts().rx_packets(), 2);
+    assert_eq!((found(&f), empty(&f)), (1, 2));
+}
+
+#[test]
+fn with_no_poll_window_the_loop_never_polls() {
+    let mut f = Fixture::with_nic();
+    f.parts().send(60);
+    assert!(f.turn().contains(&Token::Tap));
+    f.parts().send(60);
+    assert_eq!(f.lp.busy_poll(), Flow::Continue);
+    let c = &f.parts().counters;
+    assert_eq!(
+        (
+            c.polls_found.load(Ordering::Relaxed),
+            c.polls_empty.load(Ordering::Relaxed)
+        ),
+        (0, 0)
+    );
+    assert_eq!(
+        f.parts().rx_packets(),
+        1,
+        "the second frame waits for the next turn"
+    );
+}

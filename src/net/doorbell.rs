@@ -190,6 +190,10 @@ pub struct TsdDoorbells {
     /// delay or hasten learning, never make a replay wrong.
     streaks: [AtomicU64; TSD_COUNT],
     state: Mutex<TsdLearnState>,
+    /// False with the register shadow: a write KVM absorbed would leave the shadow's
+    /// TSD status older than the guest's own write, and the guest reads it without an
+    /// exit that could replay it first.
+    learning: bool,
 }
 
 const LEARN_AFTER: u32 = 4;
@@ -238,7 +242,14 @@ impl TsdDoorbells {
             armed_mask: AtomicU8::new(0),
             streaks: Default::default(),
             state: Default::default(),
+            learning: true,
         })
+    }
+
+    /// Never arm a doorbell: every TSD write exits (see `learning`).
+    pub(super) fn never_learn(mut self) -> Self {
+        self.learning = false;
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, TsdLearnState> {
@@ -318,7 +329,7 @@ impl TsdDoorbells {
     pub(super) fn observe(&self, nic: &Rtl8139, base: u64, offset: u64, write: Option<&[u8]>) {
         let armed = self.armed_mask.load(Ordering::SeqCst) != 0;
         let tsd = tsd_write(offset, write);
-        let learn = tsd.is_some_and(|(n, v)| self.streak(n, v) >= LEARN_AFTER);
+        let learn = self.learning && tsd.is_some_and(|(n, v)| self.streak(n, v) >= LEARN_AFTER);
         if !armed && !learn {
             return;
         }

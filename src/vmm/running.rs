@@ -64,6 +64,11 @@ impl RunningVm {
             match self.wake_rx.recv() {
                 Ok(Wake::Snapshot) => on_snapshot(&self.snapshot()),
                 Ok(Wake::Ended) => {}
+                Ok(Wake::NicShadow) => {
+                    if let Some(s) = self.vmm.nic_shadow() {
+                        s.remap();
+                    }
+                }
                 // Cannot happen (`wake_tx` lives in self); wait for the outcome.
                 Err(_) => {
                     return self

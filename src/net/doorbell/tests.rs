@@ -14,7 +14,8 @@ use wbvmm_devices::pci::{PCI_COMMAND_IO, PCI_COMMAND_MEMORY};
 use wbvmm_devices::{Bus, BusDevice, GuestDma, VecGuestMemory};
 
 use super::{BarBases, TsdDoorbells, TsdIoEvents, LEARN_AFTER, TSD_COUNT};
-use crate::net::NicFrontend;
+use crate::memory::{FakeBackend, SlotIndexKind, SlotRegistry};
+use crate::net::{NicFrontend, RegisterShadow};
 
 const DEVICE: u8 = 3;
 const IO_BAR: u64 = 0xc000;
@@ -61,10 +62,16 @@ struct Rig {
     io: Arc<FakeIoEvents>,
     root: Arc<PciRoot>,
     frontend: Arc<NicFrontend>,
+    registry: Arc<SlotRegistry>,
 }
 
 impl Rig {
     fn new() -> Rig {
+        Self::build(false)
+    }
+
+    /// With `shadow`: the register shadow on, as `--net ...,shadow=on` builds it.
+    fn build(shadow: bool) -> Rig {
         let mem = Arc::new(VecGuestMemory::new(0, 1 << 20));
         let sink = Arc::new(RecordingSink::default());
         let nic = Arc::new(
@@ -82,17 +89,30 @@ impl Rig {
         let (pio, mmio) = (Arc::new(Bus::new()), Arc::new(Bus::new()));
         let root = Arc::new(PciRoot::new(pio.clone(), mmio.clone()));
         let io = Arc::new(FakeIoEvents::default());
+        let registry = Arc::new(SlotRegistry::new(
+            FakeBackend::new(16),
+            SlotIndexKind::default(),
+        ));
+        let tsd = TsdDoorbells::new(
+            io.clone(),
+            Arc::downgrade(&root),
+            (DEVICE, nic.bars()),
+            pio,
+            mmio,
+        )
+        .unwrap();
         let frontend = Arc::new(NicFrontend {
             nic: nic.clone(),
-            tsd: TsdDoorbells::new(
-                io.clone(),
-                Arc::downgrade(&root),
-                (DEVICE, nic.bars()),
-                pio,
-                mmio,
-            )
-            .unwrap(),
+            tsd: if shadow { tsd.never_learn() } else { tsd },
             doorbell: std::sync::OnceLock::new(),
+            shadow: shadow.then(|| {
+                Arc::new(RegisterShadow::new(
+                    &nic,
+                    registry.clone(),
+                    Arc::downgrade(&root),
+                    DEVICE,
+                ))
+            }),
         });
         root.add_device(
             frontend.clone(),
@@ -103,6 +123,10 @@ impl Rig {
             },
         )
         .unwrap();
+        // As NetDevice::create: the BARs decode from add_device on.
+        if let Some(s) = &frontend.shadow {
+            s.follow_bar();
+        }
         let command = PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
         root.config_write(DEVICE, 0x04, &command.to_le_bytes());
         for n in 0..TSD_COUNT {
@@ -115,6 +139,7 @@ impl Rig {
             io,
             root,
             frontend,
+            registry,
         };
         // 8139too's TX setup: transmitter on, one buffer per descriptor.
         rig.write(IO_BAR, CR as u64, &[CR_RE | CR_TE]);
@@ -285,4 +310,64 @@ fn bar_bases_tell_the_address_space_apart_unless_they_coincide() {
         same.ioevent(IO_BAR, 0x10).is_none(),
         "ambiguous: not learned"
     );
+}
+
+fn shadow_slots(rig: &Rig) -> Vec<(u64, u64, bool)> {
+    rig.registry
+        .slots()
+        .iter()
+        .map(|s| (s.gpa, s.size, s.flags.readonly()))
+        .collect()
+}
+
+#[test]
+fn the_register_shadow_is_a_read_only_slot_that_follows_the_mmio_bar() {
+    let rig = Rig::build(true);
+    let shadow = rig.frontend.shadow.clone().unwrap();
+    assert_eq!(shadow.mapped_at(), Some(MEM_BAR));
+    assert_eq!(shadow_slots(&rig), vec![(MEM_BAR, 0x1000, true)]);
+    // Memory decode off: no slot (loads would read a BAR that is not there).
+    rig.root.config_write(
+        DEVICE,
+        0x04,
+        &(PCI_COMMAND_IO | PCI_COMMAND_MASTER).to_le_bytes(),
+    );
+    assert_eq!(shadow.mapped_at(), None);
+    assert!(shadow_slots(&rig).is_empty());
+    let command = PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+    rig.root.config_write(DEVICE, 0x04, &command.to_le_bytes());
+    assert_eq!(shadow.mapped_at(), Some(MEM_BAR));
+    // The BAR moves: the slot moves with it.
+    let moved: u32 = 0xfebe_0000;
+    rig.root.config_write(DEVICE, 0x14, &moved.to_le_bytes());
+    assert_eq!(shadow.mapped_at(), Some(moved as u64));
+    assert_eq!(shadow_slots(&rig), vec![(moved as u64, 0x1000, true)]);
+}
+
+#[test]
+fn with_the_shadow_no_tsd_doorbell_is_ever_armed() {
+    let rig = Rig::build(true);
+    for base in [IO_BAR, MEM_BAR] {
+        rig.send_rounds(base, 2 * LEARN_AFTER as usize);
+    }
+    assert!(rig.io.calls().is_empty(), "{:?}", rig.io.calls());
+    assert_eq!(rig.frames(), 2 * 2 * 4 * LEARN_AFTER as usize);
+}
+
+#[test]
+fn while_the_vm_runs_a_bar_move_wakes_the_main_thread_which_moves_the_shadow() {
+    let rig = Rig::build(true);
+    let shadow = rig.frontend.shadow.clone().unwrap();
+    let woken = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let w = woken.clone();
+    shadow.remap_on(move || {
+        w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    });
+    let moved: u32 = 0xfebe_0000;
+    rig.root.config_write(DEVICE, 0x14, &moved.to_le_bytes());
+    // The vCPU thread that moved the BAR changes no memslot itself.
+    assert_eq!(shadow.mapped_at(), Some(MEM_BAR));
+    assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 1);
+    shadow.remap();
+    assert_eq!(shadow_slots(&rig), vec![(moved as u64, 0x1000, true)]);
 }

@@ -5,8 +5,10 @@
 //! - Build with [`Rtl8139::new`] from an [`Rtl8139Config`], an `Arc<dyn GuestDma>`,
 //!   an `Arc<dyn IrqLine>` and an `Arc<dyn FrameSink>` (the tap).
 //! - Add it to the [`crate::pci::PciRoot`] with [`crate::pci::PciRoot::add_device`];
-//!   BAR0 is 256 bytes of port I/O, BAR1 256 bytes of MMIO, both the same register
-//!   block. The root maps and moves them on the buses.
+//!   BAR0 is 256 bytes of port I/O, BAR1 4 KiB of MMIO (a page, so that the VMM can
+//!   back it with a read-only [`ShadowPage`]; 8139cp and 8139too only require 256
+//!   and 128 bytes), both the same 256-byte register block (reads beyond it are 0).
+//!   The root maps and moves them on the buses.
 //! - Interrupts are level-triggered: the device calls `IrqLine::set_level(true)` when
 //!   `ISR & IMR` becomes non-zero and `set_level(false)` when it becomes zero
 //!   (and while PCI INTx-disable is set). [`Rtl8139::irq_asserted`] answers a
@@ -68,6 +70,7 @@ pub mod regs;
 mod rx;
 #[cfg(test)]
 mod rx_prop;
+mod shadow;
 #[cfg(test)]
 mod tests;
 mod tx;
@@ -90,6 +93,7 @@ use crate::pci::{
 
 use eeprom::Eeprom;
 use regs::*;
+pub use shadow::{ShadowPage, SHADOW_PAGE_SIZE};
 
 pub const VENDOR_ID: u16 = 0x10EC;
 pub const DEVICE_ID: u16 = 0x8139;
@@ -97,8 +101,10 @@ pub const DEVICE_ID: u16 = 0x8139;
 pub const REVISION_CPLUS: u8 = 0x20;
 /// PCI revision of an 8139C (Linux binds 8139too).
 pub const REVISION_C: u8 = 0x10;
-/// Size of each BAR.
+/// Size of the register block, and of the port BAR.
 pub const BAR_SIZE: u64 = 256;
+/// Size of the MMIO BAR: one page, see [`ShadowPage`].
+pub const MMIO_BAR_SIZE: u64 = SHADOW_PAGE_SIZE;
 /// Largest C-mode TX buffer (TSD SIZE) and largest frame received in C mode.
 pub const MAX_FRAME: usize = 1792;
 /// Largest frame (without FCS) in C+ mode, sent or received: 8139cp allows an MTU
@@ -290,6 +296,9 @@ pub(crate) struct State {
     segbuf: Vec<u8>,
     vlanbuf: Vec<u8>,
     txbuf: Vec<u8>,
+    /// Where the register block is published for reads that do not exit, if the
+    /// VMM maps one (see [`Rtl8139::set_shadow`]).
+    shadow: Option<Arc<ShadowPage>>,
 }
 
 /// The NIC. Cheap to share: `Arc<Rtl8139>` is the bus device for both BARs.
@@ -371,6 +380,7 @@ impl Rtl8139 {
             segbuf: Vec::with_capacity(MAX_CPLUS_ASSEMBLY),
             vlanbuf: Vec::with_capacity(MAX_CPLUS_ASSEMBLY + 4),
             txbuf: Vec::with_capacity(MAX_FRAME),
+            shadow: None,
         };
         st.reset();
         Ok(Self {
@@ -390,6 +400,8 @@ impl Rtl8139 {
     /// RX-space notification.
     fn finish(&self, mut st: MutexGuard<'_, State>) {
         st.drain_loopback();
+        // Before the line goes up: the interrupt's cause is visible when it arrives.
+        st.publish_shadow();
         st.update_irq();
         let signal = std::mem::take(&mut st.signal_rx_space);
         let timer = std::mem::take(&mut st.signal_timer);
@@ -498,6 +510,15 @@ impl Rtl8139 {
         self.lock().stats
     }
 
+    /// Keep `page` current with the register block from now on (see
+    /// [`ShadowPage`] for the ordering the VMM may rely on when it maps the page
+    /// read-only over the MMIO BAR).
+    pub fn set_shadow(&self, page: Arc<ShadowPage>) {
+        let mut st = self.lock();
+        st.shadow = Some(page);
+        self.finish(st);
+    }
+
     pub fn config(&self) -> Rtl8139Config {
         self.lock().cfg
     }
@@ -561,6 +582,23 @@ impl State {
             self.signal_rx_space = true;
             self.rx_blocked = false;
         }
+    }
+
+    /// Store every register's current value into the shadow page, if there is one.
+    fn publish_shadow(&self) {
+        let Some(page) = &self.shadow else { return };
+        let mut block = [0u8; BAR_SIZE as usize];
+        let mut off = 0;
+        while off < block.len() {
+            // Spans are aligned to their width, so `start == off` here.
+            let (start, width) = reg_span(off);
+            let v = self.read_reg(start);
+            for (i, b) in block[start..start + width].iter_mut().enumerate() {
+                *b = (v >> (8 * i)) as u8;
+            }
+            off = start + width;
+        }
+        page.publish(&block);
     }
 
     fn reset_phy(&mut self) {
@@ -1047,7 +1085,7 @@ impl PciDevice for Rtl8139 {
             BarSpec {
                 index: 1,
                 kind: BarKind::Mem32,
-                size: BAR_SIZE,
+                size: MMIO_BAR_SIZE,
             },
         ]
     }

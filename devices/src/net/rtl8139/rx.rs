@@ -298,10 +298,12 @@ impl State {
     fn cplus_receive_fragments(&mut self, m: Match, opts2: u32) -> RxResult {
         let total = self.rxbuf.len();
         // (descriptor address, opts1, buffer, bytes of the frame it takes)
-        let mut plan: Vec<(u64, u32, u64, usize)> = Vec::new();
+        // On the stack: no allocation per received frame.
+        let mut slots = [(0u64, 0u32, 0u64, 0usize); 64];
+        let mut used = 0;
         let (mut idx, mut left) = (self.cp_rx_idx, total);
         while left > 0 {
-            if plan.len() == 64 {
+            if used == slots.len() {
                 return RxResult::RingFull;
             }
             let Some(daddr) = self.cplus_rx_desc_addr(idx) else {
@@ -321,11 +323,13 @@ impl State {
             let mut b = [0u8; 8];
             b.copy_from_slice(&desc[8..16]);
             let take = bufsize.min(left);
-            plan.push((daddr, opts1, u64::from_le_bytes(b), take));
+            slots[used] = (daddr, opts1, u64::from_le_bytes(b), take);
+            used += 1;
             left -= take;
             idx = next_rx_index(idx, opts1);
         }
-        let last = plan.len() - 1;
+        let plan = &slots[..used];
+        let last = used - 1;
         let mut off = 0;
         for (i, &(daddr, opts1, buf, take)) in plan.iter().enumerate() {
             let mut status = (opts1 & DESC_EOR) | rx_match_bits(m);

@@ -1536,3 +1536,149 @@ fn fuzz_rx_corpus_replay() {
 fn fuzz_eeprom_corpus_replay() {
     replay_fuzz_target("eeprom", super::fuzzing_eeprom::run);
 }
+
+// ---------- the read-only register shadow ----------
+
+/// Every byte of the shadow page equals what a register read (an exit) returns,
+/// except TCTR, which a page cannot keep exact (see `shadow`).
+fn assert_shadow_matches(h: &H, page: &ShadowPage, when: &str) {
+    for off in (0..SHADOW_PAGE_SIZE).filter(|o| !(TCTR as u64..TCTR as u64 + 4).contains(o)) {
+        let mut seen = [0u8];
+        page.read(off, &mut seen);
+        assert_eq!(seen[0], h.r8(off), "{when}: shadow byte {off:#x}");
+    }
+}
+
+fn shadowed(revision: u8) -> (H, Arc<ShadowPage>) {
+    let h = H::new(revision);
+    let page: Arc<ShadowPage> = ShadowPage::new().into();
+    h.dev.set_shadow(page.clone());
+    (h, page)
+}
+
+#[test]
+fn shadow_page_is_page_aligned_and_the_mmio_bar_is_a_page() {
+    let page = ShadowPage::new();
+    assert_eq!(page.host_addr() % SHADOW_PAGE_SIZE, 0);
+    assert_eq!(std::mem::size_of::<ShadowPage>() as u64, SHADOW_PAGE_SIZE);
+    let h = H::new(REVISION_CPLUS);
+    let bars = h.dev.bars();
+    assert_eq!(bars[1].kind, BarKind::Mem32);
+    assert_eq!(bars[1].size, SHADOW_PAGE_SIZE);
+    // Past the register block the MMIO BAR reads 0 and ignores writes.
+    h.w32(0x800, 0xffff_ffff);
+    assert_eq!(h.r32(0x800), 0);
+}
+
+#[test]
+fn shadow_follows_c_mode_rx_tx_and_acks() {
+    let (h, page) = shadowed(REVISION_C);
+    assert_shadow_matches(&h, &page, "after power-on");
+    c_mode_up(&h);
+    assert_shadow_matches(&h, &page, "after C-mode setup");
+    // RX from the I/O thread's side: ISR.ROK, CBR and CR.BUFE move without any
+    // register access from the guest.
+    assert_eq!(h.dev.receive(&frame_to(MAC, 61)), RxResult::Accepted);
+    let mut isr = [0u8; 2];
+    page.read(ISR as u64, &mut isr);
+    assert_eq!(u16::from_le_bytes(isr) & INT_ROK, INT_ROK);
+    assert_shadow_matches(&h, &page, "after RX");
+    // The guest's write-1-to-clear exits; the shadow is current when it returns.
+    h.w16(ISR as u64, INT_ROK);
+    page.read(ISR as u64, &mut isr);
+    assert_eq!(u16::from_le_bytes(isr) & INT_ROK, 0);
+    h.w16(0x38, 72 - 16);
+    assert_shadow_matches(&h, &page, "after ack and CAPR");
+    // TX: TSD0's OWN|TOK and ISR.TOK.
+    h.poke(0x1_0000, &frame_to([0xff; 6], 60));
+    h.w32(0x10, 0x0008_0000 | 60);
+    let mut tsd = [0u8; 4];
+    page.read(0x10, &mut tsd);
+    assert_eq!(
+        u32::from_le_bytes(tsd) & (TSD_OWN | TSD_TOK),
+        TSD_OWN | TSD_TOK
+    );
+    assert_shadow_matches(&h, &page, "after TX");
+    // EEPROM reads through CFG9346 (EEDO changes with each clocked write).
+    assert_eq!(
+        linux_read_eeprom(&h, 7, 6, 6),
+        u16::from_le_bytes([MAC[0], MAC[1]])
+    );
+    assert_shadow_matches(&h, &page, "after the EEPROM read");
+    h.w8(CR as u64, CR_RST);
+    assert_shadow_matches(&h, &page, "after reset");
+}
+
+#[test]
+fn shadow_follows_cplus_mode() {
+    let (h, page) = shadowed(REVISION_CPLUS);
+    cplus_up(&h, 0x2b);
+    assert_shadow_matches(&h, &page, "after C+ setup");
+    rx_desc(&h, 0, 0x6_0000, true);
+    assert_eq!(h.dev.receive(&frame_to(MAC, 100)), RxResult::Accepted);
+    assert_shadow_matches(&h, &page, "after C+ RX");
+    send_one(&h, 0, &frame_to([0xff; 6], 60), 0, 0);
+    h.dev.process_tx();
+    assert_eq!(h.sink.take().len(), 1);
+    assert_shadow_matches(&h, &page, "after a doorbell TX");
+    h.w16(ISR as u64, 0xffff);
+    h.w16(IMR as u64, 0);
+    assert_shadow_matches(&h, &page, "after ack and mask");
+}
+
+/// An interrupt line that, when raised, looks at what the guest would load from the
+/// shadow: the cause must already be there.
+struct ShadowCheckingIrq {
+    page: std::sync::OnceLock<Arc<ShadowPage>>,
+    isr_at_raise: std::sync::Mutex<Vec<u16>>,
+}
+
+impl IrqLine for ShadowCheckingIrq {
+    fn trigger(&self) {}
+    fn set_level(&self, asserted: bool) {
+        if let (true, Some(page)) = (asserted, self.page.get()) {
+            let mut isr = [0u8; 2];
+            page.read(ISR as u64, &mut isr);
+            self.isr_at_raise
+                .lock()
+                .unwrap()
+                .push(u16::from_le_bytes(isr));
+        }
+    }
+}
+
+#[test]
+fn shadow_shows_the_cause_before_the_interrupt_is_raised() {
+    let mem = Arc::new(VecGuestMemory::new(0, MEM));
+    let irq = Arc::new(ShadowCheckingIrq {
+        page: Default::default(),
+        isr_at_raise: Default::default(),
+    });
+    let dev = Arc::new(
+        Rtl8139::new(
+            Rtl8139Config {
+                mac: MAC,
+                revision: REVISION_C,
+            },
+            mem.clone(),
+            irq.clone(),
+            Arc::new(RecordingSink::default()),
+        )
+        .unwrap(),
+    );
+    dev.command_written(PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER);
+    let page: Arc<ShadowPage> = ShadowPage::new().into();
+    let _ = irq.page.set(page.clone());
+    dev.set_shadow(page);
+    let h = H {
+        dev,
+        mem,
+        irq: Arc::new(RecordingIrq::default()),
+        sink: Arc::new(RecordingSink::default()),
+    };
+    c_mode_up(&h);
+    assert_eq!(h.dev.receive(&frame_to(MAC, 61)), RxResult::Accepted);
+    let raised = irq.isr_at_raise.lock().unwrap().clone();
+    assert!(!raised.is_empty(), "RX with IMR.ROK set raises the line");
+    assert!(raised.iter().all(|isr| isr & INT_ROK != 0), "{raised:x?}");
+}
