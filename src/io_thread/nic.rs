@@ -41,7 +41,8 @@ impl FrameSource for Tap {
 /// irqfd and the TX doorbells KVM completes as ioeventfds.
 pub trait NicDoorbells: Send + Sync {
     fn resample(&self) -> &EventFd;
-    /// The guest EOI'd INTx: raise it again while the NIC still asserts it.
+    /// The guest EOI'd INTx: count it (KVM re-delivers a level still up by itself;
+    /// only the eventfd fallback of `irq::LevelIrq` raises again).
     fn on_resample(&self);
     /// The C+ TxPoll doorbell, with `--net tx=ioeventfd`.
     fn txpoll(&self) -> Option<&EventFd>;
