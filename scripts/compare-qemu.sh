@@ -684,7 +684,10 @@ def main():
             os.remove(stats)
         except OSError:
             pass
-        os.kill(p.pid, signal.SIGUSR1)
+        try:
+            os.kill(p.pid, signal.SIGUSR1)
+        except ProcessLookupError:
+            return None  # the VM ended early (its run is reported failed, with the guest's lines)
         end = time.time() + 10
         while time.time() < end:
             try:
