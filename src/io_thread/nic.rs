@@ -79,6 +79,12 @@ impl NicDoorbells for NetDevice {
     }
 }
 
+/// How often a ring that looks full is looked at again. A real 8139C+ reads the
+/// next descriptor for every arriving frame, so a driver may refill its ring without
+/// any register write (the test guest's lean C+ driver does): the space event alone
+/// could then never come, and RX would stall for good.
+const RX_RECHECK: Duration = Duration::from_millis(1);
+
 pub struct Nic {
     model: Arc<Rtl8139>,
     frames: Arc<dyn FrameSource>,
@@ -90,6 +96,8 @@ pub struct Nic {
     /// TimerInt's deadline, re-read only when the device says it moved or after it
     /// fired: no NIC lock per wake-up.
     timer: Option<Instant>,
+    /// While the guest's ring looks full: when to look at it again.
+    rx_recheck: Option<Instant>,
     frame: Vec<u8>,
     /// The I/O loop's longest busy-poll window after NIC activity (zero: none).
     poll_window: Duration,
@@ -111,6 +119,7 @@ impl Nic {
             tap_interest: EventSet::IN,
             tap_open: true,
             timer,
+            rx_recheck: None,
             frame: vec![0; MAX_TAP_FRAME],
             poll_window: Duration::ZERO,
         }
@@ -178,6 +187,7 @@ impl Nic {
         } else {
             EventSet::empty()
         };
+        self.rx_recheck = (!room).then(|| Instant::now() + RX_RECHECK);
         if want != self.tap_interest {
             w.set(self.frames.as_raw_fd(), Token::Tap, want);
             self.tap_interest = want;
@@ -236,7 +246,10 @@ impl Nic {
     /// When the loop must wake for TimerInt (no register access may come to check it
     /// for a while).
     pub fn timer_deadline(&self) -> Option<Instant> {
-        self.timer
+        match (self.timer, self.rx_recheck) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
     }
 
     /// After every wake-up: fire TimerInt if it is due.
@@ -244,6 +257,11 @@ impl Nic {
         if self.timer.is_some_and(|due| now >= due) {
             self.model.poll_timer();
             self.timer = self.model.next_timer_deadline();
+        }
+        if self.rx_recheck.is_some_and(|due| now >= due) {
+            self.rx_recheck = None;
+            // Handled as the device's own space event, where the tap is watched again.
+            let _ = self.model.rx_space_event().write(1);
         }
     }
 
