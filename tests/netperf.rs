@@ -241,10 +241,7 @@ fn host_netperf_measures_the_guest_on_wbvmm_in_both_modes() {
         );
         // Every counted transaction crossed the tap: one request frame in, three
         // response frames out.
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&stats).unwrap_or_default())
-                .unwrap_or_else(|e| panic!("final statistics: {e}\n{}", o.show()));
-        let _ = std::fs::remove_file(&stats);
+        let v = take_final_stats(&stats, &o);
         assert!(
             v["net"]["tx_packets"].as_u64().unwrap_or(0) >= 3 * COUNTED,
             "{v:#}"
@@ -529,10 +526,7 @@ fn host_netperf_against_the_interrupt_driven_driver_on_wbvmm_and_qemu() {
         // rising edges) are no bound either way: KVM delivers again at an EOI
         // while the level stays up, and an edge while the vector is in service
         // is no delivery of its own.
-        let v: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(&stats).unwrap_or_default())
-                .unwrap_or_else(|e| panic!("final statistics: {e}\n{}", o.show()));
-        let _ = std::fs::remove_file(&stats);
+        let v = take_final_stats(&stats, &o);
         let resamples = v["interrupts"]["nic_resamples"].as_u64().unwrap_or(0);
         let raised = v["interrupts"]["nic"].as_u64().unwrap_or(0);
         assert!(

@@ -510,6 +510,15 @@ impl Running {
     }
 }
 
+/// The `--stats=PATH` report a finished VM left, parsed, and the file removed;
+/// panics with the VM's output when there is none.
+pub fn take_final_stats(path: &std::path::Path, vm: &Output) -> serde_json::Value {
+    let v = serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_default())
+        .unwrap_or_else(|e| panic!("final statistics in {}: {e}\n{}", path.display(), vm.show()));
+    let _ = std::fs::remove_file(path);
+    v
+}
+
 /// A path for a `--stats=PATH` file of one test, removed first.
 pub fn stats_file(tag: &str) -> PathBuf {
     let p = std::env::temp_dir().join(format!("wbvmm-{tag}-{}.json", std::process::id()));
