@@ -1,6 +1,7 @@
 //! vCPU threads: how a VM ends, the run loop, and what each vCPU measures. The exit
 //! handling itself is in [`dispatch`]; the exit kinds in [`crate::exit_kind`].
 
+pub mod debug_port;
 pub mod device_exits;
 pub mod dispatch;
 
@@ -17,9 +18,9 @@ use self::dispatch::{Action, ExitHandler, KvmVcpu};
 use crate::coalesced::CoalescedRing;
 use crate::emulate::EmulationStats;
 pub use crate::exit_kind::ExitCounters;
-use crate::gdb::port::StopCause;
 use crate::latency::ExitLatencies;
 use crate::memory::{MemoryStats, SlotRegistry};
+use crate::vcpu::debug_port::StopCause;
 
 /// How a VM ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,7 +195,7 @@ pub struct VcpuContext {
     pub memory: Arc<SlotRegistry>,
     pub mmio_cache: bool,
     /// This vCPU's end of the GDB stub (`--gdb`).
-    pub debug: Option<crate::gdb::port::VcpuPort>,
+    pub debug: Option<crate::vcpu::debug_port::VcpuPort>,
 }
 
 /// Everything one vCPU measured; merged across vCPUs for `--stats`.

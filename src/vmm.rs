@@ -302,7 +302,9 @@ impl Vmm {
             .collect();
         eprintln!("wbvmm: threads {} wbvmm-io={}", names.join(" "), io.tid);
         if let Some(g) = gdb {
-            g.spawn(self.exit.clone())?;
+            g.spawn(self.exit.clone(), || {
+                crate::seccomp::enter(crate::seccomp::ThreadKind::Gdb)
+            })?;
         }
         // The vCPU threads wait for this filter before their first KVM_RUN.
         crate::seccomp::enter(crate::seccomp::ThreadKind::Main);
@@ -322,7 +324,7 @@ impl Vmm {
         &self,
         id: u32,
         vcpu: VcpuFd,
-        debug: Option<crate::gdb::port::VcpuPort>,
+        debug: Option<crate::vcpu::debug_port::VcpuPort>,
         wake: Sender<Wake>,
     ) -> Result<(JoinHandle<VcpuStats>, i32), VmmError> {
         let ctx = VcpuContext {

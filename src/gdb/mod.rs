@@ -2,7 +2,7 @@
 //!
 //! The design Firecracker and Cloud Hypervisor use: a `wbvmm-gdb` thread talks to the
 //! debugger; vCPUs are stopped by a pause flag and a kick and then park in
-//! [`port::VcpuPort::park`], where each answers the stub's requests on its own
+//! [`crate::vcpu::debug_port::VcpuPort::park`], where each answers the stub's requests on its own
 //! thread (registers, memory through its page tables, KVM_SET_GUEST_DEBUG). All-stop:
 //! one vCPU stopping (breakpoint, step) stops the others before the debugger hears
 //! of it. Threads are vCPUs (thread id = vCPU id + 1). The VM waits for the debugger
@@ -12,8 +12,6 @@
 //! the exit dispatch hands here when the address is a breakpoint
 //! (`crate::vcpu::dispatch`). A debugger that goes away lets the VM run on, with
 //! its breakpoints removed; the next one may connect.
-
-pub mod port;
 
 use std::io::{self, Read, Write};
 use std::num::NonZeroUsize;
@@ -42,7 +40,7 @@ use gdbstub_arch::x86::reg::X86_64CoreRegs;
 use gdbstub_arch::x86::X86_64_SSE;
 use thiserror::Error;
 
-use self::port::{Event, Reply, Request, Shared, StopCause, VcpuPort};
+use crate::vcpu::debug_port::{Event, Reply, Request, Shared, StopCause, VcpuPort};
 use crate::vcpu::{ExitState, VmOutcome};
 
 #[derive(Debug, Error)]
@@ -110,8 +108,14 @@ impl GdbServer {
         self.ports.get_mut(id as usize).and_then(Option::take)
     }
 
-    /// Start the `wbvmm-gdb` thread. It lives until the process ends.
-    pub fn spawn(self, exit: Arc<ExitState>) -> Result<(), GdbError> {
+    /// Start the `wbvmm-gdb` thread. It lives until the process ends. `on_start`
+    /// runs first on the new thread (the VM installs the thread's seccomp filter
+    /// there; this module does not know the filters, as vcpu depends on it).
+    pub fn spawn(
+        self,
+        exit: Arc<ExitState>,
+        on_start: impl FnOnce() + Send + 'static,
+    ) -> Result<(), GdbError> {
         eprintln!(
             "wbvmm: waiting for a debugger on {} before the first guest instruction (gdb: target remote {})",
             self.path.display(),
@@ -120,7 +124,7 @@ impl GdbServer {
         std::thread::Builder::new()
             .name("wbvmm-gdb".into())
             .spawn(move || {
-                crate::seccomp::enter(crate::seccomp::ThreadKind::Gdb);
+                on_start();
                 self.serve(exit)
             })
             .map(|_| ())

@@ -23,8 +23,8 @@ use crate::coalesced::CoalescedRing;
 use crate::emulate::kvm::VcpuEmulator;
 use crate::emulate::EmulationStats;
 use crate::exit_kind::ExitKind;
-use crate::gdb::port::{Shared as DebugShared, StopCause};
 use crate::memory::{fill_open_bus, MmioRoute, MmioRouter, SlotRegistry};
+use crate::vcpu::debug_port::{Shared as DebugShared, StopCause};
 
 /// What the vCPU thread does after an exit.
 #[derive(Debug, Clone, PartialEq, Eq)]

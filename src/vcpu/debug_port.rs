@@ -75,16 +75,16 @@ pub struct Shared {
     /// KVM_RUN: it starts set, so the guest waits for the debugger).
     pause: AtomicBool,
     /// Written after each event, so the stub can poll it beside the debugger's socket.
-    pub(super) events_ready: EventFd,
+    pub(crate) events_ready: EventFd,
     /// Each vCPU thread while it runs, for kicks (cleared under the lock before it
     /// ends, so a kick never reaches a thread that is gone).
     threads: Mutex<Vec<Option<libc::pthread_t>>>,
     /// The debugger's software breakpoints: address → the byte the int3 replaced.
-    pub(super) breakpoints: Mutex<BTreeMap<u64, u8>>,
+    pub(crate) breakpoints: Mutex<BTreeMap<u64, u8>>,
 }
 
 impl Shared {
-    pub(super) fn new(cpus: usize) -> std::io::Result<Self> {
+    pub(crate) fn new(cpus: usize) -> std::io::Result<Self> {
         Ok(Self {
             pause: AtomicBool::new(true),
             events_ready: EventFd::new(libc::EFD_NONBLOCK)?,
@@ -93,13 +93,13 @@ impl Shared {
         })
     }
 
-    pub(super) fn set_pause(&self, pause: bool) {
+    pub(crate) fn set_pause(&self, pause: bool) {
         self.pause.store(pause, Ordering::SeqCst);
     }
 
     /// Take vCPU `id` out of KVM_RUN (see `crate::vcpu_kick`); nothing if it is not
     /// running.
-    pub(super) fn kick(&self, id: usize) {
+    pub(crate) fn kick(&self, id: usize) {
         let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(Some(t)) = threads.get(id) {
             crate::vcpu_kick::kick_pthread(*t);
@@ -117,10 +117,10 @@ impl Shared {
 
 /// One vCPU's end of the stub, owned by its thread.
 pub struct VcpuPort {
-    pub(super) id: u32,
-    pub(super) shared: Arc<Shared>,
-    pub(super) requests: Receiver<Request>,
-    pub(super) events: Sender<(u32, Event)>,
+    pub(crate) id: u32,
+    pub(crate) shared: Arc<Shared>,
+    pub(crate) requests: Receiver<Request>,
+    pub(crate) events: Sender<(u32, Event)>,
     cpuid: Option<CpuidSource>,
     attached: bool,
 }
@@ -130,7 +130,7 @@ pub struct VcpuPort {
 const PARKED_CHECK: Duration = Duration::from_millis(50);
 
 impl VcpuPort {
-    pub(super) fn new(
+    pub(crate) fn new(
         id: u32,
         shared: Arc<Shared>,
         requests: Receiver<Request>,
