@@ -505,10 +505,7 @@ impl MultiThreadResume for DebuggedVm {
         tid: Tid,
         _signal: Option<Signal>,
     ) -> Result<(), Self::Error> {
-        if let Some(s) = self.action.get_mut(vcpu_of(tid)) {
-            *s = Some(false);
-        }
-        Ok(())
+        self.resume(tid, false)
     }
 
     fn support_single_step(&mut self) -> Option<MultiThreadSingleStepOps<'_, Self>> {
@@ -517,6 +514,16 @@ impl MultiThreadResume for DebuggedVm {
 
     fn support_scheduler_locking(&mut self) -> Option<MultiThreadSchedulerLockingOps<'_, Self>> {
         Some(self)
+    }
+}
+
+impl DebuggedVm {
+    /// How vCPU `tid` resumes: one step (`true`) or running on.
+    fn resume(&mut self, tid: Tid, step: bool) -> Result<(), TargetErr> {
+        if let Some(s) = self.action.get_mut(vcpu_of(tid)) {
+            *s = Some(step);
+        }
+        Ok(())
     }
 }
 
@@ -533,10 +540,7 @@ impl MultiThreadSingleStep for DebuggedVm {
         tid: Tid,
         _signal: Option<Signal>,
     ) -> Result<(), Self::Error> {
-        if let Some(s) = self.action.get_mut(vcpu_of(tid)) {
-            *s = Some(true);
-        }
-        Ok(())
+        self.resume(tid, true)
     }
 }
 
