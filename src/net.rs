@@ -9,8 +9,9 @@ use crate::irq::LevelIrq;
 use kvm_ioctls::VmFd;
 use serde::Serialize;
 use thiserror::Error;
+use wbvmm_devices::net::rtl8139::regs::{CPCMD, CR};
 use wbvmm_devices::net::rtl8139::{
-    Rtl8139, Rtl8139Config, Rtl8139Error, REVISION_C, REVISION_CPLUS,
+    Rtl8139, Rtl8139Config, Rtl8139Error, Rtl8139Mode, REVISION_C, REVISION_CPLUS,
 };
 use wbvmm_devices::net::tap::{Tap, TapError, TapOptions};
 use wbvmm_devices::pci::{BarSpec, PciDevice, PciError, PciIds, PciPlacement, PciRoot};
@@ -19,7 +20,7 @@ use wbvmm_devices::{Bus, BusDevice, GuestDma};
 mod doorbell;
 mod shadow;
 pub use doorbell::{Doorbell, TsdDoorbells, TsdIoEvents};
-pub use shadow::RegisterShadow;
+pub use shadow::{RegisterShadow, ShadowPolicy};
 
 /// Where the NIC sits: 00:03.0 (as under QEMU), INTA routed to IOAPIC pin 16 (pins
 /// 16-23 are the IOAPIC-only ones in KVM's default routing), BARs where a BIOS would
@@ -31,7 +32,7 @@ pub const NIC_MMIO_BAR: u64 = 0xfebf_f000;
 
 #[derive(Debug, Error)]
 pub enum NetError {
-    #[error("'{0}' is not a --net spec: use tap=NAME[,mac=52:54:00:12:34:56][,rev=0x20|0x10][,tx=ioeventfd|exit][,poll-us=0..1000][,shadow=on|off] (shadow=on needs tx=ioeventfd)")]
+    #[error("'{0}' is not a --net spec: use tap=NAME[,mac=52:54:00:12:34:56][,rev=0x20|0x10][,tx=ioeventfd|exit][,poll-us=0..1000][,shadow=auto|on|off] (shadow=on needs tx=ioeventfd)")]
     BadSpec(String),
     #[error(transparent)]
     Tap(#[from] TapError),
@@ -70,8 +71,8 @@ pub struct NetConfig {
     pub tx: TxDoorbell,
     /// The I/O thread's longest busy-poll window after NIC activity (0: off).
     pub poll_us: u32,
-    /// Guest reads of the MMIO BAR from a read-only shadow page (no exit).
-    pub shadow: bool,
+    /// When guest reads of the MMIO BAR come from a read-only shadow page (no exit).
+    pub shadow: ShadowPolicy,
 }
 
 impl FromStr for NetConfig {
@@ -84,7 +85,7 @@ impl FromStr for NetConfig {
             revision: REVISION_CPLUS,
             tx: TxDoorbell::IoEventFd,
             poll_us: DEFAULT_POLL_US,
-            shadow: false,
+            shadow: ShadowPolicy::CPlusOnly,
         };
         for part in s.split(',') {
             let (k, v) = part.split_once('=').ok_or_else(bad)?;
@@ -117,8 +118,9 @@ impl FromStr for NetConfig {
                 }
                 "shadow" => {
                     cfg.shadow = match v {
-                        "on" => true,
-                        "off" => false,
+                        "auto" => ShadowPolicy::CPlusOnly,
+                        "on" => ShadowPolicy::Always,
+                        "off" => ShadowPolicy::Off,
                         _ => return Err(bad()),
                     }
                 }
@@ -132,9 +134,15 @@ impl FromStr for NetConfig {
                 _ => return Err(bad()),
             }
         }
-        // The shadow follows the BAR through the doorbell frontend's hook.
-        if cfg.tap.is_empty() || (cfg.shadow && cfg.tx != TxDoorbell::IoEventFd) {
+        // The shadow follows the BAR through the doorbell frontend's hook, which
+        // `tx=exit` does without: `on` is refused there, `auto` means off.
+        if cfg.tap.is_empty()
+            || (cfg.shadow == ShadowPolicy::Always && cfg.tx != TxDoorbell::IoEventFd)
+        {
             return Err(bad());
+        }
+        if cfg.tx != TxDoorbell::IoEventFd {
+            cfg.shadow = ShadowPolicy::Off;
         }
         Ok(cfg)
     }
@@ -172,7 +180,27 @@ impl BusDevice for NicFrontend {
     }
     fn write(&self, base: u64, offset: u64, data: &[u8]) {
         self.tsd.observe(&self.nic, base, offset, Some(data));
+        // Only CPlusCmd (the switch to C+) and ChipCmd (a reset, back to C) change
+        // the mode: the rest pay no mode check.
+        let end = offset + data.len() as u64;
+        let may_switch = self.shadow.as_ref().is_some_and(|s| {
+            s.policy() == ShadowPolicy::CPlusOnly
+                && [CPCMD as u64, CR as u64]
+                    .iter()
+                    .any(|r| (offset..end).contains(r))
+        });
+        let before = may_switch.then(|| self.nic.mode());
         self.nic.write(base, offset, data);
+        if let (Some(before), Some(shadow)) = (before, &self.shadow) {
+            let now = self.nic.mode();
+            if now != before {
+                if now == Rtl8139Mode::CPlus {
+                    // Nothing absorbed may be pending once the page can be read.
+                    self.tsd.disarm_all(&self.nic);
+                }
+                shadow.follow_bar();
+            }
+        }
     }
     fn name(&self) -> &'static str {
         self.nic.name()
@@ -260,17 +288,23 @@ impl NetDevice {
                     buses.0.clone(),
                     buses.1.clone(),
                 )?;
-                let shadow = cfg.shadow.then(|| {
+                let shadow = (cfg.shadow != ShadowPolicy::Off).then(|| {
                     Arc::new(RegisterShadow::new(
                         &nic,
                         dma.registry().clone(),
                         Arc::downgrade(root),
                         NIC_PCI_DEVICE,
+                        cfg.shadow,
                     ))
                 });
+                let tsd = match (cfg.shadow, &shadow) {
+                    (ShadowPolicy::Always, _) => tsd.never_learn(),
+                    (_, Some(s)) => tsd.unless_shadow(s.present()),
+                    (_, None) => tsd,
+                };
                 let f = Arc::new(NicFrontend {
                     nic: nic.clone(),
-                    tsd: if cfg.shadow { tsd.never_learn() } else { tsd },
+                    tsd,
                     doorbell: std::sync::OnceLock::new(),
                     shadow,
                 });
@@ -365,8 +399,16 @@ mod tests {
         assert_eq!(c.revision, REVISION_C);
         assert_eq!(c.tx, TxDoorbell::IoEventFd);
         assert_eq!(c.poll_us, DEFAULT_POLL_US);
-        assert!(!c.shadow);
-        assert!("tap=a,shadow=on".parse::<NetConfig>().unwrap().shadow);
+        assert_eq!(c.shadow, ShadowPolicy::CPlusOnly);
+        for (spec, policy) in [
+            ("tap=a,shadow=on", ShadowPolicy::Always),
+            ("tap=a,shadow=off", ShadowPolicy::Off),
+            ("tap=a,shadow=auto", ShadowPolicy::CPlusOnly),
+            // Without the frontend there is no shadow: auto means off.
+            ("tap=a,tx=exit", ShadowPolicy::Off),
+        ] {
+            assert_eq!(spec.parse::<NetConfig>().unwrap().shadow, policy, "{spec}");
+        }
         assert_eq!("tap=a,poll-us=0".parse::<NetConfig>().unwrap().poll_us, 0);
         assert_eq!(
             "tap=a,tx=exit".parse::<NetConfig>().unwrap().tx,

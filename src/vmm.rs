@@ -246,7 +246,7 @@ impl Vmm {
         })
     }
 
-    /// The NIC's register shadow, with `--net ...,shadow=on`.
+    /// The NIC's register shadow, with `--net ...,shadow=on` or `auto` (the default).
     pub fn nic_shadow(&self) -> Option<&Arc<crate::net::RegisterShadow>> {
         self.net.as_ref()?.frontend.as_ref()?.shadow.as_ref()
     }

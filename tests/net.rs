@@ -157,7 +157,8 @@ fn ping_and_rr_in_both_modes_and_both_bars() {
     }
 }
 
-/// The read-only register shadow (`--net ...,shadow=on`): the Linux-shaped driver
+/// The read-only register shadow (`--net ...,shadow=on`, and `auto`, the default, in
+/// C+ mode only: in C mode the TSD doorbells are learnt instead): the Linux-shaped driver
 /// (`nicdrv=linux`, IntrStatus polled, acked, IntrMask masked around the poll) over
 /// the MMIO BAR reads its registers from the shadow page without exits, and still
 /// moves every frame: its acks and masks (writes) exit and are seen by its next
@@ -176,7 +177,7 @@ fn register_shadow_serves_linux_shaped_reads_without_exits() {
             "net=rr port=7777 trans={RR_TRANSACTIONS} secs=600 nic={mode} nicio=mmio nicdrv=linux"
         );
         let mut reads = Vec::new();
-        for shadow in ["off", "on"] {
+        for shadow in ["off", "on", "auto"] {
             let spec = format!("tap={},shadow={shadow}", ns.tap);
             let o = guest(&ns, &spec, &words, &["--stats"]);
             assert_eq!(o.code, Some(0), "rr {mode} shadow={shadow}\n{}", o.show());
@@ -193,6 +194,13 @@ fn register_shadow_serves_linux_shaped_reads_without_exits() {
         assert!(
             reads[0] >= RR_TRANSACTIONS && reads[1] < RR_TRANSACTIONS / 10,
             "{mode}: MMIO read exits without / with the shadow: {reads:?}"
+        );
+        // auto: the shadow's in C+ mode, not in C mode.
+        let auto_shadowed = reads[2] < RR_TRANSACTIONS / 10;
+        assert_eq!(
+            auto_shadowed,
+            mode == "cplus",
+            "{mode}: MMIO read exits off / on / auto: {reads:?}"
         );
     }
 }

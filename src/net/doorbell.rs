@@ -3,7 +3,7 @@
 //! writes.
 
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -190,10 +190,13 @@ pub struct TsdDoorbells {
     /// delay or hasten learning, never make a replay wrong.
     streaks: [AtomicU64; TSD_COUNT],
     state: Mutex<TsdLearnState>,
-    /// False with the register shadow: a write KVM absorbed would leave the shadow's
-    /// TSD status older than the guest's own write, and the guest reads it without an
-    /// exit that could replay it first.
+    /// False with the register shadow always on: a write KVM absorbed would leave the
+    /// shadow's TSD status older than the guest's own write, and the guest reads it
+    /// without an exit that could replay it first.
     learning: bool,
+    /// With `shadow=auto`: set while the shadow page may be mapped (C+ mode); nothing
+    /// is armed then, for the same reason.
+    shadow_present: Option<Arc<AtomicBool>>,
 }
 
 const LEARN_AFTER: u32 = 4;
@@ -243,6 +246,7 @@ impl TsdDoorbells {
             streaks: Default::default(),
             state: Default::default(),
             learning: true,
+            shadow_present: None,
         })
     }
 
@@ -250,6 +254,31 @@ impl TsdDoorbells {
     pub(super) fn never_learn(mut self) -> Self {
         self.learning = false;
         self
+    }
+
+    /// Learn only while `present` (the register shadow's) is clear.
+    pub(super) fn unless_shadow(mut self, present: Arc<AtomicBool>) -> Self {
+        self.shadow_present = Some(present);
+        self
+    }
+
+    fn learns(&self) -> bool {
+        self.learning
+            && !self
+                .shadow_present
+                .as_ref()
+                .is_some_and(|p| p.load(Ordering::SeqCst))
+    }
+
+    /// Disarm every TSD doorbell, replaying what KVM absorbed: before the register
+    /// shadow may be mapped.
+    /// Rare (a mode switch), so always under the lock: an `observe` on another vCPU
+    /// either armed before it (and is disarmed here) or sees the new mode.
+    pub(super) fn disarm_all(&self, nic: &Rtl8139) {
+        let mut st = self.lock();
+        for n in 0..TSD_COUNT {
+            self.disarm(&mut st, n, nic);
+        }
     }
 
     fn lock(&self) -> MutexGuard<'_, TsdLearnState> {
@@ -329,7 +358,7 @@ impl TsdDoorbells {
     pub(super) fn observe(&self, nic: &Rtl8139, base: u64, offset: u64, write: Option<&[u8]>) {
         let armed = self.armed_mask.load(Ordering::SeqCst) != 0;
         let tsd = tsd_write(offset, write);
-        let learn = self.learning && tsd.is_some_and(|(n, v)| self.streak(n, v) >= LEARN_AFTER);
+        let learn = self.learns() && tsd.is_some_and(|(n, v)| self.streak(n, v) >= LEARN_AFTER);
         if !armed && !learn {
             return;
         }
@@ -344,7 +373,11 @@ impl TsdDoorbells {
             st.gens = gens;
         }
         // Only C-mode TSDs: in C+ mode these offsets are the tally-dump register.
-        if !learn || st.armed[n].map(|a| a.1) == Some(v) || nic.mode() != Rtl8139Mode::C {
+        if !learn
+            || st.armed[n].map(|a| a.1) == Some(v)
+            || nic.mode() != Rtl8139Mode::C
+            || !self.learns()
+        {
             return;
         }
         let Some(pci) = self.pci.upgrade() else {

@@ -4,6 +4,13 @@
 //! guest stores still exit as MMIO (KVM_MEM_READONLY) and reach the device through
 //! the bus, which the exit router asks before the memslot mirror.
 //!
+//! When: `shadow=on` maps it whenever the BAR decodes; `shadow=auto` (the default)
+//! only while the driver runs the chip in C+ mode (8139cp, which reads its registers
+//! through the MMIO BAR). In C mode the TSD doorbells are learnt instead (a write KVM
+//! absorbs would leave the shadow's TSD status older than the guest's write): the
+//! frontend disarms them before a C+ switch asks for the slot, and `present` keeps
+//! the learner from arming while the slot may still be mapped.
+//!
 //! The slot follows the BAR: moved, or removed while memory decode is off, after the
 //! PCI root's `bars_moved` callback (a rare event: firmware or driver setup, never per
 //! access). That callback runs on the vCPU thread that wrote the config space, whose
@@ -12,15 +19,27 @@
 //! the device (slower, not wrong), and loads at the old one, where nothing else is
 //! mapped, read the shadow rather than open bus.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use wbvmm_devices::net::rtl8139::{Rtl8139, ShadowPage, SHADOW_PAGE_SIZE};
+use wbvmm_devices::net::rtl8139::{Rtl8139, Rtl8139Mode, ShadowPage, SHADOW_PAGE_SIZE};
 use wbvmm_devices::pci::PciRoot;
 
 use crate::memory::{SlotFlags, SlotId, SlotRegistry};
 
 /// The NIC's MMIO BAR index.
 const MMIO_BAR: u8 = 1;
+
+/// When the shadow is mapped (`--net ...,shadow=`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShadowPolicy {
+    /// Never: every MMIO read exits.
+    Off,
+    /// While the NIC is in C+ mode (`auto`).
+    CPlusOnly,
+    /// Whenever the BAR decodes (`on`); the TSD doorbells are then never learnt.
+    Always,
+}
 
 pub struct RegisterShadow {
     /// Lives for the process (one reference is leaked): the registry's contract for
@@ -30,6 +49,11 @@ pub struct RegisterShadow {
     registry: Arc<SlotRegistry>,
     pci: Weak<PciRoot>,
     device: u8,
+    nic: Weak<Rtl8139>,
+    policy: ShadowPolicy,
+    /// True from just before the slot is added until just after it is removed: while
+    /// set, the TSD learner arms nothing (see the module comment).
+    present: Arc<AtomicBool>,
     /// (BAR address, slot) while mapped.
     at: Mutex<Option<(u64, SlotId)>>,
     /// Wakes the main thread, once the VM runs: it moves the slot.
@@ -37,8 +61,15 @@ pub struct RegisterShadow {
 }
 
 impl RegisterShadow {
-    /// Give the NIC its shadow page; map it where the MMIO BAR is now.
-    pub fn new(nic: &Rtl8139, registry: Arc<SlotRegistry>, pci: Weak<PciRoot>, device: u8) -> Self {
+    /// Give the NIC its shadow page; map it where the MMIO BAR is now, if `policy`
+    /// wants it. `policy` is not `Off` (no shadow is built then).
+    pub fn new(
+        nic: &Arc<Rtl8139>,
+        registry: Arc<SlotRegistry>,
+        pci: Weak<PciRoot>,
+        device: u8,
+        policy: ShadowPolicy,
+    ) -> Self {
         let page: Arc<ShadowPage> = ShadowPage::new().into();
         std::mem::forget(page.clone());
         nic.set_shadow(page.clone());
@@ -47,6 +78,9 @@ impl RegisterShadow {
             registry,
             pci,
             device,
+            nic: Arc::downgrade(nic),
+            policy,
+            present: Arc::new(AtomicBool::new(policy == ShadowPolicy::Always)),
             at: Mutex::new(None),
             main: OnceLock::new(),
         };
@@ -69,6 +103,15 @@ impl RegisterShadow {
         }
     }
 
+    /// Set while the slot is (or may be) mapped: the TSD learner's stop sign.
+    pub fn present(&self) -> Arc<AtomicBool> {
+        self.present.clone()
+    }
+
+    pub fn policy(&self) -> ShadowPolicy {
+        self.policy
+    }
+
     /// Where the shadow is mapped now (for tests and diagnostics).
     pub fn mapped_at(&self) -> Option<u64> {
         self.at
@@ -77,12 +120,25 @@ impl RegisterShadow {
             .map(|a| a.0)
     }
 
-    /// Map the page where the MMIO BAR decodes now, or nowhere. Changes memslots:
-    /// not on a vCPU thread.
+    /// Whether the policy wants the page mapped in the NIC's present mode.
+    fn wanted_in_this_mode(&self) -> bool {
+        match self.policy {
+            ShadowPolicy::Off => false,
+            ShadowPolicy::Always => true,
+            ShadowPolicy::CPlusOnly => self
+                .nic
+                .upgrade()
+                .is_some_and(|n| n.mode() == Rtl8139Mode::CPlus),
+        }
+    }
+
+    /// Map the page where the MMIO BAR decodes now (if the policy wants it in the
+    /// NIC's present mode), or nowhere. Changes memslots: not on a vCPU thread.
     pub fn remap(&self) {
         let want = self
             .pci
             .upgrade()
+            .filter(|_| self.wanted_in_this_mode())
             .and_then(|p| p.bar_mapping(self.device, MMIO_BAR))
             .and_then(|(_, at)| at)
             .filter(|a| a.is_multiple_of(SHADOW_PAGE_SIZE));
@@ -98,7 +154,15 @@ impl RegisterShadow {
                 );
             }
         }
-        let Some(gpa) = want else { return };
+        let Some(gpa) = want else {
+            if self.policy != ShadowPolicy::Always {
+                // Removed: the learner may arm again.
+                self.present.store(false, Ordering::SeqCst);
+            }
+            return;
+        };
+        // Before the slot exists, so no learner arms once a load can hit the page.
+        self.present.store(true, Ordering::SeqCst);
         // SAFETY: the page is leaked, so mapped for the process's lifetime; the slot
         // is read-only, so neither KVM nor the DMA path writes it.
         let added = unsafe {
@@ -112,10 +176,15 @@ impl RegisterShadow {
         match added {
             Ok(id) => *at = Some((gpa, id)),
             // Reads then exit as before: slower, not wrong.
-            Err(e) => log::warn!(
-                "cannot map the NIC's register shadow at {gpa:#x}; register reads will exit: {}",
-                crate::error_chain(&e)
-            ),
+            Err(e) => {
+                if self.policy != ShadowPolicy::Always {
+                    self.present.store(false, Ordering::SeqCst);
+                }
+                log::warn!(
+                    "cannot map the NIC's register shadow at {gpa:#x}; register reads will exit: {}",
+                    crate::error_chain(&e)
+                )
+            }
         }
     }
 }

@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex};
 use kvm_ioctls::IoEventAddress;
 use vmm_sys_util::eventfd::EventFd;
 use wbvmm_devices::irq::RecordingIrq;
-use wbvmm_devices::net::rtl8139::regs::{CPCMD, CR, CR_RE, CR_TE, INT_MASK, INT_TOK, ISR, TSAD0};
+use wbvmm_devices::net::rtl8139::regs::{
+    CPCMD, CPCMD_RXENB, CPCMD_TXENB, CR, CR_RE, CR_RST, CR_TE, INT_MASK, INT_TOK, ISR, TSAD0,
+};
 use wbvmm_devices::net::rtl8139::{Rtl8139, Rtl8139Config, REVISION_C};
 use wbvmm_devices::net::RecordingSink;
 use wbvmm_devices::pci::{PciDevice, PciPlacement, PciRoot, PCI_COMMAND_MASTER};
@@ -15,7 +17,7 @@ use wbvmm_devices::{Bus, BusDevice, GuestDma, VecGuestMemory};
 
 use super::{BarBases, TsdDoorbells, TsdIoEvents, LEARN_AFTER, TSD_COUNT};
 use crate::memory::{FakeBackend, SlotIndexKind, SlotRegistry};
-use crate::net::{NicFrontend, RegisterShadow};
+use crate::net::{NicFrontend, RegisterShadow, ShadowPolicy};
 
 const DEVICE: u8 = 3;
 const IO_BAR: u64 = 0xc000;
@@ -67,11 +69,11 @@ struct Rig {
 
 impl Rig {
     fn new() -> Rig {
-        Self::build(false)
+        Self::build(ShadowPolicy::Off)
     }
 
-    /// With `shadow`: the register shadow on, as `--net ...,shadow=on` builds it.
-    fn build(shadow: bool) -> Rig {
+    /// With the register shadow as `--net ...,shadow=` builds it for `policy`.
+    fn build(policy: ShadowPolicy) -> Rig {
         let mem = Arc::new(VecGuestMemory::new(0, 1 << 20));
         let sink = Arc::new(RecordingSink::default());
         let nic = Arc::new(
@@ -101,18 +103,25 @@ impl Rig {
             mmio,
         )
         .unwrap();
+        let shadow = (policy != ShadowPolicy::Off).then(|| {
+            Arc::new(RegisterShadow::new(
+                &nic,
+                registry.clone(),
+                Arc::downgrade(&root),
+                DEVICE,
+                policy,
+            ))
+        });
+        let tsd = match (policy, &shadow) {
+            (ShadowPolicy::Always, _) => tsd.never_learn(),
+            (_, Some(s)) => tsd.unless_shadow(s.present()),
+            (_, None) => tsd,
+        };
         let frontend = Arc::new(NicFrontend {
             nic: nic.clone(),
-            tsd: if shadow { tsd.never_learn() } else { tsd },
+            tsd,
             doorbell: std::sync::OnceLock::new(),
-            shadow: shadow.then(|| {
-                Arc::new(RegisterShadow::new(
-                    &nic,
-                    registry.clone(),
-                    Arc::downgrade(&root),
-                    DEVICE,
-                ))
-            }),
+            shadow,
         });
         root.add_device(
             frontend.clone(),
@@ -322,7 +331,7 @@ fn shadow_slots(rig: &Rig) -> Vec<(u64, u64, bool)> {
 
 #[test]
 fn the_register_shadow_is_a_read_only_slot_that_follows_the_mmio_bar() {
-    let rig = Rig::build(true);
+    let rig = Rig::build(ShadowPolicy::Always);
     let shadow = rig.frontend.shadow.clone().unwrap();
     assert_eq!(shadow.mapped_at(), Some(MEM_BAR));
     assert_eq!(shadow_slots(&rig), vec![(MEM_BAR, 0x1000, true)]);
@@ -346,7 +355,7 @@ fn the_register_shadow_is_a_read_only_slot_that_follows_the_mmio_bar() {
 
 #[test]
 fn with_the_shadow_no_tsd_doorbell_is_ever_armed() {
-    let rig = Rig::build(true);
+    let rig = Rig::build(ShadowPolicy::Always);
     for base in [IO_BAR, MEM_BAR] {
         rig.send_rounds(base, 2 * LEARN_AFTER as usize);
     }
@@ -356,7 +365,7 @@ fn with_the_shadow_no_tsd_doorbell_is_ever_armed() {
 
 #[test]
 fn while_the_vm_runs_a_bar_move_wakes_the_main_thread_which_moves_the_shadow() {
-    let rig = Rig::build(true);
+    let rig = Rig::build(ShadowPolicy::Always);
     let shadow = rig.frontend.shadow.clone().unwrap();
     let woken = Arc::new(std::sync::atomic::AtomicU32::new(0));
     let w = woken.clone();
@@ -370,4 +379,72 @@ fn while_the_vm_runs_a_bar_move_wakes_the_main_thread_which_moves_the_shadow() {
     assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 1);
     shadow.remap();
     assert_eq!(shadow_slots(&rig), vec![(moved as u64, 0x1000, true)]);
+}
+
+#[test]
+fn with_shadow_auto_c_mode_learns_and_the_switch_to_c_plus_disarms_then_maps() {
+    let rig = Rig::build(ShadowPolicy::CPlusOnly);
+    let shadow = rig.frontend.shadow.clone().unwrap();
+    // C mode: no shadow, the doorbells are learnt.
+    assert_eq!(shadow.mapped_at(), None);
+    assert!(shadow_slots(&rig).is_empty());
+    rig.send_rounds(IO_BAR, LEARN_AFTER as usize);
+    assert_eq!(rig.io.calls(), armed_at(true, IO_BAR));
+    assert_eq!(rig.frames(), 4 * LEARN_AFTER as usize);
+    // KVM absorbs one more frame (TSD0's turn); then the driver switches to C+.
+    rig.frontend.tsd.evts[0].write(1).unwrap();
+    let cpcmd = CPCMD_TXENB | CPCMD_RXENB;
+    rig.write(MEM_BAR, CPCMD as u64, &cpcmd.to_le_bytes());
+    // Every doorbell is unregistered and the absorbed frame sent before the page
+    // can be read; then the page is mapped over the MMIO BAR.
+    let calls = rig.io.calls();
+    let unregistered: Vec<_> = calls[4..].iter().filter(|c| !c.3).collect();
+    assert_eq!(unregistered.len(), TSD_COUNT, "{calls:?}");
+    assert_eq!(rig.frames(), 1, "the absorbed frame");
+    assert_eq!(shadow.mapped_at(), Some(MEM_BAR));
+    assert_eq!(shadow_slots(&rig), vec![(MEM_BAR, 0x1000, true)]);
+    assert!(shadow.present().load(std::sync::atomic::Ordering::SeqCst));
+    // A reset takes the chip back to C mode: the page goes, learning resumes.
+    rig.write(IO_BAR, CR as u64, &[CR_RST]);
+    assert_eq!(shadow.mapped_at(), None);
+    assert!(shadow_slots(&rig).is_empty());
+    rig.write(IO_BAR, CR as u64, &[CR_RE | CR_TE]);
+    for n in 0..TSD_COUNT {
+        let tsad = (TSAD0 + 4 * n) as u64;
+        rig.write(IO_BAR, tsad, &(buffer(n) as u32).to_le_bytes());
+    }
+    let before = rig.io.calls().len();
+    rig.send_rounds(IO_BAR, LEARN_AFTER as usize);
+    assert_eq!(rig.io.calls()[before..], armed_at(true, IO_BAR)[..]);
+}
+
+#[test]
+fn with_shadow_auto_nothing_is_armed_while_the_page_may_still_be_mapped() {
+    let rig = Rig::build(ShadowPolicy::CPlusOnly);
+    let shadow = rig.frontend.shadow.clone().unwrap();
+    let cpcmd = CPCMD_TXENB | CPCMD_RXENB;
+    rig.write(MEM_BAR, CPCMD as u64, &cpcmd.to_le_bytes());
+    assert_eq!(shadow.mapped_at(), Some(MEM_BAR));
+    // From now on the main thread moves the slot: a reset asks for the unmap, and
+    // until the main thread has done it the learner must not arm.
+    let woken = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let w = woken.clone();
+    shadow.remap_on(move || {
+        w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    });
+    rig.write(IO_BAR, CR as u64, &[CR_RST]);
+    assert_eq!(woken.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(shadow.mapped_at(), Some(MEM_BAR), "not yet unmapped");
+    rig.write(IO_BAR, CR as u64, &[CR_RE | CR_TE]);
+    for n in 0..TSD_COUNT {
+        let tsad = (TSAD0 + 4 * n) as u64;
+        rig.write(IO_BAR, tsad, &(buffer(n) as u32).to_le_bytes());
+    }
+    rig.send_rounds(IO_BAR, 2 * LEARN_AFTER as usize);
+    assert!(rig.io.calls().is_empty(), "{:?}", rig.io.calls());
+    // The main thread unmaps; the next run of equal writes is learnt.
+    shadow.remap();
+    assert_eq!(shadow.mapped_at(), None);
+    rig.send_rounds(IO_BAR, LEARN_AFTER as usize);
+    assert_eq!(rig.io.calls(), armed_at(true, IO_BAR));
 }
