@@ -141,6 +141,19 @@ for mode in cplus c; do
             "^rr: [1-9][0-9]* transactions in $secs s = [0-9.]+ trans/s\$"
     done
 done
+# C+ TX checksum offload (csum=offload, the default, as 8139cp): the chip fills the
+# IPv4 and TCP sums of every frame the guest's TCP sends, and the host's stack, which
+# drops a frame with a bad sum, answers them; csum=soft leaves them to smoltcp.
+for csum in offload soft; do
+    run "net=rr $base port=$port trans=200 secs=600 nic=cplus csum=$csum"
+    line=$(grep -E '^rr: [0-9]+ transactions in [0-9.]+ s = [0-9.]+ trans/s$' "$out" | tail -1)
+    if [ $csum = offload ]; then
+        want=('^net: tx checksums \(ipv4, tcp, udp\) by the chip$' '^rr: nic .* tx_csum_offloaded=[1-9][0-9]*$')
+    else
+        want=('^rr: nic .* tx_csum_offloaded=0$')
+    fi
+    check "rr nic=cplus csum=$csum" 1 "${line#rr: }" '^rr: 200 transactions in [0-9.]+ s = ' "${want[@]}"
+done
 # Default mode: QEMU presents revision 0x20, so auto picks C+ (as Linux).
 run "net=ping $base count=1"
 check "ping nic=auto (rev 0x20 -> cplus)" 1 "" "^net: link up mac=$mac mode=cplus io=pio\$" \

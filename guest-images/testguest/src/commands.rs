@@ -131,7 +131,7 @@ pub fn run(info: &BootInfo) -> u32 {
             // Network settings: already taken before the first word.
             (
                 "ip" | "peer" | "count" | "port" | "secs" | "trans" | "tests" | "nic" | "nicio"
-                | "nicbars" | "nicrx" | "nicdrv",
+                | "nicbars" | "nicrx" | "nicdrv" | "csum",
                 Some(_),
             ) => {}
             _ => println!("testguest: unknown word {}", word),

@@ -9,7 +9,7 @@ use crate::pci::{self, Bdf};
 use crate::rtl8139::{self, Bus, Mode, Nic};
 use crate::{nicirq, paging, println, tsc, Global};
 use smoltcp::iface::{Config, Interface, SocketSet, SocketStorage};
-use smoltcp::phy::{self, Device, DeviceCapabilities, Medium};
+use smoltcp::phy::{self, Checksum, Device, DeviceCapabilities, Medium};
 use smoltcp::socket::{icmp, tcp};
 use smoltcp::time::Instant;
 use smoltcp::wire::{
@@ -59,6 +59,9 @@ pub struct NetArgs {
     pub rx: rtl8139::RxOpts,
     /// `nicdrv=lean|linux|linux-irq`: the data path's register sequence (`rtl8139::Shape`).
     pub shape: rtl8139::Shape,
+    /// `csum=offload|soft`: in C+ mode, IPv4/TCP/UDP checksums of sent frames by the
+    /// chip (default, as 8139cp) or by smoltcp. C mode has no offload.
+    pub tx_csum_offload: bool,
     /// Set by `soak` per round: BAR0 (I/O) and BAR1 (memory) addresses to
     /// program whatever is there (moving the BARs of a running device).
     pub bars: Option<(u64, u64)>,
@@ -82,6 +85,7 @@ impl NetArgs {
                 no_wrap: false,
             },
             shape: rtl8139::Shape::Lean,
+            tx_csum_offload: true,
             bars: None,
         }
     }
@@ -150,6 +154,13 @@ impl NetArgs {
                     "firmware" => false,
                     "assign" => true,
                     _ => return Err("bad nicbars (firmware, assign)"),
+                }
+            }
+            "csum" => {
+                self.tx_csum_offload = match v {
+                    "offload" => true,
+                    "soft" => false,
+                    _ => return Err("bad csum (offload, soft)"),
                 }
             }
             "nicdrv" => {
@@ -285,7 +296,7 @@ pub fn bring_up(args: &NetArgs) -> Result<Nic, ()> {
             lapic
         );
     }
-    let nic = match Nic::init(bus, mode, args.rx, args.shape) {
+    let mut nic = match Nic::init(bus, mode, args.rx, args.shape) {
         Ok(n) => n,
         Err(e) => {
             println!("net: init failed: {:?}", e);
@@ -297,6 +308,7 @@ pub fn bring_up(args: &NetArgs) -> Result<Nic, ()> {
         mac_str(&nic.eeprom_mac),
         mac_str(&nic.idr_mac)
     );
+    nic.set_tx_checksum_offload(args.tx_csum_offload);
     println!(
         "net: link {} mac={} mode={} io={}",
         if nic.link_up { "up" } else { "down" },
@@ -304,6 +316,9 @@ pub fn bring_up(args: &NetArgs) -> Result<Nic, ()> {
         mode.name(),
         bus.name()
     );
+    if nic.tx_checksum_offload() {
+        println!("net: tx checksums (ipv4, tcp, udp) by the chip");
+    }
     if args.shape != rtl8139::Shape::Lean {
         println!(
             "net: driver shape {} ({}'s register sequence, {})",
@@ -376,6 +391,13 @@ impl Device for Nic {
         // bytes still fit the C-mode 32 KiB RX ring and the 64 C+ RX
         // descriptors, so the peer cannot push past what the NIC buffers.
         caps.max_burst_size = Some(16);
+        if self.tx_checksum_offload() {
+            // Verify what arrives, compute nothing that leaves: the chip fills the
+            // IPv4, TCP and UDP sums (ICMP's stays smoltcp's).
+            caps.checksum.ipv4 = Checksum::Rx;
+            caps.checksum.tcp = Checksum::Rx;
+            caps.checksum.udp = Checksum::Rx;
+        }
         caps
     }
 }
@@ -655,7 +677,7 @@ pub(crate) fn print_nic_stats(nic: &Nic, who: &str) {
         );
     }
     println!(
-        "{}: nic tx={} rx={} reg_reads={} reg_writes={} rx_cbr_reads={} tx_dropped={} rx_resets={} rx_split={}",
+        "{}: nic tx={} rx={} reg_reads={} reg_writes={} rx_cbr_reads={} tx_dropped={} rx_resets={} rx_split={} tx_csum_offloaded={}",
         who,
         s.tx_frames,
         s.rx_frames,
@@ -664,7 +686,8 @@ pub(crate) fn print_nic_stats(nic: &Nic, who: &str) {
         s.rx_cbr_reads,
         s.tx_dropped,
         s.rx_resets,
-        s.rx_split
+        s.rx_split,
+        s.tx_csum_offloaded
     );
 }
 

@@ -122,6 +122,10 @@ const DESC_FS: u32 = 1 << 29;
 const DESC_LS: u32 = 1 << 28;
 /// RX: error summary.
 const DESC_RX_RES: u32 = 1 << 20;
+/// C+ TX opts1: the chip computes the IPv4 header / UDP / TCP checksum.
+const TXD_IPCS: u32 = 1 << 18;
+const TXD_UDPCS: u32 = 1 << 17;
+const TXD_TCPCS: u32 = 1 << 16;
 
 /// C-mode RX ring: 32 KiB (RCR RBLEN = 10), with the 16 bytes the chip may
 /// write past it and the slack WRAP needs (as 8139too: 32K + 16 + 2048).
@@ -342,6 +346,8 @@ pub struct Stats {
     /// NAPI-like polls run.
     pub irq_events: u64,
     pub napi_polls: u64,
+    /// C+ frames sent with the chip computing their checksums.
+    pub tx_csum_offloaded: u64,
 }
 
 impl Nic {
@@ -397,6 +403,8 @@ pub struct Nic {
     napi_ack: bool,
     /// Linux shape, C: the oldest TX descriptor not yet seen done.
     tx_dirty: usize,
+    /// C+: IPv4/TCP/UDP checksums left to the chip (8139cp's NETIF_F_IP_CSUM).
+    tx_csum: bool,
 }
 
 /// What [`Nic::tx_raw`] came to.
@@ -453,6 +461,7 @@ impl Nic {
             napi: false,
             napi_ack: false,
             tx_dirty: 0,
+            tx_csum: false,
         };
         // Fresh DMA memory (also after a warm restart of the words).
         unsafe { core::ptr::write_bytes(dma() as *mut u8, 0, core::mem::size_of::<Dma>()) };
@@ -585,6 +594,30 @@ impl Nic {
     // ---- transmit ----
 
     /// Whether a TX buffer is free now (C mode may read a register).
+    /// C+ only: leave IPv4, TCP and UDP checksums of sent frames to the chip (the
+    /// stack must then not compute them: see `tx_checksum_offload`).
+    pub fn set_tx_checksum_offload(&mut self, on: bool) {
+        self.tx_csum = on && self.mode == Mode::CPlus;
+    }
+
+    pub fn tx_checksum_offload(&self) -> bool {
+        self.tx_csum
+    }
+
+    /// The C+ offload bits for a frame: IPCS for any IPv4 packet, TCPCS / UDPCS by
+    /// protocol (the stack sends no IP fragments, whose L4 sum the chip cannot do).
+    fn offload_bits(frame: &[u8]) -> u32 {
+        if frame.len() < 34 || frame[12..14] != [0x08, 0x00] || frame[14] >> 4 != 4 {
+            return 0;
+        }
+        TXD_IPCS
+            | match frame[23] {
+                6 => TXD_TCPCS,
+                17 => TXD_UDPCS,
+                _ => 0,
+            }
+    }
+
     pub fn tx_ready(&mut self) -> bool {
         match self.mode {
             Mode::C if self.shape.linux_like() => {
@@ -667,13 +700,21 @@ impl Nic {
             }
             Mode::CPlus => {
                 let eor = if idx == RING - 1 { DESC_EOR } else { 0 };
+                let offload = if self.tx_csum {
+                    Self::offload_bits(&buf[..wire])
+                } else {
+                    0
+                };
+                if offload != 0 {
+                    self.stats.tx_csum_offloaded += 1;
+                }
                 unsafe {
                     let desc = core::ptr::addr_of_mut!((*d).tx_desc[idx]);
                     write_volatile(core::ptr::addr_of_mut!((*desc).opts2), 0);
                     compiler_fence(Ordering::SeqCst);
                     write_volatile(
                         core::ptr::addr_of_mut!((*desc).opts1),
-                        DESC_OWN | eor | DESC_FS | DESC_LS | wire as u32,
+                        DESC_OWN | eor | DESC_FS | DESC_LS | offload | wire as u32,
                     );
                 }
                 compiler_fence(Ordering::SeqCst);
