@@ -66,9 +66,10 @@
 #
 # - the stream: netperf's own THROUGHPUT (10^6 bits/s) / 8 = MB/s (10^6 bytes); netperf's bytes sent
 #   against the guest's bytes received (`netserver: TCP_STREAM N bytes ...`, equal in every run);
-#   CPU and exits per MB (10^6 bytes) over the same window. The test guest's C+ driver runs with
-#   CPlusCmd's checksum offload off (smoltcp checksums in software) and the stream carries data
-#   into the guest, so TSO (a TX feature) does not apply to it; see the README.
+#   CPU and exits per MB (10^6 bytes) over the same window. The test guest's C+ driver leaves
+#   the checksums of what it sends (here its ACKs) to the chip (`csum=offload`, as 8139cp) and
+#   verifies received ones in software; the stream carries data into the guest, so TSO (a TX
+#   feature, which smoltcp's MSS-sized segments would not use) does not apply; see the README.
 #
 # Goals (issue 11): lean and linux RR rows >= 2.0x QEMU in both revisions; irq rows >= 1.2x (the
 # guest's CPL0 handler runs in KVM's instruction emulator on a nested host and costs both VMMs the
