@@ -31,7 +31,7 @@ pub const NIC_MMIO_BAR: u64 = 0xfebf_f000;
 
 #[derive(Debug, Error)]
 pub enum NetError {
-    #[error("'{0}' is not a --net spec: use tap=NAME[,mac=52:54:00:12:34:56][,rev=0x20|0x10][,tx=ioeventfd|exit][,poll-us=0..1000][,shadow=on|off] (shadow=on needs tx=ioeventfd)")]
+    #[error("'{0}' is not a --net spec: use tap=NAME[,mac=52:54:00:12:34:56][,rev=0x20|0x10][,tx=ioeventfd|exit][,poll-us=0..1000][,tx-snoop=on|off][,shadow=on|off] (shadow=on needs tx=ioeventfd)")]
     BadSpec(String),
     #[error(transparent)]
     Tap(#[from] TapError),
@@ -61,7 +61,12 @@ pub const DEFAULT_POLL_US: u32 = 50;
 /// The longest window `poll-us=` accepts.
 pub const MAX_POLL_US: u32 = 1000;
 
-/// `--net tap=NAME[,mac=MAC][,rev=0x10|0x20][,tx=ioeventfd|exit][,poll-us=N]`
+/// Whether the busy-polling I/O thread sends C+ frames it finds in the TX ring
+/// before their TxPoll doorbell arrives (see `Rtl8139::snoop_tx` and the README's
+/// "Levers" for the measurement).
+pub const DEFAULT_TX_SNOOP: bool = true;
+
+/// `--net tap=NAME[,mac=MAC][,rev=0x10|0x20][,tx=ioeventfd|exit][,poll-us=N][,tx-snoop=on|off]`
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
     pub tap: String,
@@ -70,6 +75,9 @@ pub struct NetConfig {
     pub tx: TxDoorbell,
     /// The I/O thread's longest busy-poll window after NIC activity (0: off).
     pub poll_us: u32,
+    /// While busy-polling, also look at the C+ TX ring for frames (no cost when
+    /// polling is off or the NIC is in C mode).
+    pub tx_snoop: bool,
     /// Guest reads of the MMIO BAR from a read-only shadow page (no exit).
     pub shadow: bool,
 }
@@ -84,6 +92,7 @@ impl FromStr for NetConfig {
             revision: REVISION_CPLUS,
             tx: TxDoorbell::IoEventFd,
             poll_us: DEFAULT_POLL_US,
+            tx_snoop: DEFAULT_TX_SNOOP,
             shadow: false,
         };
         for part in s.split(',') {
@@ -115,13 +124,8 @@ impl FromStr for NetConfig {
                         return Err(bad());
                     }
                 }
-                "shadow" => {
-                    cfg.shadow = match v {
-                        "on" => true,
-                        "off" => false,
-                        _ => return Err(bad()),
-                    }
-                }
+                "shadow" => cfg.shadow = on_off(v).ok_or_else(bad)?,
+                "tx-snoop" => cfg.tx_snoop = on_off(v).ok_or_else(bad)?,
                 "rev" => {
                     cfg.revision = match v {
                         "0x20" | "32" => REVISION_CPLUS,
@@ -140,6 +144,14 @@ impl FromStr for NetConfig {
     }
 }
 
+fn on_off(v: &str) -> Option<bool> {
+    match v {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    }
+}
+
 /// Counters of the I/O thread's RX path.
 #[derive(Debug, Default)]
 pub struct IoCounters {
@@ -151,6 +163,8 @@ pub struct IoCounters {
     /// Busy-poll windows that found work, and that ended empty.
     pub polls_found: AtomicU64,
     pub polls_empty: AtomicU64,
+    /// C+ TX ring walks the busy-poll started (frames found before their TxPoll).
+    pub tx_snooped: AtomicU64,
 }
 
 /// What the buses and the PCI root see: the NIC, with the C-mode doorbell learner
@@ -221,6 +235,8 @@ pub struct NetDevice {
     pub dma: Arc<crate::memory::GuestRamDma>,
     /// The I/O thread's longest busy-poll window after NIC activity.
     pub poll_window: std::time::Duration,
+    /// Look at the C+ TX ring while busy-polling (`tx-snoop=`).
+    pub tx_snoop: bool,
 }
 
 impl NetDevice {
@@ -307,6 +323,7 @@ impl NetDevice {
             doorbell,
             dma,
             poll_window: std::time::Duration::from_micros(cfg.poll_us.into()),
+            tx_snoop: cfg.tx_snoop,
         })
     }
 
@@ -327,6 +344,7 @@ impl NetDevice {
             tap_errors: self.io.tap_errors.load(Ordering::Relaxed),
             polls_found: self.io.polls_found.load(Ordering::Relaxed),
             polls_empty: self.io.polls_empty.load(Ordering::Relaxed),
+            tx_snooped: self.io.tx_snooped.load(Ordering::Relaxed),
         }
     }
 }
@@ -350,6 +368,9 @@ pub struct NetStats {
     /// The I/O thread's busy-poll windows that found work / ended empty.
     pub polls_found: u64,
     pub polls_empty: u64,
+    /// C+ TX ring walks the busy-poll started before the guest's TxPoll arrived
+    /// (`tx-snoop=on`).
+    pub tx_snooped: u64,
 }
 
 #[cfg(test)]
@@ -366,6 +387,9 @@ mod tests {
         assert_eq!(c.tx, TxDoorbell::IoEventFd);
         assert_eq!(c.poll_us, DEFAULT_POLL_US);
         assert!(!c.shadow);
+        assert_eq!(c.tx_snoop, DEFAULT_TX_SNOOP);
+        assert!(!"tap=a,tx-snoop=off".parse::<NetConfig>().unwrap().tx_snoop);
+        assert!("tap=a,tx-snoop=on".parse::<NetConfig>().unwrap().tx_snoop);
         assert!("tap=a,shadow=on".parse::<NetConfig>().unwrap().shadow);
         assert_eq!("tap=a,poll-us=0".parse::<NetConfig>().unwrap().poll_us, 0);
         assert_eq!(
@@ -383,6 +407,8 @@ mod tests {
             "tap=a,poll-us=-1",
             "tap=a,poll-us=1001",
             "tap=a,shadow=yes",
+            "tap=a,tx-snoop=1",
+            "tap=a,tx-snoop=",
             "tap=a,shadow=on,tx=exit",
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad}");
