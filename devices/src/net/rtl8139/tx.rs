@@ -119,7 +119,8 @@ impl State {
             // Keeps the compiler from hoisting the loads below above the one of opts1
             // (x86 orders them in hardware: this emits no instruction).
             std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
-            if self.dma.read(daddr + 4, &mut d[4..]).is_err() {
+            // (No overflow: [daddr, daddr + 4) was RAM a moment ago.)
+            if self.dma.read(daddr.wrapping_add(4), &mut d[4..]).is_err() {
                 self.isr |= INT_SERR | INT_TER;
                 self.stats.tx_errors += 1;
                 break;
