@@ -32,7 +32,7 @@ pub const NIC_MMIO_BAR: u64 = 0xfebf_f000;
 
 #[derive(Debug, Error)]
 pub enum NetError {
-    #[error("'{0}' is not a --net spec: use tap=NAME[,mac=52:54:00:12:34:56][,rev=0x20|0x10][,tx=ioeventfd|exit][,poll-us=0..1000][,shadow=auto|on|off] (shadow=on needs tx=ioeventfd)")]
+    #[error("'{0}' is not a --net spec: use tap=NAME[,mac=52:54:00:12:34:56][,rev=0x20|0x10][,tx=ioeventfd|exit][,poll-us=0..1000][,tx-snoop=on|off][,shadow=auto|on|off] (shadow=on needs tx=ioeventfd)")]
     BadSpec(String),
     #[error(transparent)]
     Tap(#[from] TapError),
@@ -62,7 +62,12 @@ pub const DEFAULT_POLL_US: u32 = 50;
 /// The longest window `poll-us=` accepts.
 pub const MAX_POLL_US: u32 = 1000;
 
-/// `--net tap=NAME[,mac=MAC][,rev=0x10|0x20][,tx=ioeventfd|exit][,poll-us=N]`
+/// Whether the busy-polling I/O thread sends C+ frames it finds in the TX ring
+/// before their TxPoll doorbell arrives (see `Rtl8139::snoop_tx` and the README's
+/// "Levers" for the measurement).
+pub const DEFAULT_TX_SNOOP: bool = true;
+
+/// `--net tap=NAME[,mac=MAC][,rev=0x10|0x20][,tx=ioeventfd|exit][,poll-us=N][,tx-snoop=on|off]`
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
     pub tap: String,
@@ -71,6 +76,9 @@ pub struct NetConfig {
     pub tx: TxDoorbell,
     /// The I/O thread's longest busy-poll window after NIC activity (0: off).
     pub poll_us: u32,
+    /// While busy-polling, also look at the C+ TX ring for frames (no cost when
+    /// polling is off or the NIC is in C mode).
+    pub tx_snoop: bool,
     /// When guest reads of the MMIO BAR come from a read-only shadow page (no exit).
     pub shadow: ShadowPolicy,
 }
@@ -85,6 +93,7 @@ impl FromStr for NetConfig {
             revision: REVISION_CPLUS,
             tx: TxDoorbell::IoEventFd,
             poll_us: DEFAULT_POLL_US,
+            tx_snoop: DEFAULT_TX_SNOOP,
             shadow: ShadowPolicy::CPlusOnly,
         };
         for part in s.split(',') {
@@ -124,6 +133,7 @@ impl FromStr for NetConfig {
                         _ => return Err(bad()),
                     }
                 }
+                "tx-snoop" => cfg.tx_snoop = on_off(v).ok_or_else(bad)?,
                 "rev" => {
                     cfg.revision = match v {
                         "0x20" | "32" => REVISION_CPLUS,
@@ -148,6 +158,14 @@ impl FromStr for NetConfig {
     }
 }
 
+fn on_off(v: &str) -> Option<bool> {
+    match v {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
+    }
+}
+
 /// Counters of the I/O thread's RX path.
 #[derive(Debug, Default)]
 pub struct IoCounters {
@@ -159,6 +177,8 @@ pub struct IoCounters {
     /// Busy-poll windows that found work, and that ended empty.
     pub polls_found: AtomicU64,
     pub polls_empty: AtomicU64,
+    /// C+ TX ring walks the busy-poll started (frames found before their TxPoll).
+    pub tx_snooped: AtomicU64,
 }
 
 /// What the buses and the PCI root see: the NIC, with the C-mode doorbell learner
@@ -249,6 +269,8 @@ pub struct NetDevice {
     pub dma: Arc<crate::memory::GuestRamDma>,
     /// The I/O thread's longest busy-poll window after NIC activity.
     pub poll_window: std::time::Duration,
+    /// Look at the C+ TX ring while busy-polling (`tx-snoop=`).
+    pub tx_snoop: bool,
 }
 
 impl NetDevice {
@@ -341,6 +363,7 @@ impl NetDevice {
             doorbell,
             dma,
             poll_window: std::time::Duration::from_micros(cfg.poll_us.into()),
+            tx_snoop: cfg.tx_snoop,
         })
     }
 
@@ -361,6 +384,7 @@ impl NetDevice {
             tap_errors: self.io.tap_errors.load(Ordering::Relaxed),
             polls_found: self.io.polls_found.load(Ordering::Relaxed),
             polls_empty: self.io.polls_empty.load(Ordering::Relaxed),
+            tx_snooped: self.io.tx_snooped.load(Ordering::Relaxed),
         }
     }
 }
@@ -384,6 +408,9 @@ pub struct NetStats {
     /// The I/O thread's busy-poll windows that found work / ended empty.
     pub polls_found: u64,
     pub polls_empty: u64,
+    /// C+ TX ring walks the busy-poll started before the guest's TxPoll arrived
+    /// (`tx-snoop=on`).
+    pub tx_snooped: u64,
 }
 
 #[cfg(test)]
@@ -409,6 +436,9 @@ mod tests {
         ] {
             assert_eq!(spec.parse::<NetConfig>().unwrap().shadow, policy, "{spec}");
         }
+        assert_eq!(c.tx_snoop, DEFAULT_TX_SNOOP);
+        assert!(!"tap=a,tx-snoop=off".parse::<NetConfig>().unwrap().tx_snoop);
+        assert!("tap=a,tx-snoop=on".parse::<NetConfig>().unwrap().tx_snoop);
         assert_eq!("tap=a,poll-us=0".parse::<NetConfig>().unwrap().poll_us, 0);
         assert_eq!(
             "tap=a,tx=exit".parse::<NetConfig>().unwrap().tx,
@@ -425,6 +455,8 @@ mod tests {
             "tap=a,poll-us=-1",
             "tap=a,poll-us=1001",
             "tap=a,shadow=yes",
+            "tap=a,tx-snoop=1",
+            "tap=a,tx-snoop=",
             "tap=a,shadow=on,tx=exit",
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad}");

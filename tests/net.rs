@@ -146,6 +146,20 @@ fn ping_and_rr_in_both_modes_and_both_bars() {
             "{}",
             o.show()
         );
+        // The busy-poll's look at the C+ TX ring (tx-snoop, on by default) starts
+        // ring walks only in C+ mode: C mode has no ring in memory to look at.
+        let snooped = v["net"]["tx_snooped"].as_u64().expect("net.tx_snooped");
+        if mode == "c" {
+            assert_eq!(snooped, 0, "{}", o.show());
+        } else {
+            // Each walk it starts takes at least one frame.
+            let tx = v["net"]["tx_packets"].as_u64().unwrap();
+            assert!(
+                snooped <= tx,
+                "{snooped} walks for {tx} frames\n{}",
+                o.show()
+            );
+        }
         // The doorbells (TxPoll in C+ mode, learned TSD values in C mode) complete
         // inside KVM: most transactions reach wbvmm without a TX exit.
         let writes = register_write_exits(&v);

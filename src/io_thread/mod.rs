@@ -275,6 +275,9 @@ impl IoLoop {
                     }
                     break true;
                 }
+                if self.src.nic.as_ref().is_some_and(Nic::snoop_tx) {
+                    break true;
+                }
                 if start.elapsed() >= window {
                     break false;
                 }

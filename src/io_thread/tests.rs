@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use wbvmm_devices::irq::RecordingIrq;
 use wbvmm_devices::legacy::SerialDevice;
-use wbvmm_devices::net::rtl8139::{Rtl8139, Rtl8139Config, REVISION_C};
+use wbvmm_devices::net::rtl8139::{Rtl8139, Rtl8139Config, REVISION_C, REVISION_CPLUS};
 use wbvmm_devices::net::tap::TapError;
 use wbvmm_devices::net::RecordingSink;
 use wbvmm_devices::pci::{PciDevice, PCI_COMMAND_IO, PCI_COMMAND_MASTER, PCI_COMMAND_MEMORY};
-use wbvmm_devices::{BusDevice, VecGuestMemory};
+use wbvmm_devices::{BusDevice, GuestDma, VecGuestMemory};
 
 use super::*;
 use crate::net::IoCounters;
@@ -24,6 +24,7 @@ use crate::net::IoCounters;
 const DEADLINE_MS: i32 = 10_000;
 const MAC: [u8; 6] = [0x52, 0x54, 0x00, 0x12, 0x34, 0x56];
 const RX_RING: u32 = 0x8_0000;
+const CP_TX_RING: u64 = 0x4_0000;
 
 /// What a guest's read of COM1's receive buffer would get now.
 pub(crate) fn received(serial: &SerialDevice) -> Vec<u8> {
@@ -114,6 +115,9 @@ pub(crate) struct NicParts {
     /// The host side of the "tap".
     host: UnixDatagram,
     doorbells: Arc<FakeDoorbells>,
+    mem: Arc<VecGuestMemory>,
+    /// What the NIC transmitted.
+    sent: Arc<RecordingSink>,
 }
 
 impl NicParts {
@@ -138,6 +142,23 @@ impl NicParts {
     fn rx_packets(&self) -> u64 {
         self.model.stats().rx_packets
     }
+    /// C+ mode, TX on, the normal-priority ring at [`CP_TX_RING`] (as 8139cp does).
+    fn cplus_tx_up(&self) {
+        self.w16(0xe0, 0x2b);
+        self.w32(0x20, CP_TX_RING as u32);
+        self.w32(0x24, 0);
+        self.model.write(0, 0x37, &[0x0c]);
+    }
+    /// The guest hands a `len`-byte frame to the NIC in ring slot 0 and has not
+    /// written TxPoll yet.
+    fn hand_over_cplus_frame(&self, len: u32) {
+        let buf = CP_TX_RING + 0x1000;
+        self.mem.write(buf, &vec![0xab; len as usize]).unwrap();
+        self.mem.write(CP_TX_RING + 8, &buf.to_le_bytes()).unwrap();
+        // OWN | FS | LS | len
+        let opts1 = 1 << 31 | 1 << 29 | 1 << 28 | len;
+        self.mem.write_u32(CP_TX_RING, opts1).unwrap();
+    }
     /// The guest driver consumes everything in its ring (CAPR = CBR - 16).
     fn consume_all(&self) {
         let cbr = self.r16(0x3a);
@@ -147,17 +168,19 @@ impl NicParts {
 
 /// A C-mode RTL8139 with RX on and an 8 KiB ring, behind a datagram socket.
 fn nic() -> (Nic, NicParts) {
+    nic_rev(REVISION_C)
+}
+
+fn nic_rev(revision: u8) -> (Nic, NicParts) {
     let mem = Arc::new(VecGuestMemory::new(0, 1 << 20));
     let irq = Arc::new(RecordingIrq::default());
+    let sent = Arc::new(RecordingSink::default());
     let model = Arc::new(
         Rtl8139::new(
-            Rtl8139Config {
-                mac: MAC,
-                revision: REVISION_C,
-            },
-            mem,
+            Rtl8139Config { mac: MAC, revision },
+            mem.clone(),
             irq.clone(),
-            Arc::new(RecordingSink::default()),
+            sent.clone(),
         )
         .unwrap(),
     );
@@ -179,6 +202,8 @@ fn nic() -> (Nic, NicParts) {
         counters: counters.clone(),
         host,
         doorbells: doorbells.clone(),
+        mem,
+        sent,
     };
     // RE|TE; RCR: 8K ring, WRAP, accept broadcast and physical match; all interrupts.
     model.write(0, 0x37, &[0x0c]);
@@ -543,4 +568,37 @@ fn a_full_ring_is_looked_at_again_even_if_the_guest_frees_it_without_a_register_
         }
     }
     assert_eq!(f.parts().rx_packets(), 8);
+}
+
+#[test]
+fn a_busy_poll_sends_a_cplus_frame_before_its_txpoll_only_with_tx_snoop() {
+    for snoop in [true, false] {
+        let (nic, parts) = nic_rev(REVISION_CPLUS);
+        let nic = nic
+            .with_poll_window(std::time::Duration::from_micros(200))
+            .with_tx_snoop(snoop);
+        let mut f = Fixture::build(Some((nic, parts)));
+        f.parts().cplus_tx_up();
+        // Whatever the set-up signalled (TimerInt's moved deadline) is served first.
+        while !f.turn_now().is_empty() {}
+        f.parts().hand_over_cplus_frame(100);
+        assert_eq!(f.lp.busy_poll(), Flow::Continue);
+        let p = f.parts();
+        let sent = p.sent.take();
+        let snooped = p.counters.tx_snooped.load(Ordering::Relaxed);
+        let found = p.counters.polls_found.load(Ordering::Relaxed);
+        assert_eq!(p.doorbells.txpolled.count(), 0, "no doorbell rang");
+        if snoop {
+            assert_eq!(sent, vec![vec![0xab; 100]]);
+            assert_eq!((snooped, found), (1, 1), "a window that found work");
+            let opts1 = p.mem.read_u32(CP_TX_RING).unwrap();
+            assert_eq!(opts1 >> 31, 0, "descriptor handed back");
+        } else {
+            assert!(sent.is_empty(), "tx-snoop=off waits for the TxPoll");
+            assert_eq!((snooped, found), (0, 0));
+            // The doorbell's own path still sends it.
+            p.model.process_tx();
+            assert_eq!(p.sent.take().len(), 1);
+        }
+    }
 }

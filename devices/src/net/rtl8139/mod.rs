@@ -71,11 +71,13 @@ mod rx;
 #[cfg(test)]
 mod rx_prop;
 mod shadow;
+mod snoop;
 #[cfg(test)]
 mod tests;
 mod tx;
 
 use std::collections::VecDeque;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -306,6 +308,11 @@ pub struct Rtl8139 {
     state: Mutex<State>,
     rx_space: EventFd,
     timer_changed: EventFd,
+    /// Where the C+ normal-priority TX ring's next descriptor is, published by
+    /// every entry point for [`Rtl8139::snoop_tx`]'s lock-free look (see `snoop.rs`).
+    tx_snoop: AtomicU64,
+    /// The same guest memory as the state's, for that look.
+    snoop_dma: Arc<dyn GuestDma>,
 }
 
 impl Rtl8139 {
@@ -317,6 +324,7 @@ impl Rtl8139 {
     ) -> Result<Self, Rtl8139Error> {
         let rx_space = EventFd::new(EFD_NONBLOCK).map_err(Rtl8139Error::EventFd)?;
         let timer_changed = EventFd::new(EFD_NONBLOCK).map_err(Rtl8139Error::EventFd)?;
+        let snoop_dma = dma.clone();
         let mut st = State {
             cfg,
             dma,
@@ -387,6 +395,8 @@ impl Rtl8139 {
             state: Mutex::new(st),
             rx_space,
             timer_changed,
+            tx_snoop: AtomicU64::new(snoop::NO_SNOOP),
+            snoop_dma,
         })
     }
 
@@ -405,6 +415,7 @@ impl Rtl8139 {
         st.update_irq();
         let signal = std::mem::take(&mut st.signal_rx_space);
         let timer = std::mem::take(&mut st.signal_timer);
+        self.publish_snoop_target(&st);
         drop(st);
         if signal {
             let _ = self.rx_space.write(1);

@@ -146,7 +146,7 @@ fn udp_frame(payload: &[u8]) -> Vec<u8> {
     ipv4_frame(17, &u)
 }
 
-fn frame_to(dst: [u8; 6], len: usize) -> Vec<u8> {
+pub(crate) fn frame_to(dst: [u8; 6], len: usize) -> Vec<u8> {
     let mut f = vec![0u8; len];
     f[..6].copy_from_slice(&dst);
     f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 9]);
@@ -722,9 +722,9 @@ fn loopback_is_queued_not_recursive() {
 // ---------- C+ mode ----------
 
 const RXR: u64 = 0x2_0000;
-const TXR: u64 = 0x3_0000;
+pub(crate) const TXR: u64 = 0x3_0000;
 
-fn cplus_up(h: &H, cpcmd: u16) {
+pub(crate) fn cplus_up(h: &H, cpcmd: u16) {
     h.w16(0x3e, !h.r16(0x3e));
     h.w16(0x3c, 0);
     h.w8(0x37, 0);
@@ -754,7 +754,7 @@ fn rx_desc(h: &H, i: u64, buf: u64, eor: bool) {
     h.poke(RXR + 16 * i, &d);
 }
 
-fn tx_desc(h: &H, i: u64, opts1: u32, opts2: u32, buf: u64) {
+pub(crate) fn tx_desc(h: &H, i: u64, opts1: u32, opts2: u32, buf: u64) {
     let mut d = [0u8; 16];
     d[0..4].copy_from_slice(&opts1.to_le_bytes());
     d[4..8].copy_from_slice(&opts2.to_le_bytes());
@@ -762,12 +762,12 @@ fn tx_desc(h: &H, i: u64, opts1: u32, opts2: u32, buf: u64) {
     h.poke(TXR + 16 * i, &d);
 }
 
-fn desc_opts1(h: &H, base: u64, i: u64) -> u32 {
+pub(crate) fn desc_opts1(h: &H, base: u64, i: u64) -> u32 {
     let b = h.peek(base + 16 * i, 4);
     u32::from_le_bytes([b[0], b[1], b[2], b[3]])
 }
 
-fn send_one(h: &H, i: u64, frame: &[u8], cmd: u32, opts2: u32) {
+pub(crate) fn send_one(h: &H, i: u64, frame: &[u8], cmd: u32, opts2: u32) {
     let buf = 0x4_0000 + 0x1_0000 * (i % 4);
     h.poke(buf, frame);
     tx_desc(

@@ -72,7 +72,7 @@ impl State {
         }
     }
 
-    fn cplus_ring_base(&self, q: usize) -> u64 {
+    pub(super) fn cplus_ring_base(&self, q: usize) -> u64 {
         let (lo, hi) = if q == 0 {
             (self.tsad[0], self.tsad[1])
         } else {
@@ -82,9 +82,10 @@ impl State {
     }
 
     /// C+ transmit on queue `q` (0 normal, 1 high): walk at most 64 descriptors.
-    pub(crate) fn cplus_tx(&mut self, q: usize) {
+    /// Returns how many it took from the guest (sent or failed).
+    pub(crate) fn cplus_tx(&mut self, q: usize) -> usize {
         if self.cr & CR_TE == 0 || self.cpcmd & CPCMD_TXENB == 0 || !self.bus_master() {
-            return;
+            return 0;
         }
         let base = self.cplus_ring_base(q);
         let mut done = 0;
@@ -94,19 +95,38 @@ impl State {
                 self.isr |= INT_SERR | INT_TER;
                 break;
             };
+            // opts1 first, the rest after it: the guest may be filling this very
+            // descriptor while we walk (the TX runs in the I/O thread, beside the
+            // vCPU, and `snoop_tx` looks without any doorbell). 8139cp writes
+            // opts2 and addr, wmb(), then opts1 with OWN; x86 keeps our loads in
+            // program order and the guest's stores in theirs, so once this load
+            // sees OWN the later loads see the addr and opts2 written before it.
+            // One 16-byte copy has no order among its bytes and could pair a new
+            // opts1 with a stale addr.
             let mut d = [0u8; 16];
-            if self.dma.read(daddr, &mut d).is_err() {
-                // Ring outside RAM: nothing completes, the guest gets an error.
+            let opts1 = match self.dma.read_u32(daddr) {
+                Ok(v) => v,
+                Err(_) => {
+                    // Ring outside RAM: nothing completes, the guest gets an error.
+                    self.isr |= INT_SERR | INT_TER;
+                    self.stats.tx_errors += 1;
+                    break;
+                }
+            };
+            if opts1 & DESC_OWN == 0 {
+                break;
+            }
+            // Keeps the compiler from hoisting the loads below above the one of opts1
+            // (x86 orders them in hardware: this emits no instruction).
+            std::sync::atomic::fence(std::sync::atomic::Ordering::Acquire);
+            // (No overflow: [daddr, daddr + 4) was RAM a moment ago.)
+            if self.dma.read(daddr.wrapping_add(4), &mut d[4..]).is_err() {
                 self.isr |= INT_SERR | INT_TER;
                 self.stats.tx_errors += 1;
                 break;
             }
-            let opts1 = u32::from_le_bytes([d[0], d[1], d[2], d[3]]);
             let opts2 = u32::from_le_bytes([d[4], d[5], d[6], d[7]]);
             let buf = u64::from_le_bytes([d[8], d[9], d[10], d[11], d[12], d[13], d[14], d[15]]);
-            if opts1 & DESC_OWN == 0 {
-                break;
-            }
             let len = (opts1 & TXD_LEN_MASK) as usize;
             if opts1 & DESC_FS != 0 {
                 self.cp_asm[q].clear();
@@ -169,6 +189,7 @@ impl State {
         if done > 0 {
             self.isr |= INT_TOK;
         }
+        done
     }
 
     /// Send an assembled C+ frame with the offloads its LS descriptor asks for.
