@@ -11,6 +11,10 @@
 //! frontend disarms them before a C+ switch asks for the slot, and `present` keeps
 //! the learner from arming while the slot may still be mapped.
 //!
+//! The NIC keeps the page current only while it is mapped (publishing reads every
+//! register at the end of each entry point): `remap` hands the page to the NIC just
+//! before adding the slot and takes it back just after removing it.
+//!
 //! The slot follows the BAR: moved, or removed while memory decode is off, after the
 //! PCI root's `bars_moved` callback (a rare event: firmware or driver setup, never per
 //! access). That callback runs on the vCPU thread that wrote the config space, whose
@@ -72,7 +76,6 @@ impl RegisterShadow {
     ) -> Self {
         let page: Arc<ShadowPage> = ShadowPage::new().into();
         std::mem::forget(page.clone());
-        nic.set_shadow(page.clone());
         let s = Self {
             page,
             registry,
@@ -112,6 +115,12 @@ impl RegisterShadow {
         self.policy
     }
 
+    /// The page itself (tests read what the NIC published).
+    #[cfg(test)]
+    pub(crate) fn page(&self) -> &ShadowPage {
+        &self.page
+    }
+
     /// Where the shadow is mapped now (for tests and diagnostics).
     pub fn mapped_at(&self) -> Option<u64> {
         self.at
@@ -146,12 +155,17 @@ impl RegisterShadow {
         if at.map(|a| a.0) == want {
             return;
         }
+        let nic = self.nic.upgrade();
         if let Some((gpa, id)) = at.take() {
             if let Err(e) = self.registry.remove(id) {
                 log::warn!(
                     "cannot unmap the NIC's register shadow at {gpa:#x}: {}",
                     crate::error_chain(&e)
                 );
+            }
+            // Unmapped: the NIC need not keep the page current.
+            if let Some(n) = &nic {
+                n.clear_shadow();
             }
         }
         let Some(gpa) = want else {
@@ -163,6 +177,10 @@ impl RegisterShadow {
         };
         // Before the slot exists, so no learner arms once a load can hit the page.
         self.present.store(true, Ordering::SeqCst);
+        // And the page is current before the first load can hit it.
+        if let Some(n) = &nic {
+            n.set_shadow(self.page.clone());
+        }
         // SAFETY: the page is leaked, so mapped for the process's lifetime; the slot
         // is read-only, so neither KVM nor the DMA path writes it.
         let added = unsafe {
@@ -177,6 +195,9 @@ impl RegisterShadow {
             Ok(id) => *at = Some((gpa, id)),
             // Reads then exit as before: slower, not wrong.
             Err(e) => {
+                if let Some(n) = &nic {
+                    n.clear_shadow();
+                }
                 if self.policy != ShadowPolicy::Always {
                     self.present.store(false, Ordering::SeqCst);
                 }

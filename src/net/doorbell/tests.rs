@@ -7,7 +7,7 @@ use kvm_ioctls::IoEventAddress;
 use vmm_sys_util::eventfd::EventFd;
 use wbvmm_devices::irq::RecordingIrq;
 use wbvmm_devices::net::rtl8139::regs::{
-    CPCMD, CPCMD_RXENB, CPCMD_TXENB, CR, CR_RE, CR_RST, CR_TE, INT_MASK, INT_TOK, ISR, TSAD0,
+    CPCMD, CPCMD_RXENB, CPCMD_TXENB, CR, CR_RE, CR_RST, CR_TE, IMR, INT_MASK, INT_TOK, ISR, TSAD0,
 };
 use wbvmm_devices::net::rtl8139::{Rtl8139, Rtl8139Config, REVISION_C};
 use wbvmm_devices::net::RecordingSink;
@@ -447,4 +447,30 @@ fn with_shadow_auto_nothing_is_armed_while_the_page_may_still_be_mapped() {
     assert_eq!(shadow.mapped_at(), None);
     rig.send_rounds(IO_BAR, LEARN_AFTER as usize);
     assert_eq!(rig.io.calls(), armed_at(true, IO_BAR));
+}
+
+#[test]
+fn the_nic_keeps_the_shadow_page_current_only_while_it_is_mapped() {
+    let rig = Rig::build(ShadowPolicy::CPlusOnly);
+    let shadow = rig.frontend.shadow.clone().unwrap();
+    let page_imr = || {
+        let mut b = [0u8; 2];
+        shadow.page().read(IMR as u64, &mut b);
+        u16::from_le_bytes(b)
+    };
+    // C mode, not mapped: a register change does not reach the page.
+    rig.write(IO_BAR, IMR as u64, &0x0005u16.to_le_bytes());
+    assert_eq!(page_imr(), 0, "not published while unmapped");
+    // C+: mapped, and current from before the first load.
+    let cpcmd = CPCMD_TXENB | CPCMD_RXENB;
+    rig.write(MEM_BAR, CPCMD as u64, &cpcmd.to_le_bytes());
+    assert_eq!(shadow.mapped_at(), Some(MEM_BAR));
+    assert_eq!(page_imr(), 0x0005);
+    rig.write(MEM_BAR, IMR as u64, &0x0001u16.to_le_bytes());
+    assert_eq!(page_imr(), 0x0001);
+    // A reset unmaps it: later changes stay off the page again.
+    rig.write(IO_BAR, CR as u64, &[CR_RST]);
+    assert_eq!(shadow.mapped_at(), None);
+    rig.write(IO_BAR, IMR as u64, &0x0004u16.to_le_bytes());
+    assert_ne!(page_imr(), 0x0004);
 }

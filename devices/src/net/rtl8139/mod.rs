@@ -530,6 +530,12 @@ impl Rtl8139 {
         self.finish(st);
     }
 
+    /// Stop keeping the shadow page current (the VMM unmapped it): publishing the
+    /// register block costs every entry point a pass over all registers.
+    pub fn clear_shadow(&self) {
+        self.lock().shadow = None;
+    }
+
     pub fn config(&self) -> Rtl8139Config {
         self.lock().cfg
     }
