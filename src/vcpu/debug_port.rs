@@ -148,15 +148,24 @@ impl VcpuPort {
 
     /// On the vCPU thread, before its first KVM_RUN: the stub may kick it from now.
     pub fn attach(&mut self) {
+        // SAFETY: pthread_self has no preconditions.
+        self.attached = self.set_thread(Some(unsafe { libc::pthread_self() }));
+    }
+
+    /// This vCPU's entry in the stub's thread table (what a kick signals); false if
+    /// the table has no entry for it.
+    fn set_thread(&self, thread: Option<libc::pthread_t>) -> bool {
         let mut threads = self
             .shared
             .threads
             .lock()
             .unwrap_or_else(|e| e.into_inner());
-        if let Some(slot) = threads.get_mut(self.id as usize) {
-            // SAFETY: pthread_self has no preconditions.
-            *slot = Some(unsafe { libc::pthread_self() });
-            self.attached = true;
+        match threads.get_mut(self.id as usize) {
+            Some(slot) => {
+                *slot = thread;
+                true
+            }
+            None => false,
         }
     }
 
@@ -287,14 +296,7 @@ impl Dir<'_> {
 impl Drop for VcpuPort {
     fn drop(&mut self) {
         if self.attached {
-            let mut threads = self
-                .shared
-                .threads
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if let Some(slot) = threads.get_mut(self.id as usize) {
-                *slot = None;
-            }
+            self.set_thread(None);
         }
         self.send(Event::Ended);
     }
