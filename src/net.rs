@@ -319,11 +319,7 @@ impl NetDevice {
                         cfg.shadow,
                     ))
                 });
-                let tsd = match (cfg.shadow, &shadow) {
-                    (ShadowPolicy::Always, _) => tsd.never_learn(),
-                    (_, Some(s)) => tsd.unless_shadow(s.present()),
-                    (_, None) => tsd,
-                };
+                let tsd = tsd.beside(shadow.as_deref());
                 let f = Arc::new(NicFrontend {
                     nic: nic.clone(),
                     tsd,

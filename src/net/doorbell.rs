@@ -250,15 +250,14 @@ impl TsdDoorbells {
         })
     }
 
-    /// Never arm a doorbell: every TSD write exits (see `learning`).
-    pub(super) fn never_learn(mut self) -> Self {
-        self.learning = false;
-        self
-    }
-
-    /// Learn only while `present` (the register shadow's) is clear.
-    pub(super) fn unless_shadow(mut self, present: Arc<AtomicBool>) -> Self {
-        self.shadow_present = Some(present);
+    /// Learn as the register shadow allows: never beside `shadow=on`, only while
+    /// the page is unmapped beside `shadow=auto`, always without one.
+    pub(super) fn beside(mut self, shadow: Option<&super::RegisterShadow>) -> Self {
+        match shadow {
+            Some(s) if s.policy() == super::ShadowPolicy::Always => self.learning = false,
+            Some(s) => self.shadow_present = Some(s.present()),
+            None => {}
+        }
         self
     }
 

@@ -112,11 +112,7 @@ impl Rig {
                 policy,
             ))
         });
-        let tsd = match (policy, &shadow) {
-            (ShadowPolicy::Always, _) => tsd.never_learn(),
-            (_, Some(s)) => tsd.unless_shadow(s.present()),
-            (_, None) => tsd,
-        };
+        let tsd = tsd.beside(shadow.as_deref());
         let frontend = Arc::new(NicFrontend {
             nic: nic.clone(),
             tsd,
