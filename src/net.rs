@@ -18,8 +18,10 @@ use wbvmm_devices::pci::{BarSpec, PciDevice, PciError, PciIds, PciPlacement, Pci
 use wbvmm_devices::{Bus, BusDevice, GuestDma};
 
 mod doorbell;
+mod posted;
 mod shadow;
 pub use doorbell::{Doorbell, TsdDoorbells, TsdIoEvents};
+pub use posted::{in_posted_zone, CoalescedZones, PostedWrites, ZoneStart};
 pub use shadow::{RegisterShadow, ShadowPolicy};
 
 /// Where the NIC sits: 00:03.0 (as under QEMU), INTA routed to IOAPIC pin 16 (pins
@@ -32,7 +34,7 @@ pub const NIC_MMIO_BAR: u64 = 0xfebf_f000;
 
 #[derive(Debug, Error)]
 pub enum NetError {
-    #[error("'{0}' is not a --net spec: use tap=NAME[,mac=52:54:00:12:34:56][,rev=0x20|0x10][,tx=ioeventfd|exit][,poll-us=0..1000][,tx-snoop=on|off][,shadow=auto|on|off] (shadow=on needs tx=ioeventfd)")]
+    #[error("'{0}' is not a --net spec: use tap=NAME[,mac=52:54:00:12:34:56][,rev=0x20|0x10][,tx=ioeventfd|exit][,poll-us=0..1000][,tx-snoop=on|off][,shadow=auto|on|off][,posted=on|off] (shadow=on needs tx=ioeventfd)")]
     BadSpec(String),
     #[error(transparent)]
     Tap(#[from] TapError),
@@ -67,7 +69,11 @@ pub const MAX_POLL_US: u32 = 1000;
 /// "Levers" for the measurement).
 pub const DEFAULT_TX_SNOOP: bool = true;
 
-/// `--net tap=NAME[,mac=MAC][,rev=0x10|0x20][,tx=ioeventfd|exit][,poll-us=N][,tx-snoop=on|off]`
+/// Whether the NIC's acks, masks and CAPR updates through port I/O are posted
+/// through KVM's coalesced ring (see `net/posted.rs` and the README's "Levers").
+pub const DEFAULT_POSTED: bool = true;
+
+/// `--net tap=NAME[,mac=MAC][,rev=0x10|0x20][,tx=ioeventfd|exit][,poll-us=N][,tx-snoop=on|off][,shadow=..][,posted=on|off]`
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
     pub tap: String,
@@ -81,6 +87,9 @@ pub struct NetConfig {
     pub tx_snoop: bool,
     /// When guest reads of the MMIO BAR come from a read-only shadow page (no exit).
     pub shadow: ShadowPolicy,
+    /// Post writes to CAPR, IntrMask and IntrStatus through the port BAR (where
+    /// KVM has coalesced PIO, and never beside a mapped shadow).
+    pub posted: bool,
 }
 
 impl FromStr for NetConfig {
@@ -95,6 +104,7 @@ impl FromStr for NetConfig {
             poll_us: DEFAULT_POLL_US,
             tx_snoop: DEFAULT_TX_SNOOP,
             shadow: ShadowPolicy::CPlusOnly,
+            posted: DEFAULT_POSTED,
         };
         for part in s.split(',') {
             let (k, v) = part.split_once('=').ok_or_else(bad)?;
@@ -134,6 +144,7 @@ impl FromStr for NetConfig {
                     }
                 }
                 "tx-snoop" => cfg.tx_snoop = on_off(v).ok_or_else(bad)?,
+                "posted" => cfg.posted = on_off(v).ok_or_else(bad)?,
                 "rev" => {
                     cfg.revision = match v {
                         "0x20" | "32" => REVISION_CPLUS,
@@ -191,6 +202,8 @@ pub struct NicFrontend {
     pub doorbell: std::sync::OnceLock<std::sync::Weak<Doorbell>>,
     /// The register shadow's memslot, moved with the MMIO BAR.
     pub shadow: Option<Arc<RegisterShadow>>,
+    /// The posted-write zone, moved with the port BAR and kept off beside the shadow.
+    pub posted: PostedWrites,
 }
 
 impl BusDevice for NicFrontend {
@@ -199,7 +212,11 @@ impl BusDevice for NicFrontend {
         self.nic.read(base, offset, data);
     }
     fn write(&self, base: u64, offset: u64, data: &[u8]) {
-        self.tsd.observe(&self.nic, base, offset, Some(data));
+        // Posted or not, these writes never wait for older doorbells (net/posted.rs
+        // says why that is the order the guest asked for).
+        if !in_posted_zone(offset, data.len()) {
+            self.tsd.observe(&self.nic, base, offset, Some(data));
+        }
         // Only CPlusCmd (the switch to C+) and ChipCmd (a reset, back to C) change
         // the mode: the rest pay no mode check.
         let end = offset + data.len() as u64;
@@ -219,6 +236,7 @@ impl BusDevice for NicFrontend {
                     self.tsd.disarm_all(&self.nic);
                 }
                 shadow.follow_bar();
+                self.posted.follow();
             }
         }
     }
@@ -253,6 +271,7 @@ impl PciDevice for NicFrontend {
         if let Some(s) = &self.shadow {
             s.follow_bar();
         }
+        self.posted.follow();
     }
 }
 
@@ -271,6 +290,8 @@ pub struct NetDevice {
     pub poll_window: std::time::Duration,
     /// Look at the C+ TX ring while busy-polling (`tx-snoop=`).
     pub tx_snoop: bool,
+    /// `posted=on`: [`NetDevice::enable_posted`] may register the zone.
+    pub posted: bool,
 }
 
 impl NetDevice {
@@ -320,11 +341,19 @@ impl NetDevice {
                     ))
                 });
                 let tsd = tsd.beside(shadow.as_deref());
+                let posted = PostedWrites::new(
+                    vm.clone(),
+                    Arc::downgrade(root),
+                    bars.clone(),
+                    &nic,
+                    shadow.as_deref(),
+                );
                 let f = Arc::new(NicFrontend {
                     nic: nic.clone(),
                     tsd,
                     doorbell: std::sync::OnceLock::new(),
                     shadow,
+                    posted,
                 });
                 root.add_device(f.clone(), placement)?;
                 if let Some(s) = &f.shadow {
@@ -360,7 +389,21 @@ impl NetDevice {
             dma,
             poll_window: std::time::Duration::from_micros(cfg.poll_us.into()),
             tx_snoop: cfg.tx_snoop,
+            posted: cfg.posted,
         })
+    }
+
+    /// KVM's coalesced ring now has consumers (every exit, the I/O thread): post
+    /// the NIC's acks, masks and CAPR updates through it, if `posted=on`.
+    pub fn enable_posted(&self) {
+        if let (true, Some(f)) = (self.posted, &self.frontend) {
+            f.posted.enable();
+        }
+    }
+
+    /// The posted-write zone, if there is a frontend to hold one.
+    pub fn posted_writes(&self) -> Option<&PostedWrites> {
+        self.frontend.as_ref().map(|f| &f.posted)
     }
 
     pub fn stats(&self) -> NetStats {
@@ -381,6 +424,7 @@ impl NetDevice {
             polls_found: self.io.polls_found.load(Ordering::Relaxed),
             polls_empty: self.io.polls_empty.load(Ordering::Relaxed),
             tx_snooped: self.io.tx_snooped.load(Ordering::Relaxed),
+            posted: self.posted_writes().is_some_and(PostedWrites::active),
         }
     }
 }
@@ -407,6 +451,8 @@ pub struct NetStats {
     /// C+ TX ring walks the busy-poll started before the guest's TxPoll arrived
     /// (`tx-snoop=on`).
     pub tx_snooped: u64,
+    /// Whether the posted-write zone is registered now (`posted=on`, port BAR).
+    pub posted: bool,
 }
 
 #[cfg(test)]
@@ -435,6 +481,8 @@ mod tests {
         assert_eq!(c.tx_snoop, DEFAULT_TX_SNOOP);
         assert!(!"tap=a,tx-snoop=off".parse::<NetConfig>().unwrap().tx_snoop);
         assert!("tap=a,tx-snoop=on".parse::<NetConfig>().unwrap().tx_snoop);
+        assert_eq!(c.posted, DEFAULT_POSTED);
+        assert!(!"tap=a,posted=off".parse::<NetConfig>().unwrap().posted);
         assert_eq!("tap=a,poll-us=0".parse::<NetConfig>().unwrap().poll_us, 0);
         assert_eq!(
             "tap=a,tx=exit".parse::<NetConfig>().unwrap().tx,
@@ -453,6 +501,7 @@ mod tests {
             "tap=a,shadow=yes",
             "tap=a,tx-snoop=1",
             "tap=a,tx-snoop=",
+            "tap=a,posted=yes",
             "tap=a,shadow=on,tx=exit",
         ] {
             assert!(bad.parse::<NetConfig>().is_err(), "{bad}");

@@ -217,6 +217,10 @@ impl Vmm {
         let coalesced = vcpus
             .first()
             .and_then(|v0| legacy::coalesce_com1_output(&kvm, &vm, v0));
+        // The ring has consumers now (every exit, and the I/O thread once it runs).
+        if let (Some(_), Some(n)) = (&coalesced, &net) {
+            n.enable_posted();
+        }
         log::debug!("setup: vCPUs at {} us", since_start());
         Ok(Self {
             kvm,
@@ -249,6 +253,11 @@ impl Vmm {
     /// The NIC's register shadow, with `--net ...,shadow=on` or `auto` (the default).
     pub fn nic_shadow(&self) -> Option<&Arc<crate::net::RegisterShadow>> {
         self.net.as_ref()?.frontend.as_ref()?.shadow.as_ref()
+    }
+
+    /// The NIC's posted-write zone (`--net ...,posted=`).
+    pub fn nic_posted(&self) -> Option<&crate::net::PostedWrites> {
+        self.net.as_ref()?.posted_writes()
     }
 
     /// Start the I/O and vCPU threads. SIGINT, SIGTERM and SIGUSR1 are blocked in

@@ -81,6 +81,18 @@ ioctl_iow_nr!(
     kvm_bindings::kvm_guest_debug
 );
 ioctl_iow_nr!(KVM_IOEVENTFD, KVMIO, 0x79, kvm_bindings::kvm_ioeventfd);
+ioctl_iow_nr!(
+    KVM_REGISTER_COALESCED_MMIO,
+    KVMIO,
+    0x67,
+    kvm_bindings::kvm_coalesced_mmio_zone
+);
+ioctl_iow_nr!(
+    KVM_UNREGISTER_COALESCED_MMIO,
+    KVMIO,
+    0x68,
+    kvm_bindings::kvm_coalesced_mmio_zone
+);
 
 /// One thread kind's rules, by system call number (an empty rule list: any arguments).
 pub type Rules = BTreeMap<i64, Vec<SeccompRule>>;
@@ -213,6 +225,10 @@ pub fn rules(kind: ThreadKind, pid: u32) -> Result<Rules, BackendError> {
                     KVM_GET_CPUID2(),
                     KVM_SET_SIGNAL_MASK(),
                     KVM_IOEVENTFD(),
+                    // The NIC's posted-write zone follows BAR moves and mode switches
+                    // (src/net/posted.rs), which vCPUs make.
+                    KVM_REGISTER_COALESCED_MMIO(),
+                    KVM_UNREGISTER_COALESCED_MMIO(),
                     // The NIC's level line follows its register writes (src/irq.rs).
                     KVM_IRQ_LINE(),
                     // --gdb: int3 and single-step exits, set by the vCPU itself.
@@ -297,6 +313,9 @@ pub fn rules(kind: ThreadKind, pid: u32) -> Result<Rules, BackendError> {
                     KVM_SET_USER_MEMORY_REGION2(),
                     KVM_IOEVENTFD(),
                     KVM_IRQFD(),
+                    // The posted-write zone comes back after the shadow's removal.
+                    KVM_REGISTER_COALESCED_MMIO(),
+                    KVM_UNREGISTER_COALESCED_MMIO(),
                 ],
             )?;
         }
@@ -315,6 +334,8 @@ mod tests {
         assert_eq!(KVM_GET_REGS(), 0x8090_ae81);
         assert_eq!(KVM_SET_SREGS(), 0x4138_ae84);
         assert_eq!(KVM_IOEVENTFD(), 0x4040_ae79);
+        assert_eq!(KVM_REGISTER_COALESCED_MMIO(), 0x4010_ae67);
+        assert_eq!(KVM_UNREGISTER_COALESCED_MMIO(), 0x4010_ae68);
         assert_eq!(KVM_IRQ_LINE(), 0x4008_ae61);
         assert_eq!(KVM_SET_USER_MEMORY_REGION(), 0x4020_ae46);
         assert_eq!(KVM_GET_XSAVE(), 0x9000_aea4);

@@ -68,6 +68,10 @@ impl RunningVm {
                     if let Some(s) = self.vmm.nic_shadow() {
                         s.remap();
                     }
+                    // Unmapped after a reset to C mode: writes may be posted again.
+                    if let Some(p) = self.vmm.nic_posted() {
+                        p.follow();
+                    }
                 }
                 // Cannot happen (`wake_tx` lives in self); wait for the outcome.
                 Err(_) => {

@@ -17,7 +17,9 @@ use wbvmm_devices::{Bus, BusDevice, GuestDma, VecGuestMemory};
 
 use super::{BarBases, TsdDoorbells, TsdIoEvents, LEARN_AFTER, TSD_COUNT};
 use crate::memory::{FakeBackend, SlotIndexKind, SlotRegistry};
-use crate::net::{NicFrontend, RegisterShadow, ShadowPolicy};
+use crate::net::{
+    CoalescedZones, NicFrontend, PostedWrites, RegisterShadow, ShadowPolicy, ZoneStart,
+};
 
 const DEVICE: u8 = 3;
 const IO_BAR: u64 = 0xc000;
@@ -58,8 +60,40 @@ impl TsdIoEvents for FakeIoEvents {
     }
 }
 
+/// The posted-write zones KVM would hold: (start, length) for each registration
+/// still in force.
+#[derive(Default)]
+struct FakeZones {
+    zones: Mutex<Vec<(ZoneStart, u32)>>,
+}
+
+impl FakeZones {
+    fn zones(&self) -> Vec<(ZoneStart, u32)> {
+        self.zones.lock().unwrap().clone()
+    }
+}
+
+impl CoalescedZones for FakeZones {
+    fn register(&self, at: ZoneStart, len: u32) -> std::io::Result<()> {
+        self.zones.lock().unwrap().push((at, len));
+        Ok(())
+    }
+    fn unregister(&self, at: ZoneStart, len: u32) -> std::io::Result<()> {
+        let mut z = self.zones.lock().unwrap();
+        let before = z.len();
+        z.retain(|&e| e != (at, len));
+        assert_eq!(
+            z.len() + 1,
+            before,
+            "unregistered a zone that was not there"
+        );
+        Ok(())
+    }
+}
+
 struct Rig {
     nic: Arc<Rtl8139>,
+    zones: Arc<FakeZones>,
     sink: Arc<RecordingSink>,
     io: Arc<FakeIoEvents>,
     root: Arc<PciRoot>,
@@ -113,11 +147,20 @@ impl Rig {
             ))
         });
         let tsd = tsd.beside(shadow.as_deref());
+        let zones = Arc::new(FakeZones::default());
+        let posted = PostedWrites::new(
+            zones.clone(),
+            Arc::downgrade(&root),
+            (DEVICE, nic.bars()),
+            &nic,
+            shadow.as_deref(),
+        );
         let frontend = Arc::new(NicFrontend {
             nic: nic.clone(),
             tsd,
             doorbell: std::sync::OnceLock::new(),
             shadow,
+            posted,
         });
         root.add_device(
             frontend.clone(),
@@ -140,6 +183,7 @@ impl Rig {
         }
         let rig = Rig {
             nic,
+            zones,
             sink,
             io,
             root,
@@ -469,4 +513,107 @@ fn the_nic_keeps_the_shadow_page_current_only_while_it_is_mapped() {
     assert_eq!(shadow.mapped_at(), None);
     rig.write(IO_BAR, IMR as u64, &0x0004u16.to_le_bytes());
     assert_ne!(page_imr(), 0x0004);
+}
+
+/// The zones over CAPR..IntrStatus of the port BAR at `io` and the memory BAR at
+/// `mem`.
+fn posted_zones(io: u64, mem: u64) -> Vec<(ZoneStart, u32)> {
+    vec![
+        (ZoneStart::Pio(io + 0x38), 8),
+        (ZoneStart::Mmio(mem + 0x38), 8),
+    ]
+}
+
+#[test]
+fn the_posted_zone_waits_for_a_ring_consumer_and_follows_the_port_bar() {
+    let rig = Rig::new();
+    assert!(
+        rig.zones.zones().is_empty(),
+        "no zone before the ring is replayed"
+    );
+    rig.frontend.posted.enable();
+    assert_eq!(rig.zones.zones(), posted_zones(IO_BAR, MEM_BAR));
+    assert!(rig.frontend.posted.active());
+    // The port BAR moves (the frontend's bars_moved hook): its zone moves with it.
+    let moved: u32 = 0xd000 | 1;
+    rig.root.config_write(DEVICE, 0x10, &moved.to_le_bytes());
+    assert_eq!(rig.zones.zones(), posted_zones(0xd000, MEM_BAR));
+    // Memory decode off: the memory BAR's zone goes.
+    rig.root.config_write(
+        DEVICE,
+        0x04,
+        &(PCI_COMMAND_IO | PCI_COMMAND_MASTER).to_le_bytes(),
+    );
+    assert_eq!(rig.zones.zones(), posted_zones(0xd000, MEM_BAR)[..1]);
+    let command = PCI_COMMAND_IO | PCI_COMMAND_MEMORY | PCI_COMMAND_MASTER;
+    rig.root.config_write(DEVICE, 0x04, &command.to_le_bytes());
+    // Without a shadow, C+ mode posts too (nothing reads registers without an exit).
+    let cpcmd = CPCMD_TXENB | CPCMD_RXENB;
+    rig.write(MEM_BAR, CPCMD as u64, &cpcmd.to_le_bytes());
+    assert_eq!(rig.zones.zones(), posted_zones(0xd000, MEM_BAR));
+}
+
+#[test]
+fn the_posted_zone_never_exists_while_the_shadow_may_be_read() {
+    let rig = Rig::build(ShadowPolicy::Always);
+    rig.frontend.posted.enable();
+    assert!(rig.zones.zones().is_empty(), "shadow=on: never");
+
+    let rig = Rig::build(ShadowPolicy::CPlusOnly);
+    let shadow = rig.frontend.shadow.clone().unwrap();
+    rig.frontend.posted.enable();
+    assert_eq!(
+        rig.zones.zones(),
+        posted_zones(IO_BAR, MEM_BAR),
+        "auto, C mode: posted"
+    );
+    // From now on the main thread maps and unmaps the page.
+    let woken = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let w = woken.clone();
+    shadow.remap_on(move || {
+        w.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    });
+    // The switch to C+: the zone goes on the vCPU's own write, before the main
+    // thread maps the page (so before any load can read it).
+    let cpcmd = CPCMD_TXENB | CPCMD_RXENB;
+    rig.write(MEM_BAR, CPCMD as u64, &cpcmd.to_le_bytes());
+    assert!(rig.zones.zones().is_empty(), "C+ switch removes the zone");
+    shadow.remap();
+    assert_eq!(shadow.mapped_at(), Some(MEM_BAR));
+    // A reset back to C: the page is still mapped until the main thread removes
+    // it, and the zone stays away until then.
+    rig.write(IO_BAR, CR as u64, &[CR_RST]);
+    assert_eq!(shadow.mapped_at(), Some(MEM_BAR));
+    assert!(rig.zones.zones().is_empty(), "page may still be read");
+    shadow.remap();
+    assert_eq!(shadow.mapped_at(), None);
+    // The main thread's NicShadow handler follows the remap.
+    rig.frontend.posted.follow();
+    assert_eq!(rig.zones.zones(), posted_zones(IO_BAR, MEM_BAR));
+}
+
+#[test]
+fn a_posted_ack_older_than_a_pending_doorbell_leaves_that_frames_tx_ok() {
+    let rig = Rig::new();
+    rig.send_rounds(IO_BAR, LEARN_AFTER as usize);
+    assert_eq!(rig.frames(), 4 * LEARN_AFTER as usize);
+    assert_ne!(rig.read16(IO_BAR, ISR as u64) & INT_TOK, 0);
+    // The guest acks the TxOK it saw (posted: queued in KVM's ring), then sends
+    // its next frame on TSD0 (absorbed by the doorbell). At the next exit the ring
+    // is replayed first: the ack must land before that frame, not after it.
+    rig.frontend.tsd.evts[0].write(1).unwrap();
+    rig.write(IO_BAR, ISR as u64, &INT_TOK.to_le_bytes());
+    let isr = rig.read16(IO_BAR, ISR as u64);
+    assert_eq!(rig.frames(), 1, "the absorbed frame is sent");
+    assert_ne!(
+        isr & INT_TOK,
+        0,
+        "its TxOK survives the older ack: {isr:#x}"
+    );
+    // IntrMask and CAPR writes do not replay doorbells either; the next read does.
+    rig.frontend.tsd.evts[1].write(1).unwrap();
+    rig.write(IO_BAR, IMR as u64, &INT_TOK.to_le_bytes());
+    assert_eq!(rig.frames(), 0);
+    rig.read16(IO_BAR, IMR as u64);
+    assert_eq!(rig.frames(), 1);
 }
