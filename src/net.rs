@@ -20,7 +20,7 @@ use wbvmm_devices::{Bus, BusDevice, GuestDma};
 mod doorbell;
 mod posted;
 mod shadow;
-pub use doorbell::{Doorbell, TsdDoorbells, TsdIoEvents};
+pub use doorbell::{Doorbell, TsdDoorbells, TsdIoEvents, TSD_SLOTS};
 pub use posted::{in_posted_zone, CoalescedZones, PostedWrites, ZoneStart};
 pub use shadow::{RegisterShadow, ShadowPolicy};
 

@@ -76,7 +76,7 @@ pub enum Token {
     NicTxPoll,
     /// TimerInt's deadline moved.
     NicTimer,
-    /// A learned C-mode TSDn doorbell (ioeventfd), n = 0..=3.
+    /// A learnt C-mode TSD doorbell (ioeventfd), by slot (`TsdDoorbells::evts`).
     NicTsd(u8),
 }
 
@@ -109,7 +109,9 @@ impl Token {
             6 => Token::NicResample,
             7 => Token::NicTxPoll,
             8 => Token::NicTimer,
-            v if (TSD_BASE..TSD_BASE + 4).contains(&v) => Token::NicTsd((v - TSD_BASE) as u8),
+            v if (TSD_BASE..=TSD_BASE + u64::from(u8::MAX)).contains(&v) => {
+                Token::NicTsd((v - TSD_BASE) as u8)
+            }
             _ => return None,
         })
     }

@@ -3,7 +3,8 @@
 //! writes.
 
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -160,20 +161,26 @@ impl TsdIoEvents for VmFd {
 }
 
 /// Frame-length doorbells for C mode. A TSD write carries the frame's length, so a
-/// plain ioeventfd would lose it; but a guest sending same-sized frames (a
-/// request/response test, a bulk transfer) writes the same value again and again.
-/// After `LEARN_AFTER` identical writes to TSDn, an ioeventfd with that exact value as
-/// its datamatch takes over: those writes complete inside KVM and are replayed here
-/// with the value they must have had. Any other value still exits. Before the NIC
-/// serves any register access, pending doorbells are replayed, so the guest never
-/// sees TSD/TSR status older than its own writes.
+/// plain ioeventfd would lose it; but a guest sends few distinct lengths (full-sized
+/// segments, a request/response's reply, its ACKs), each again and again. After
+/// `LEARN_AFTER` writes of one value to TSDn (not necessarily in a row), an ioeventfd
+/// with that exact value as its datamatch takes over, in one of TSDn's
+/// `VALUES_PER_TSD` slots (the oldest is replaced when all are taken): those writes
+/// complete inside KVM and are replayed here with the value they must have had. Any
+/// other value still exits. Before the NIC serves any register access, pending
+/// doorbells are replayed, so the guest never sees TSD/TSR status older than its own
+/// writes.
 ///
 /// The per-access path takes no lock while nothing is armed (C+ mode, which never
-/// arms, and C mode until a frame length repeats): one atomic load, plus two for a
-/// TSD write. While a doorbell is armed, each access takes the learner's mutex to
-/// replay: the mutex pairs each eventfd count with the value that eventfd was
-/// registered for (a re-arm with another value in between would otherwise replay
-/// the wrong length).
+/// arms, and C mode until a frame length repeats): one atomic load. While a doorbell
+/// is armed, each access takes the learner's mutex to replay (one `poll` over the
+/// armed eventfds, then a read of those that fired): the mutex pairs each eventfd
+/// count with the value that eventfd was registered for (a re-arm with another value
+/// in between would otherwise replay the wrong length). TSD writes that exit take it
+/// too, to learn. Two values pending on one TSD at once (a write absorbed, then
+/// another before the driver saw the first complete) are replayed in slot order, not
+/// the guest's: no driver reuses a descriptor it has not seen complete, and the chip
+/// sends its descriptors in ring order whatever the order of the writes.
 pub struct TsdDoorbells {
     io: Arc<dyn TsdIoEvents>,
     pci: Weak<PciRoot>,
@@ -181,14 +188,11 @@ pub struct TsdDoorbells {
     bars: Vec<BarSpec>,
     pio: Arc<Bus>,
     mmio: Arc<Bus>,
-    pub evts: [EventFd; TSD_COUNT],
-    /// Bit n set while TSDn has an ioeventfd, from just before it is registered until
-    /// its absorbed writes have been replayed after unregistering (see `observe`).
-    armed_mask: AtomicU8,
-    /// Per TSDn: the last value written (high half) and how many times in a row (low
-    /// half). Plain load and store: vCPUs racing on one TSD (no driver does) can only
-    /// delay or hasten learning, never make a replay wrong.
-    streaks: [AtomicU64; TSD_COUNT],
+    /// One per slot: slot `k * TSD_COUNT + n` is TSDn's k-th value.
+    pub evts: [EventFd; TSD_SLOTS],
+    /// Bit per slot, set while it has an ioeventfd, from just before it is registered
+    /// until its absorbed writes have been replayed after unregistering (see `observe`).
+    armed_mask: AtomicU16,
     state: Mutex<TsdLearnState>,
     /// False with the register shadow always on: a write KVM absorbed would leave the
     /// shadow's TSD status older than the guest's own write, and the guest reads it
@@ -200,13 +204,66 @@ pub struct TsdDoorbells {
 }
 
 const LEARN_AFTER: u32 = 4;
+/// Distinct lengths learnt per TSD: full segments, a reply's last segment, ACKs.
+const VALUES_PER_TSD: usize = 3;
+/// Learnt doorbells in all: one eventfd and one I/O-thread token each.
+pub const TSD_SLOTS: usize = TSD_COUNT * VALUES_PER_TSD;
+/// Unlearnt values counted per TSD.
+const CANDIDATES: usize = 4;
+
+fn slot(n: usize, k: usize) -> usize {
+    k * TSD_COUNT + n
+}
 
 #[derive(Default)]
 struct TsdLearnState {
-    /// Per TSDn: the registered address and value.
-    armed: [Option<(IoEventAddress, u32)>; TSD_COUNT],
+    /// Per slot: the registered address and value.
+    armed: [Option<(IoEventAddress, u32)>; TSD_SLOTS],
+    /// Per TSDn: values written (that exited) and how often, not yet armed.
+    seen: [[(u32, u32); CANDIDATES]; TSD_COUNT],
+    /// Per TSDn: the value index to replace when all its slots are armed.
+    oldest: [usize; TSD_COUNT],
     /// Bus generations when arming: a BAR move disarms everything.
     gens: (u64, u64),
+}
+
+impl TsdLearnState {
+    /// Count a write of `v` to TSDn; how many such writes were counted.
+    fn count(&mut self, n: usize, v: u32) -> u32 {
+        let seen = &mut self.seen[n];
+        if let Some(e) = seen.iter_mut().find(|e| e.1 > 0 && e.0 == v) {
+            e.1 += 1;
+            return e.1;
+        }
+        // A new value takes the place of the least written one.
+        if let Some(e) = seen.iter_mut().min_by_key(|e| e.1) {
+            *e = (v, 1);
+        }
+        1
+    }
+
+    fn forget(&mut self, n: usize, v: u32) {
+        for e in self.seen[n].iter_mut().filter(|e| e.0 == v) {
+            *e = (0, 0);
+        }
+    }
+
+    /// TSDn's slot armed for `v`, if any.
+    fn armed_for(&self, n: usize, v: u32) -> Option<usize> {
+        (0..VALUES_PER_TSD)
+            .map(|k| slot(n, k))
+            .find(|&s| self.armed[s].is_some_and(|a| a.1 == v))
+    }
+
+    /// Where TSDn learns its next value: a free slot, else its oldest.
+    fn slot_for_new_value(&mut self, n: usize) -> usize {
+        if let Some(k) = (0..VALUES_PER_TSD).find(|&k| self.armed[slot(n, k)].is_none()) {
+            return slot(n, k);
+        }
+        let k = self.oldest[n];
+        self.oldest[n] = (k + 1) % VALUES_PER_TSD;
+        slot(n, k)
+    }
 }
 
 /// `(n, value)` if this access writes all of TSDn.
@@ -233,7 +290,13 @@ impl TsdDoorbells {
         pio: Arc<Bus>,
         mmio: Arc<Bus>,
     ) -> Result<Self, NetError> {
-        let e = || EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::Irq);
+        let mut evts = Vec::with_capacity(TSD_SLOTS);
+        for _ in 0..TSD_SLOTS {
+            evts.push(EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::Irq)?);
+        }
+        let evts: [EventFd; TSD_SLOTS] = evts
+            .try_into()
+            .unwrap_or_else(|_| unreachable!("TSD_SLOTS eventfds were made"));
         Ok(Self {
             io,
             pci,
@@ -241,9 +304,8 @@ impl TsdDoorbells {
             bars,
             pio,
             mmio,
-            evts: [e()?, e()?, e()?, e()?],
-            armed_mask: AtomicU8::new(0),
-            streaks: Default::default(),
+            evts,
+            armed_mask: AtomicU16::new(0),
             state: Default::default(),
             learning: true,
             shadow_present: None,
@@ -275,8 +337,8 @@ impl TsdDoorbells {
     /// either armed before it (and is disarmed here) or sees the new mode.
     pub(super) fn disarm_all(&self, nic: &Rtl8139) {
         let mut st = self.lock();
-        for n in 0..TSD_COUNT {
-            self.disarm(&mut st, n, nic);
+        for s in 0..TSD_SLOTS {
+            self.disarm(&mut st, s, nic);
         }
     }
 
@@ -284,25 +346,28 @@ impl TsdDoorbells {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Stop absorbing writes to TSDn; writes absorbed before are replayed first
+    /// Stop absorbing writes in slot `s`; writes absorbed before are replayed first
     /// (unregister, then drain: nothing new can arrive in between).
-    fn disarm(&self, st: &mut TsdLearnState, n: usize, nic: &Rtl8139) {
-        if let Some((addr, v)) = st.armed[n].take() {
-            let _ = self.io.unregister(&self.evts[n], addr, v);
-            Self::replay_one(&self.evts[n], n, v, nic);
-            self.armed_mask.fetch_and(!(1 << n), Ordering::SeqCst);
+    fn disarm(&self, st: &mut TsdLearnState, s: usize, nic: &Rtl8139) {
+        if let Some((addr, v)) = st.armed[s].take() {
+            let _ = self.io.unregister(&self.evts[s], addr, v);
+            Self::replay_one(&self.evts[s], s % TSD_COUNT, v, nic);
+            self.armed_mask.fetch_and(!(1 << s), Ordering::SeqCst);
         }
     }
 
-    /// Register TSDn's ioeventfd for `value` at `addr`. The mask bit goes up first, so
-    /// that any write KVM absorbs is preceded by it (see `observe`).
-    fn arm(&self, st: &mut TsdLearnState, n: usize, addr: IoEventAddress, value: u32) {
-        self.armed_mask.fetch_or(1 << n, Ordering::SeqCst);
-        match self.io.register(&self.evts[n], addr, value) {
-            Ok(()) => st.armed[n] = Some((addr, value)),
+    /// Register slot `s`'s ioeventfd for `value` at `addr`. The mask bit goes up
+    /// first, so that any write KVM absorbs is preceded by it (see `observe`).
+    fn arm(&self, st: &mut TsdLearnState, s: usize, addr: IoEventAddress, value: u32) {
+        self.armed_mask.fetch_or(1 << s, Ordering::SeqCst);
+        match self.io.register(&self.evts[s], addr, value) {
+            Ok(()) => st.armed[s] = Some((addr, value)),
             Err(e) => {
-                self.armed_mask.fetch_and(!(1 << n), Ordering::SeqCst);
-                log::debug!("TSD{n} doorbell at {addr:?} refused ({e}); its writes keep exiting");
+                self.armed_mask.fetch_and(!(1 << s), Ordering::SeqCst);
+                log::debug!(
+                    "TSD{} doorbell at {addr:?} refused ({e}); its writes keep exiting",
+                    s % TSD_COUNT
+                );
             }
         }
     }
@@ -323,25 +388,42 @@ impl TsdDoorbells {
         self.replay_locked(&st, nic);
     }
 
+    /// One `poll` finds the armed eventfds that fired (a read of each costs as much
+    /// as the poll of all); only those are read.
     fn replay_locked(&self, st: &TsdLearnState, nic: &Rtl8139) {
-        for (n, armed) in st.armed.iter().enumerate() {
-            if let Some((_, v)) = *armed {
-                Self::replay_one(&self.evts[n], n, v, nic);
+        let mut fds = [libc::pollfd {
+            fd: -1,
+            events: libc::POLLIN,
+            revents: 0,
+        }; TSD_SLOTS];
+        let mut slots = [0usize; TSD_SLOTS];
+        let mut m = 0;
+        for (s, armed) in st.armed.iter().enumerate() {
+            if armed.is_some() {
+                fds[m].fd = self.evts[s].as_raw_fd();
+                slots[m] = s;
+                m += 1;
             }
         }
-    }
-
-    /// Count a write of `v` to TSDn; the length of the run of identical writes.
-    fn streak(&self, n: usize, v: u32) -> u32 {
-        let old = self.streaks[n].load(Ordering::Relaxed);
-        let (last, count) = ((old >> 32) as u32, old as u32);
-        let count = if last == v {
-            count.saturating_add(1)
-        } else {
-            1
+        let polled = match m {
+            0 => return,
+            // One read is one system call already.
+            1 => false,
+            _ => {
+                // SAFETY: `fds[..m]` are initialised pollfds on eventfds this owns.
+                let ready = unsafe { libc::poll(fds.as_mut_ptr(), m as libc::nfds_t, 0) };
+                ready >= 0
+            }
         };
-        self.streaks[n].store(u64::from(v) << 32 | u64::from(count), Ordering::Relaxed);
-        count
+        for (fd, &s) in fds[..m].iter().zip(&slots[..m]) {
+            // A failed poll (EINTR) reads them all, as before it.
+            if polled && fd.revents & libc::POLLIN == 0 {
+                continue;
+            }
+            if let Some((_, v)) = st.armed[s] {
+                Self::replay_one(&self.evts[s], s % TSD_COUNT, v, nic);
+            }
+        }
     }
 
     /// Before every register access from a vCPU: replay pending doorbells; for a TSD
@@ -357,8 +439,7 @@ impl TsdDoorbells {
     pub(super) fn observe(&self, nic: &Rtl8139, base: u64, offset: u64, write: Option<&[u8]>) {
         let armed = self.armed_mask.load(Ordering::SeqCst) != 0;
         let tsd = tsd_write(offset, write);
-        let learn = self.learns() && tsd.is_some_and(|(n, v)| self.streak(n, v) >= LEARN_AFTER);
-        if !armed && !learn {
+        if !armed && tsd.is_none() {
             return;
         }
         let mut st = self.lock();
@@ -366,17 +447,16 @@ impl TsdDoorbells {
         let Some((n, v)) = tsd else { return };
         let gens = (self.pio.generation(), self.mmio.generation());
         if gens != st.gens {
-            for i in 0..TSD_COUNT {
-                self.disarm(&mut st, i, nic);
+            for s in 0..TSD_SLOTS {
+                self.disarm(&mut st, s, nic);
             }
             st.gens = gens;
         }
         // Only C-mode TSDs: in C+ mode these offsets are the tally-dump register.
-        if !learn
-            || st.armed[n].map(|a| a.1) == Some(v)
-            || nic.mode() != Rtl8139Mode::C
-            || !self.learns()
-        {
+        if st.armed_for(n, v).is_some() || nic.mode() != Rtl8139Mode::C || !self.learns() {
+            return;
+        }
+        if st.count(n, v) < LEARN_AFTER {
             return;
         }
         let Some(pci) = self.pci.upgrade() else {
@@ -385,8 +465,10 @@ impl TsdDoorbells {
         let Some(addr) = BarBases::now(&pci, self.device, &self.bars).ioevent(base, offset) else {
             return;
         };
-        self.disarm(&mut st, n, nic);
-        self.arm(&mut st, n, addr, v);
+        st.forget(n, v);
+        let s = st.slot_for_new_value(n);
+        self.disarm(&mut st, s, nic);
+        self.arm(&mut st, s, addr, v);
     }
 }
 

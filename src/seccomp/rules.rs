@@ -194,6 +194,9 @@ pub fn rules(kind: ThreadKind, pid: u32) -> Result<Rules, BackendError> {
         ThreadKind::Vcpu => {
             // The tap's TX frames: in C mode a TSD write transmits on the exit path.
             r.insert(libc::SYS_writev, vec![]);
+            // Which learnt TSD doorbells fired, before a register access (src/net/doorbell.rs).
+            r.insert(libc::SYS_poll, vec![]);
+            r.insert(libc::SYS_ppoll, vec![]);
             // KVM_RUN and what the exit path and the emulation fallback
             // (src/emulate/kvm.rs) read and write; KVM_IOEVENTFD because the C-mode
             // TSD doorbells are learnt (and the C+ doorbell follows BAR moves) on
@@ -245,6 +248,9 @@ pub fn rules(kind: ThreadKind, pid: u32) -> Result<Rules, BackendError> {
                 // The tap's frames.
                 libc::SYS_readv,
                 libc::SYS_writev,
+                // Which learnt TSD doorbells fired (src/net/doorbell.rs).
+                libc::SYS_poll,
+                libc::SYS_ppoll,
                 // Event sources of an event loop: timers (read through `read`, like
                 // signalfd and eventfd).
                 libc::SYS_timerfd_settime,

@@ -282,28 +282,56 @@ fn absorbed_writes_are_replayed_before_the_next_register_access() {
 }
 
 #[test]
-fn another_length_rearms_and_replays_the_old_one_first() {
+fn more_lengths_are_learnt_beside_the_first_and_the_oldest_makes_way() {
     let rig = Rig::new();
     rig.send_rounds(IO_BAR, LEARN_AFTER as usize);
     rig.frames();
-    // An absorbed 60-byte write pending on TSD0; then the guest's frames on TSD0 become
-    // 100 bytes (exits), while TSD1-3 keep their learned length (absorbed).
-    rig.frontend.tsd.evts[0].write(1).unwrap();
-    for k in 0..LEARN_AFTER {
-        for n in 1..TSD_COUNT {
-            rig.frontend.tsd.evts[n].write(1).unwrap();
+    let n = TSD_COUNT;
+    let at = |i: usize| IO_BAR + super::tsd_offset(i);
+    // One frame of `v` bytes on each descriptor, in ring order.
+    let round = |v: u32| {
+        for i in 0..n {
+            rig.write(IO_BAR, super::tsd_offset(i), &v.to_le_bytes());
         }
-        rig.write(IO_BAR, super::tsd_offset(0), &100u32.to_le_bytes());
-        if k == 0 {
-            assert_eq!(rig.frame_lengths(), [60, 60, 60, 60, 100], "in guest order");
-        }
+    };
+    // The frames also come in 100 and 200 bytes, interleaved (a reply's last
+    // segment, ACKs): each length is learnt in a slot of its own, 60 stays.
+    for _ in 0..LEARN_AFTER {
+        round(100);
+        round(200);
     }
-    let addr = IO_BAR + super::tsd_offset(0);
+    let learnt: Vec<_> = [100, 200]
+        .iter()
+        .flat_map(|&v| (0..n).map(move |i| (true, at(i), v, true)))
+        .collect();
+    let mut calls = rig.io.calls()[n..].to_vec();
+    calls.sort_by_key(|c| (c.2, c.1));
+    assert_eq!(calls, learnt);
+    assert_eq!(rig.frames(), 2 * n * LEARN_AFTER as usize);
+    // KVM absorbs one frame per descriptor, each in another slot: one poll finds
+    // them all, and they leave in ring order with their own lengths.
+    for (i, k) in [(0, 0), (1, 1), (2, 2), (3, 0)] {
+        rig.frontend.tsd.evts[k * n + i].write(1).unwrap();
+    }
+    rig.read16(IO_BAR, ISR as u64);
+    assert_eq!(rig.frame_lengths(), [60, 100, 200, 60]);
+    // A fourth length takes each TSD's oldest slot (60 bytes), replaying what KVM
+    // absorbed there first.
+    rig.frontend.tsd.evts[0].write(1).unwrap();
+    let before = rig.io.calls().len();
+    for _ in 0..LEARN_AFTER {
+        round(300);
+    }
+    let lengths = rig.frame_lengths();
+    assert_eq!(
+        lengths[..2],
+        [60, 300],
+        "the absorbed 60 first: {lengths:?}"
+    );
     let calls = rig.io.calls();
     assert_eq!(
-        calls[TSD_COUNT..],
-        [(true, addr, FRAME_LEN, false), (true, addr, 100, true)],
-        "{calls:x?}"
+        calls[before..before + 2],
+        [(true, at(0), FRAME_LEN, false), (true, at(0), 300, true)]
     );
 }
 
@@ -326,7 +354,7 @@ fn a_bar_move_disarms_everything_and_learns_the_new_address() {
     rig.root
         .config_write(DEVICE, 0x10, &(moved as u32 | 1).to_le_bytes());
     assert_eq!(rig.root.bar_mapping(DEVICE, 0), Some((moved, Some(moved))));
-    rig.send_rounds(moved, 1);
+    rig.send_rounds(moved, LEARN_AFTER as usize);
     let calls = rig.io.calls();
     let disarmed: Vec<_> = (0..TSD_COUNT)
         .map(|n| (true, IO_BAR + super::tsd_offset(n), FRAME_LEN, false))
@@ -335,7 +363,7 @@ fn a_bar_move_disarms_everything_and_learns_the_new_address() {
     assert_eq!(calls[2 * TSD_COUNT..], armed_at(true, moved));
     assert_eq!(
         rig.frames(),
-        1 + TSD_COUNT,
+        1 + TSD_COUNT * LEARN_AFTER as usize,
         "the absorbed write was not lost"
     );
 }
