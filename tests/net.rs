@@ -89,6 +89,19 @@ fn stats(o: &Output) -> serde_json::Value {
     serde_json::from_str(json).expect("stats JSON")
 }
 
+/// A counted `net=rr` run ended well and moved exactly `RR_TRANSACTIONS`: its stats.
+fn counted_rr(o: &Output, what: &str) -> serde_json::Value {
+    assert_eq!(o.code, Some(0), "rr {what}\n{}", o.show());
+    let line = o
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("rr: ") && l.contains("trans/s"))
+        .expect("rr line");
+    let n: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert_eq!(n, RR_TRANSACTIONS, "{what}: {line}");
+    stats(o)
+}
+
 #[test]
 fn ping_and_rr_in_both_modes_and_both_bars() {
     if !kvm_available("ping_and_rr_in_both_modes_and_both_bars") {
@@ -126,15 +139,8 @@ fn ping_and_rr_in_both_modes_and_both_bars() {
             &format!("net=rr port=7777 trans={RR_TRANSACTIONS} secs=600 nic={mode} nicio={io}"),
             &["--stats"],
         );
-        assert_eq!(o.code, Some(0), "rr {mode}/{io}\n{}", o.show());
-        let line = o
-            .stdout
-            .lines()
-            .find(|l| l.starts_with("rr: ") && l.contains("trans/s"))
-            .expect("rr line");
-        let n: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-        assert_eq!(n, RR_TRANSACTIONS, "{line}");
-        let v = stats(&o);
+        let v = counted_rr(&o, &format!("{mode}/{io}"));
+        let n = RR_TRANSACTIONS;
         // Every transaction is one frame each way through the tap.
         assert!(
             v["net"]["tx_packets"].as_u64().unwrap() >= n,
@@ -194,15 +200,8 @@ fn register_shadow_serves_linux_shaped_reads_without_exits() {
         for shadow in ["off", "on", "auto"] {
             let spec = format!("tap={},shadow={shadow}", ns.tap);
             let o = guest(&ns, &spec, &words, &["--stats"]);
-            assert_eq!(o.code, Some(0), "rr {mode} shadow={shadow}\n{}", o.show());
-            let line = o
-                .stdout
-                .lines()
-                .find(|l| l.starts_with("rr: ") && l.contains("trans/s"))
-                .expect("rr line");
-            let n: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-            assert_eq!(n, RR_TRANSACTIONS, "{line}");
-            reads.push(stats(&o)["exits"]["mmio_read"].as_u64().unwrap());
+            let v = counted_rr(&o, &format!("{mode} shadow={shadow}"));
+            reads.push(v["exits"]["mmio_read"].as_u64().unwrap());
         }
         // Without the shadow every IntrStatus poll is an exit; with it, none is.
         assert!(
@@ -245,20 +244,7 @@ fn posted_writes_keep_the_linux_shaped_drivers_working_without_their_exits() {
         for posted in ["off", "on"] {
             let spec = format!("tap={},posted={posted}", ns.tap);
             let o = guest(&ns, &spec, &words, &["--stats"]);
-            assert_eq!(
-                o.code,
-                Some(0),
-                "rr {drv} {nicio} posted={posted}\n{}",
-                o.show()
-            );
-            let line = o
-                .stdout
-                .lines()
-                .find(|l| l.starts_with("rr: ") && l.contains("trans/s"))
-                .expect("rr line");
-            let n: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
-            assert_eq!(n, RR_TRANSACTIONS, "{line}");
-            let v = stats(&o);
+            let v = counted_rr(&o, &format!("{drv} {nicio} posted={posted}"));
             assert_eq!(
                 v["net"]["posted"].as_bool(),
                 Some(posted == "on"),
