@@ -47,7 +47,7 @@ pub trait NicDoorbells: Send + Sync {
     /// The C+ TxPoll doorbell, with `--net tx=ioeventfd`.
     fn txpoll(&self) -> Option<&EventFd>;
     fn on_txpoll(&self);
-    /// The learned C-mode TSD0-3 doorbells, with `--net tx=ioeventfd`.
+    /// The learnt C-mode TSD doorbells (up to three lengths per TSD), with `--net tx=ioeventfd`.
     fn tsd(&self) -> &[EventFd];
     fn on_tsd(&self);
 }
