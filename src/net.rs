@@ -69,7 +69,7 @@ pub const MAX_POLL_US: u32 = 1000;
 /// "Levers" for the measurement).
 pub const DEFAULT_TX_SNOOP: bool = true;
 
-/// Whether the NIC's acks, masks and CAPR updates through port I/O are posted
+/// Whether the NIC's acks, masks and CAPR updates (through either BAR) are posted
 /// through KVM's coalesced ring (see `net/posted.rs` and the README's "Levers").
 pub const DEFAULT_POSTED: bool = true;
 
@@ -87,8 +87,8 @@ pub struct NetConfig {
     pub tx_snoop: bool,
     /// When guest reads of the MMIO BAR come from a read-only shadow page (no exit).
     pub shadow: ShadowPolicy,
-    /// Post writes to CAPR, IntrMask and IntrStatus through the port BAR (where
-    /// KVM has coalesced PIO, and never beside a mapped shadow).
+    /// Post writes to CAPR, IntrMask and IntrStatus (where KVM has a coalesced
+    /// ring, and never beside a mapped shadow).
     pub posted: bool,
 }
 
@@ -202,7 +202,7 @@ pub struct NicFrontend {
     pub doorbell: std::sync::OnceLock<std::sync::Weak<Doorbell>>,
     /// The register shadow's memslot, moved with the MMIO BAR.
     pub shadow: Option<Arc<RegisterShadow>>,
-    /// The posted-write zone, moved with the port BAR and kept off beside the shadow.
+    /// The posted-write zones, moved with the BARs and kept off beside the shadow.
     pub posted: PostedWrites,
 }
 
@@ -290,7 +290,7 @@ pub struct NetDevice {
     pub poll_window: std::time::Duration,
     /// Look at the C+ TX ring while busy-polling (`tx-snoop=`).
     pub tx_snoop: bool,
-    /// `posted=on`: [`NetDevice::enable_posted`] may register the zone.
+    /// `posted=on`: [`NetDevice::enable_posted`] may register the zones.
     pub posted: bool,
 }
 
@@ -401,7 +401,7 @@ impl NetDevice {
         }
     }
 
-    /// The posted-write zone, if there is a frontend to hold one.
+    /// The posted-write zones, if there is a frontend to hold them.
     pub fn posted_writes(&self) -> Option<&PostedWrites> {
         self.frontend.as_ref().map(|f| &f.posted)
     }
@@ -451,7 +451,7 @@ pub struct NetStats {
     /// C+ TX ring walks the busy-poll started before the guest's TxPoll arrived
     /// (`tx-snoop=on`).
     pub tx_snooped: u64,
-    /// Whether the posted-write zone is registered now (`posted=on`, port BAR).
+    /// Whether a posted-write zone is registered now (`posted=on`).
     pub posted: bool,
 }
 
