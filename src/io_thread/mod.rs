@@ -31,7 +31,7 @@ use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 use wbvmm_devices::Bus;
 
-pub use busy_poll::BusyPoll;
+pub use busy_poll::{BusyPoll, Source};
 pub use console::Console;
 pub use nic::{FrameSource, Nic, NicDoorbells, RX_BUDGET};
 pub use signals::{block_vm_signals, SignalFd, VM_SIGNALS};
@@ -229,31 +229,33 @@ impl IoLoop {
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(_) => return,
             };
-            let nic = self.nic_ready(n);
-            self.poll.woke(Instant::now(), nic);
+            let by = self.ready_source(n);
+            self.poll.woke(Instant::now(), by);
             if self.dispatch_ready(n) == Flow::Stop {
                 return;
             }
-            if nic && self.busy_poll() == Flow::Stop {
+            if by != Source::Other && self.busy_poll() == Flow::Stop {
                 return;
             }
         }
     }
 
-    /// Whether any of the `n` ready events is the NIC's data path.
-    fn nic_ready(&self, n: usize) -> bool {
-        self.events[..n].iter().any(|e| {
-            matches!(
-                Token::from_u64(e.data()),
-                Some(
-                    Token::Tap
-                        | Token::NicRxSpace
-                        | Token::NicTxPoll
-                        | Token::NicTsd(_)
-                        | Token::NicResample
-                )
-            )
-        })
+    /// Whose NIC data-path work the `n` ready events are: the guest's if any is
+    /// (see [`Source`]), else the tap's, else none.
+    fn ready_source(&self, n: usize) -> Source {
+        let mut by = Source::Other;
+        for e in &self.events[..n] {
+            match Token::from_u64(e.data()) {
+                Some(Token::NicRxSpace | Token::NicTxPoll | Token::NicTsd(_)) => {
+                    return Source::Guest
+                }
+                Some(Token::Tap) => by = Source::Peer,
+                // An EOI (the resample irqfd) is no data-path work: the guest's
+                // doorbell follows it much later, if at all.
+                _ => {}
+            }
+        }
+        by
     }
 
     /// After NIC activity: poll every source without sleeping for the window
@@ -272,16 +274,21 @@ impl IoLoop {
                     Err(_) => return Flow::Stop,
                 };
                 if n > 0 {
+                    let by = self.ready_source(n);
                     if self.dispatch_ready(n) == Flow::Stop {
                         return Flow::Stop;
                     }
-                    break true;
+                    // The peer's frames end this window, neutrally: the next one
+                    // waits for the guest's answer to them.
+                    if by != Source::Other {
+                        break by;
+                    }
                 }
                 if self.src.nic.as_ref().is_some_and(Nic::snoop_tx) {
-                    break true;
+                    break Source::Guest;
                 }
                 if start.elapsed() >= window {
-                    break false;
+                    break Source::Other;
                 }
                 // The peer (netperf, the tap's writer) may share this CPU: let it run.
                 std::thread::yield_now();
@@ -289,9 +296,9 @@ impl IoLoop {
             let now = Instant::now();
             self.poll.finished(found, now - start, now);
             if let Some(nic) = &self.src.nic {
-                nic.count_poll(found);
+                nic.count_poll(found != Source::Other);
             }
-            if !found {
+            if found == Source::Other {
                 return Flow::Continue;
             }
         }
