@@ -5,8 +5,8 @@
 //!   device's level changes; an irqfd with resample beside it reports the guest's
 //!   EOIs.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use kvm_ioctls::VmFd;
 use thiserror::Error;
@@ -76,13 +76,22 @@ type SetLine = Box<dyn Fn(bool) -> Result<(), kvm_ioctls::Error> + Send + Sync>;
 ///
 /// The irqfd with resample stays registered, never triggered: KVM signals its
 /// resample eventfd at each EOI of the GSI, which the I/O thread counts
-/// (`resamples`, the guest's EOIs). Without a VM (tests), raises go to the trigger
+/// (`resamples`, the guest's EOIs), and then sets the level again while the device
+/// still asserts it. KVM needs that once: a guest that unmasks the pin's IOAPIC
+/// entry while the line is up (Linux's enable_irq after a masked arrival) gets no
+/// interrupt from KVM when the GSI has a resampler; KVM drops the pending state
+/// and signals the resampler instead, for userspace to raise the line again
+/// (`ioapic_write_indirect`). After an ordinary EOI with the line up KVM has
+/// delivered again already, and setting the level again delivers nothing more
+/// (the entry waits for its EOI). Without a VM (tests), raises go to the trigger
 /// eventfd as an irqfd would see them, and a resample re-raises while asserted.
 pub struct LevelIrq {
     trigger: EventFd,
     pub resample: EventFd,
     set_line: Option<SetLine>,
-    asserted: AtomicBool,
+    /// The device's level, locked around KVM_IRQ_LINE so that a re-raise at an EOI
+    /// (I/O thread) never lands after the device lowered the line (vCPU thread).
+    asserted: Mutex<bool>,
     /// Rising edges of the device's level (and, without a VM, re-raises at an EOI).
     pub raised: AtomicU64,
     /// Resample events: the guest EOI'd the line.
@@ -108,22 +117,36 @@ impl LevelIrq {
             trigger,
             resample,
             set_line,
-            asserted: AtomicBool::new(false),
+            asserted: Mutex::new(false),
             raised: AtomicU64::new(0),
             resamples: AtomicU64::new(0),
             line_errors: AtomicU64::new(0),
         }
     }
 
-    /// The guest EOI'd the interrupt: count it. KVM delivers again by itself while
-    /// the level is up; only the eventfd fallback must raise again.
+    fn level(&self) -> MutexGuard<'_, bool> {
+        // A panic while holding it left a bool: still the last level set.
+        self.asserted.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The guest EOI'd the interrupt (or unmasked its pin): count it, and raise
+    /// the line again while the device asserts it.
     pub fn on_resample(&self) {
         // Several EOIs between two wake-ups arrive as one count > 1.
-        if let Ok(n) = self.resample.read() {
-            self.resamples.fetch_add(n, Ordering::Relaxed);
+        match self.resample.read() {
+            Ok(n) => self.resamples.fetch_add(n, Ordering::Relaxed),
+            Err(_) => return,
+        };
+        let asserted = self.level();
+        if !*asserted {
+            return;
         }
-        if self.set_line.is_none() && self.asserted.load(Ordering::Acquire) {
-            self.trigger();
+        match &self.set_line {
+            Some(set) => self.drive(set, true),
+            None => {
+                self.raised.fetch_add(1, Ordering::Relaxed);
+                let _ = self.trigger.write(1);
+            }
         }
     }
 
@@ -142,8 +165,9 @@ impl IrqLine for LevelIrq {
         match &self.set_line {
             // A pulse, for a caller that only knows edges; a level stays as it is.
             Some(set) => {
+                let asserted = self.level();
                 self.drive(set, true);
-                if !self.asserted.load(Ordering::Acquire) {
+                if !*asserted {
                     self.drive(set, false);
                 }
             }
@@ -155,7 +179,8 @@ impl IrqLine for LevelIrq {
     /// The device calls this with its lock held, so level changes reach KVM in
     /// the order they happened.
     fn set_level(&self, asserted: bool) {
-        let was = self.asserted.swap(asserted, Ordering::AcqRel);
+        let mut level = self.level();
+        let was = std::mem::replace(&mut *level, asserted);
         if asserted == was {
             return;
         }
@@ -227,5 +252,35 @@ mod tests {
         // A spurious wake-up with nothing to read counts nothing.
         line.on_resample();
         assert_eq!(line.resamples.load(Ordering::Relaxed), 4);
+    }
+
+    #[test]
+    fn with_kvm_a_resample_sets_the_level_again_only_while_the_device_asserts_it() {
+        let resample = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let seen = calls.clone();
+        let set_line: SetLine = Box::new(move |level| {
+            seen.lock().unwrap().push(level);
+            Ok(())
+        });
+        let line = LevelIrq::on_eventfds(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            resample.try_clone().unwrap(),
+            Some(set_line),
+        );
+        line.set_level(true);
+        assert_eq!(*calls.lock().unwrap(), [true]);
+        // The pin unmasked (or EOI'd) while the line is up: KVM asks, wbvmm raises.
+        eoi(&line, &resample);
+        assert_eq!(*calls.lock().unwrap(), [true, true]);
+        // No event to read: nothing asked, nothing set.
+        line.on_resample();
+        assert_eq!(calls.lock().unwrap().len(), 2);
+        // Lowered by the device: an EOI after that leaves the line down.
+        line.set_level(false);
+        eoi(&line, &resample);
+        assert_eq!(*calls.lock().unwrap(), [true, true, false]);
+        assert_eq!(line.resamples.load(Ordering::Relaxed), 2);
+        assert_eq!(line.raised.load(Ordering::Relaxed), 1, "one rising edge");
     }
 }

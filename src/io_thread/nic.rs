@@ -41,8 +41,8 @@ impl FrameSource for Tap {
 /// irqfd and the TX doorbells KVM completes as ioeventfds.
 pub trait NicDoorbells: Send + Sync {
     fn resample(&self) -> &EventFd;
-    /// The guest EOI'd INTx: count it (KVM re-delivers a level still up by itself;
-    /// only the eventfd fallback of `irq::LevelIrq` raises again).
+    /// The guest EOI'd INTx or unmasked its pin: count it, and raise the line again
+    /// while the device asserts it (`irq::LevelIrq::on_resample`).
     fn on_resample(&self);
     /// The C+ TxPoll doorbell, with `--net tx=ioeventfd`.
     fn txpoll(&self) -> Option<&EventFd>;
