@@ -259,7 +259,8 @@ pub fn rules(kind: ThreadKind, pid: u32) -> Result<Rules, BackendError> {
                 r.insert(nr, vec![]);
             }
             // The C+ doorbell follows BAR moves and C-mode doorbells are re-armed here.
-            // KVM_IRQ_LINE: the NIC's level line follows the frames it receives.
+            // KVM_IRQ_LINE: the NIC's level line follows the frames it receives, and is
+            // set again at an EOI (resample) while the device asserts it.
             add_ioctls(&mut r, &[KVM_IOEVENTFD(), KVM_IRQ_LINE()])?;
         }
         ThreadKind::Gdb => {
