@@ -3,7 +3,7 @@
 //! - [`IrqFdLine`]: an edge line, one KVM irqfd (COM1 on IRQ 4).
 //! - [`LevelIrq`]: a level line (the NIC on GSI 16), set with KVM_IRQ_LINE as the
 //!   device's level changes; an irqfd with resample beside it reports the guest's
-//!   EOIs.
+//!   EOIs and asks for the level again where KVM leaves that to userspace.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
