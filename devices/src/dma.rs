@@ -20,6 +20,15 @@ pub enum DmaError {
 ///
 /// An access is all-or-nothing: on error nothing was written (implementations
 /// check the whole range before copying).
+///
+/// `read`/`write` copy bytes in no promised order or width. [`GuestDma::read_u32`]
+/// and [`GuestDma::write_u32`] at a 4-aligned address must each be one 32-bit
+/// access, as a chip's descriptor fetch and write-back are: descriptor words are a
+/// protocol with a vCPU running beside the device. A byte copy may store a word
+/// twice (glibc's memcpy of 4 bytes does), and a second store landing after the
+/// guest took the descriptor back and re-armed it hands the guest's descriptor
+/// back to the guest, a lap late; a torn read pairs a new OWN bit with an old
+/// length.
 pub trait GuestDma: Send + Sync {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DmaError>;
     fn write(&self, gpa: u64, data: &[u8]) -> Result<(), DmaError>;
@@ -34,10 +43,44 @@ pub trait GuestDma: Send + Sync {
     }
 }
 
-/// A fake guest memory for tests: one RAM range [base, base + len).
+/// One access a device made, as [`VecGuestMemory`] journals it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// `read` / `write`: bytes in no promised order or width.
+    Read {
+        gpa: u64,
+        len: usize,
+    },
+    Write {
+        gpa: u64,
+        len: usize,
+    },
+    /// `read_u32` / `write_u32`: one 32-bit access.
+    ReadWord {
+        gpa: u64,
+    },
+    WriteWord {
+        gpa: u64,
+    },
+}
+
+impl Access {
+    /// Whether the access touches any byte of [gpa, gpa + len).
+    pub fn touches(&self, gpa: u64, len: usize) -> bool {
+        let (a, n) = match *self {
+            Access::Read { gpa, len } | Access::Write { gpa, len } => (gpa, len),
+            Access::ReadWord { gpa } | Access::WriteWord { gpa } => (gpa, 4),
+        };
+        a < gpa + len as u64 && gpa < a + n as u64
+    }
+}
+
+/// A fake guest memory for tests: one RAM range [base, base + len). It can journal
+/// the device's accesses, so tests can check their order and width.
 pub struct VecGuestMemory {
     base: u64,
     bytes: std::sync::Mutex<Vec<u8>>,
+    journal: std::sync::Mutex<Option<Vec<Access>>>,
 }
 
 impl VecGuestMemory {
@@ -45,7 +88,42 @@ impl VecGuestMemory {
         Self {
             base,
             bytes: std::sync::Mutex::new(vec![0; len]),
+            journal: std::sync::Mutex::new(None),
         }
+    }
+
+    /// Start journalling accesses (dropping any earlier journal).
+    pub fn record(&self) {
+        *self.journal.lock().expect("journal lock poisoned") = Some(Vec::new());
+    }
+
+    /// The accesses since [`VecGuestMemory::record`], in order; journalling stops.
+    pub fn take_journal(&self) -> Vec<Access> {
+        self.journal
+            .lock()
+            .expect("journal lock poisoned")
+            .take()
+            .unwrap_or_default()
+    }
+
+    fn log(&self, a: Access) {
+        if let Some(j) = self.journal.lock().expect("journal lock poisoned").as_mut() {
+            j.push(a);
+        }
+    }
+
+    fn copy_out(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DmaError> {
+        let mem = self.bytes.lock().expect("test memory lock poisoned");
+        let r = self.range(gpa, buf.len(), mem.len())?;
+        buf.copy_from_slice(&mem[r]);
+        Ok(())
+    }
+
+    fn copy_in(&self, gpa: u64, data: &[u8]) -> Result<(), DmaError> {
+        let mut mem = self.bytes.lock().expect("test memory lock poisoned");
+        let r = self.range(gpa, data.len(), mem.len())?;
+        mem[r].copy_from_slice(data);
+        Ok(())
     }
 
     fn range(
@@ -72,16 +150,28 @@ impl VecGuestMemory {
 
 impl GuestDma for VecGuestMemory {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), DmaError> {
-        let mem = self.bytes.lock().expect("test memory lock poisoned");
-        let r = self.range(gpa, buf.len(), mem.len())?;
-        buf.copy_from_slice(&mem[r]);
-        Ok(())
+        self.log(Access::Read {
+            gpa,
+            len: buf.len(),
+        });
+        self.copy_out(gpa, buf)
     }
     fn write(&self, gpa: u64, data: &[u8]) -> Result<(), DmaError> {
-        let mut mem = self.bytes.lock().expect("test memory lock poisoned");
-        let r = self.range(gpa, data.len(), mem.len())?;
-        mem[r].copy_from_slice(data);
-        Ok(())
+        self.log(Access::Write {
+            gpa,
+            len: data.len(),
+        });
+        self.copy_in(gpa, data)
+    }
+    fn read_u32(&self, gpa: u64) -> Result<u32, DmaError> {
+        self.log(Access::ReadWord { gpa });
+        let mut b = [0u8; 4];
+        self.copy_out(gpa, &mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn write_u32(&self, gpa: u64, v: u32) -> Result<(), DmaError> {
+        self.log(Access::WriteWord { gpa });
+        self.copy_in(gpa, &v.to_le_bytes())
     }
 }
 

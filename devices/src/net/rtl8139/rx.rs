@@ -2,6 +2,7 @@
 
 use super::regs::*;
 use super::{State, MAX_CPLUS_FRAME, MAX_FRAME};
+use crate::dma::DmaError;
 use crate::net::csum;
 use crate::net::{crc32_ieee, ether_crc_be, RxResult};
 
@@ -179,14 +180,21 @@ impl State {
         // WRAP=1 (8139too's "RxNoWrap"): write past the end into the driver's slack;
         // only the next offset wraps. No effect with the 64K ring.
         let linear = (self.rcr & RCR_WRAP != 0 && size < 65536) || w + rec <= size;
+        // The frame and CRC first, the header last in one 32-bit store, as the chip
+        // writes it once the frame is complete: a driver that polls the ring (ours)
+        // may take a non-zero header as a whole record. `w` is 4-aligned, so the
+        // header never wraps and `first` >= 4.
+        let header =
+            u32::from_le_bytes([self.rxbuf[0], self.rxbuf[1], self.rxbuf[2], self.rxbuf[3]]);
         let res = if linear {
-            self.dma.write(base + w as u64, &self.rxbuf)
+            self.dma.write(base + w as u64 + 4, &self.rxbuf[4..])
         } else {
             let first = size - w;
             self.dma
-                .write(base + w as u64, &self.rxbuf[..first])
+                .write(base + w as u64 + 4, &self.rxbuf[4..first])
                 .and_then(|_| self.dma.write(base, &self.rxbuf[first..]))
-        };
+        }
+        .and_then(|_| self.dma.write_u32(base + w as u64, header));
         if res.is_err() {
             // A master abort: the frame is lost, the guest sees a system error.
             self.isr |= INT_SERR;
@@ -202,20 +210,25 @@ impl State {
         base.checked_add(16 * idx as u64)
     }
 
+    /// An RX descriptor's opts1 and buffer address: opts1 in one 32-bit read, first,
+    /// so OWN and the buffer size come from the same store of the guest's; the address
+    /// after it (the guest wrote it before handing the descriptor over).
+    fn cplus_rx_desc(&self, daddr: u64) -> Result<(u32, u64), DmaError> {
+        let opts1 = self.dma.read_u32(daddr)?;
+        let mut b = [0u8; 8];
+        self.dma.read(daddr.wrapping_add(8), &mut b)?;
+        Ok((opts1, u64::from_le_bytes(b)))
+    }
+
     fn cplus_receive(&mut self, frame: &[u8], m: Match) -> RxResult {
         let Some(daddr) = self.cplus_rx_desc_addr(self.cp_rx_idx) else {
             self.isr |= INT_SERR;
             return RxResult::Disabled;
         };
-        let mut desc = [0u8; 16];
-        if self.dma.read(daddr, &mut desc).is_err() {
+        let Ok((opts1, buf)) = self.cplus_rx_desc(daddr) else {
             self.isr |= INT_SERR;
             return RxResult::Disabled;
-        }
-        let opts1 = u32::from_le_bytes([desc[0], desc[1], desc[2], desc[3]]);
-        let buf = u64::from_le_bytes([
-            desc[8], desc[9], desc[10], desc[11], desc[12], desc[13], desc[14], desc[15],
-        ]);
+        };
         if opts1 & DESC_OWN == 0 {
             // RDU: no descriptor for us.
             return RxResult::RingFull;
@@ -310,20 +323,16 @@ impl State {
                 self.isr |= INT_SERR;
                 return RxResult::Disabled;
             };
-            let mut desc = [0u8; 16];
-            if self.dma.read(daddr, &mut desc).is_err() {
+            let Ok((opts1, buf)) = self.cplus_rx_desc(daddr) else {
                 self.isr |= INT_SERR;
                 return RxResult::Disabled;
-            }
-            let opts1 = u32::from_le_bytes([desc[0], desc[1], desc[2], desc[3]]);
+            };
             let bufsize = (opts1 & RXD_BUF_MASK) as usize;
             if opts1 & DESC_OWN == 0 || bufsize == 0 {
                 return RxResult::RingFull;
             }
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&desc[8..16]);
             let take = bufsize.min(left);
-            slots[used] = (daddr, opts1, u64::from_le_bytes(b), take);
+            slots[used] = (daddr, opts1, buf, take);
             used += 1;
             left -= take;
             idx = next_rx_index(idx, opts1);

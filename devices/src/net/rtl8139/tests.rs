@@ -1682,3 +1682,100 @@ fn shadow_shows_the_cause_before_the_interrupt_is_raised() {
     assert!(!raised.is_empty(), "RX with IMR.ROK set raises the line");
     assert!(raised.iter().all(|isr| isr & INT_ROK != 0), "{raised:x?}");
 }
+
+// ---------- descriptor words: one 32-bit access, the hand-back last ----------
+
+use crate::dma::Access;
+
+/// The accesses of `j` that touch [gpa, gpa + len).
+fn touching(j: &[Access], gpa: u64, len: usize) -> Vec<Access> {
+    j.iter().copied().filter(|a| a.touches(gpa, len)).collect()
+}
+
+#[test]
+fn cplus_rx_reads_and_hands_back_opts1_in_one_word_after_the_frame() {
+    let h = H::new(REVISION_CPLUS);
+    cplus_up(&h, 0x2b);
+    rx_desc(&h, 0, 0x5_0000, false);
+    // Descriptors 1-3 of 512 bytes: a full-size frame spreads over them.
+    for i in 1..4u64 {
+        let opts1 = DESC_OWN | if i == 3 { DESC_EOR } else { 0 } | 512;
+        let mut d = [0u8; 16];
+        d[0..4].copy_from_slice(&opts1.to_le_bytes());
+        d[8..16].copy_from_slice(&(0x6_0000 + 0x1000 * i).to_le_bytes());
+        h.poke(RXR + 16 * i, &d);
+    }
+    h.mem.record();
+    assert_eq!(h.dev.receive(&frame_to(MAC, 1514)), RxResult::Accepted);
+    assert_eq!(h.dev.receive(&frame_to(MAC, 1200)), RxResult::Accepted);
+    let j = h.mem.take_journal();
+    for (i, buf, len) in [
+        (0, 0x5_0000, 1518),
+        (1, 0x6_1000, 512),
+        (2, 0x6_2000, 512),
+        (3, 0x6_3000, 512),
+    ] {
+        let d = RXR + 16 * i;
+        let on_opts1 = touching(&j, d, 4);
+        assert!(
+            on_opts1
+                .iter()
+                .all(|a| matches!(a, Access::ReadWord { .. } | Access::WriteWord { .. })),
+            "descriptor {i}: opts1 only by whole words: {on_opts1:?}"
+        );
+        assert_eq!(
+            on_opts1
+                .iter()
+                .filter(|a| matches!(a, Access::WriteWord { .. }))
+                .count(),
+            1,
+            "descriptor {i}: opts1 written once (a second store could land after the guest re-armed it)"
+        );
+        // The hand-back (opts1 without OWN) is the last thing the device does to this
+        // descriptor and its buffer.
+        let last = j
+            .iter()
+            .rposition(|a| a.touches(d, 16) || a.touches(buf, len))
+            .expect("descriptor used");
+        assert_eq!(j[last], Access::WriteWord { gpa: d }, "descriptor {i}");
+        assert!(
+            j[..last]
+                .iter()
+                .any(|a| matches!(a, Access::Write { .. }) && a.touches(buf, len)),
+            "descriptor {i}: its buffer is written before the hand-back"
+        );
+    }
+    assert_eq!(desc_opts1(&h, RXR, 1) & (DESC_OWN | DESC_FS), DESC_FS);
+    assert_eq!(desc_opts1(&h, RXR, 3) & (DESC_OWN | DESC_LS), DESC_LS);
+}
+
+#[test]
+fn c_rx_writes_the_record_header_last_in_one_word() {
+    let h = H::new(REVISION_C);
+    c_mode_up(&h);
+    let ring = 0x8_0000u64;
+    let f = frame_to(MAC, 200);
+    h.mem.record();
+    assert_eq!(h.dev.receive(&f), RxResult::Accepted);
+    assert_eq!(h.dev.receive(&f), RxResult::Accepted);
+    let j = h.mem.take_journal();
+    // The second record starts after the first: 4 + 200 + 4 bytes, 4-aligned.
+    for at in [ring, ring + 208] {
+        let on_header = touching(&j, at, 4);
+        assert_eq!(
+            on_header,
+            vec![Access::WriteWord { gpa: at }],
+            "the header at {at:#x} is one 32-bit store"
+        );
+        let header_store = j.iter().position(|a| *a == Access::WriteWord { gpa: at });
+        let last_body = j.iter().rposition(|a| a.touches(at + 4, 204));
+        assert!(
+            last_body < header_store,
+            "the frame and CRC at {at:#x} are written before the header: {j:?}"
+        );
+    }
+    let hdr = u32::from_le_bytes(h.peek(ring, 4).try_into().unwrap());
+    assert_eq!(hdr >> 16, 204);
+    assert_eq!(hdr & 1, 1, "ROK");
+    assert_eq!(h.peek(ring + 4, 200), f);
+}
