@@ -5,9 +5,12 @@
 //! and reach the device.
 //!
 //! Ordering, which is what makes the loads safe:
-//! - The device republishes the whole block at the end of every entry point, under
-//!   its state lock, after the DMA that the new register values report (a received
-//!   frame, a TX descriptor's status) and before it raises the interrupt line. So a
+//! - The device republishes the registers an entry point can change at its end
+//!   (after a register write, reset or link change every word; after data-path
+//!   work, a frame in, a TX walk or the timer, the words of the registers that
+//!   report events), under its state lock, after the DMA that the new register
+//!   values report (a received frame, a TX descriptor's status) and before it
+//!   raises the interrupt line. So a
 //!   guest that sees ISR.ROK in the shadow finds the frame in its ring, and a guest
 //!   woken by the interrupt sees the ISR bit that raised it.
 //! - ISR's word is stored last (Release), after the registers that describe the
@@ -24,13 +27,11 @@
 
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use super::BAR_SIZE;
-
 /// The shadow page's size: one host page, the unit of a KVM memslot.
 pub const SHADOW_PAGE_SIZE: u64 = 4096;
 const WORDS: usize = SHADOW_PAGE_SIZE as usize / 4;
 /// The word holding IMR (0x3C) and ISR (0x3E), stored last.
-const ISR_WORD: usize = super::regs::IMR / 4;
+pub(super) const ISR_WORD: usize = super::regs::IMR / 4;
 
 /// One page-aligned page of register values. Everything past the 256-byte register
 /// block reads 0, as the device's own decode does.
@@ -62,23 +63,11 @@ impl ShadowPage {
         }
     }
 
-    /// Store the register block, ISR's word last.
-    pub(super) fn publish(&self, block: &[u8; BAR_SIZE as usize]) {
-        let word = |w: usize| {
-            u32::from_le_bytes([
-                block[4 * w],
-                block[4 * w + 1],
-                block[4 * w + 2],
-                block[4 * w + 3],
-            ])
-        };
-        for w in (0..block.len() / 4).filter(|&w| w != ISR_WORD) {
-            let v = word(w);
-            // Skip unchanged words: the guest's CPU keeps its cache lines.
-            if self.words[w].load(Ordering::Relaxed) != v {
-                self.words[w].store(v, Ordering::Release);
-            }
+    /// Store register word `w` (the device stores ISR's word last), skipping an
+    /// unchanged one: the guest's CPU keeps its cache line.
+    pub(super) fn store(&self, w: usize, v: u32) {
+        if self.words[w].load(Ordering::Relaxed) != v {
+            self.words[w].store(v, Ordering::Release);
         }
-        self.words[ISR_WORD].store(word(ISR_WORD), Ordering::Release);
     }
 }

@@ -85,7 +85,7 @@ impl Rtl8139 {
         let mut st = self.lock();
         st.update_timer();
         let taken = if st.cplus { st.cplus_tx(0) } else { 0 };
-        self.finish(st);
+        self.finish_data_path(st);
         taken > 0
     }
 }
