@@ -1178,14 +1178,51 @@ const fn crc_table() -> [u32; 256] {
     t
 }
 
-static CRC_TABLE: [u32; 256] = crc_table();
+/// Slicing-by-8 tables: `[k][b]` is the CRC of byte `b` followed by `k` zero bytes.
+const fn crc_tables() -> [[u32; 256]; 8] {
+    let mut t = [[0u32; 256]; 8];
+    t[0] = crc_table();
+    let mut i = 0;
+    while i < 256 {
+        let mut k = 1;
+        while k < 8 {
+            let prev = t[k - 1][i];
+            t[k][i] = (prev >> 8) ^ t[0][(prev & 0xff) as usize];
+            k += 1;
+        }
+        i += 1;
+    }
+    t
+}
 
-/// CRC-32 of memory the device may be writing concurrently.
+static CRC_TABLES: [[u32; 256]; 8] = crc_tables();
+
+/// CRC-32 of memory the device may be writing concurrently: volatile loads, eight
+/// bytes at a time (slicing-by-8; a byte at a time cost ~3 us per full frame, a
+/// third of a bulk stream's time per frame in the guest).
 fn crc32_volatile(p: *const u8, len: usize) -> u32 {
+    let t = &CRC_TABLES;
     let mut c = !0u32;
-    for i in 0..len {
+    let mut i = 0;
+    while i + 8 <= len {
+        // [u8; 8] has alignment 1: one unaligned 8-byte load.
+        let b = unsafe { read_volatile(p.add(i) as *const [u8; 8]) };
+        let lo = u32::from_le_bytes([b[0], b[1], b[2], b[3]]) ^ c;
+        let hi = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+        c = t[7][(lo & 0xff) as usize]
+            ^ t[6][((lo >> 8) & 0xff) as usize]
+            ^ t[5][((lo >> 16) & 0xff) as usize]
+            ^ t[4][(lo >> 24) as usize]
+            ^ t[3][(hi & 0xff) as usize]
+            ^ t[2][((hi >> 8) & 0xff) as usize]
+            ^ t[1][((hi >> 16) & 0xff) as usize]
+            ^ t[0][(hi >> 24) as usize];
+        i += 8;
+    }
+    while i < len {
         let b = unsafe { read_volatile(p.add(i)) };
-        c = CRC_TABLE[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
+        c = t[0][((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
+        i += 1;
     }
     !c
 }
