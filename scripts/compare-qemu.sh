@@ -21,7 +21,8 @@
 #                     skipped, loudly.
 #   --stream-bytes N  the bulk stream: netperf TCP_STREAM into the guest, counted in bytes
 #                     (`-l -N`, so its length never depends on the machine's speed), once per mode
-#                     per run with the lean driver (default 4194304; 0 = no stream)
+#                     per run with the lean driver (default 67108864: long enough that /proc's
+#                     10 ms CPU ticks and the connection's start are small beside it; 0 = no stream)
 #   --out DIR         where results.json and the chart go (default out/compare-qemu)
 #   --chart PATH      the chart (SVG or PNG by its name; default DIR/chart.svg), drawn with
 #                     python3-matplotlib: netperf trans/s and exits per transaction, both VMMs,
@@ -130,7 +131,7 @@ def die(msg, hint=None, code=1):
 # options
 ncpu = os.cpu_count() or 1
 opt = dict(runs=5, secs=3, modes="c,cplus", sizes="1,64,1024,8192", drivers="lean,linux,irq", nicio="linux",
-           stream_bytes=4 * 1024 * 1024, out=None, chart=None, replot=None, pin="on" if ncpu >= 2 else "off",
+           stream_bytes=64 * 1024 * 1024, out=None, chart=None, replot=None, pin="on" if ncpu >= 2 else "off",
            vcpu_cpu=1, io_cpu=0, peer_cpu=0, elf=None, wbvmm=None, wbvmm_net="",
            qemu_bios="qboot" if os.path.exists(QBOOT) else "seabios", floor=True, verbose=False)
 i = 0
