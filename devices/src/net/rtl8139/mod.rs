@@ -1066,6 +1066,13 @@ const EVENT_WORDS: &[usize] = &[
     TSAD_SUMMARY / 4,
 ];
 
+/// The registers whose writes change only what [`EVENT_WORDS`] and ISR's word hold
+/// (the acks, masks, ring pointer and doorbell a driver writes per packet: ISR's
+/// write-1-to-clear, IMR, CAPR, TPPoll), so they republish only those words; a write
+/// to any other register republishes the whole block. Each such write is an exit
+/// the vCPU waits on: the whole block cost it ~2 us of its ~3.5 us in the device.
+const EVENT_WRITES: &[usize] = &[ISR, IMR, CAPR, TPPOLL];
+
 fn reg_span(off: usize) -> (usize, usize) {
     match off {
         0x10..=0x2F | 0x30..=0x33 | 0x40..=0x4F | 0x54..=0x57 | 0x78..=0x7F | 0xE4..=0xEB => {
@@ -1110,6 +1117,7 @@ impl BusDevice for Rtl8139 {
     fn write(&self, _base: u64, offset: u64, data: &[u8]) {
         let mut st = self.lock();
         st.update_timer();
+        let mut publish = Publish::Events;
         let mut i = 0;
         while i < data.len() {
             let off = offset.saturating_add(i as u64);
@@ -1118,6 +1126,9 @@ impl BusDevice for Rtl8139 {
             }
             let off = off as usize;
             let (start, width) = reg_span(off);
+            if !EVENT_WRITES.contains(&start) {
+                publish = Publish::All;
+            }
             let mut val = 0u32;
             let mut mask = 0u32;
             // Gather every byte of this access that lands in the same register, so
@@ -1134,7 +1145,7 @@ impl BusDevice for Rtl8139 {
             }
             st.write_reg(start, val, mask);
         }
-        self.finish(st);
+        self.finish_with(st, publish);
     }
 }
 

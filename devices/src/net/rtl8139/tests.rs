@@ -1593,6 +1593,24 @@ fn the_data_path_republishes_every_register_it_changes() {
     h.dev.poll_timer();
     assert_shadow_matches(&h, &page, "C+: after the timer");
     assert_eq!(h.sink.take().len(), 2);
+    // The per-packet writes that republish only the event words (EVENT_WRITES):
+    // TPPoll, the ISR ack, IMR masked and unmasked; and one that republishes all.
+    send_one(&h, 2, &frame_to([0xff; 6], 60), 0, 0);
+    h.w8(TPPOLL as u64, TPPOLL_NPQ | TPPOLL_FSWINT);
+    assert_eq!(h.sink.take().len(), 1);
+    assert_shadow_matches(&h, &page, "C+: after TPPoll");
+    for (reg, v) in [(ISR, 0xffff), (IMR, 0), (IMR, 0x80ff), (ISR, INT_TOK)] {
+        h.w16(reg as u64, v);
+        assert_shadow_matches(&h, &page, &format!("C+: after {v:#x} to {reg:#x}"));
+    }
+    h.w16(CPCMD as u64, 0x2b | CPCMD_RXVLAN);
+    assert_shadow_matches(&h, &page, "C+: after a CpCmd write");
+    // C mode: the CAPR write (its ring pointer and CR.BUFE).
+    let (h, page) = shadowed(REVISION_C);
+    c_mode_up(&h);
+    assert_eq!(h.dev.receive(&frame_to(MAC, 100)), RxResult::Accepted);
+    h.w16(CAPR as u64, 108 - 16);
+    assert_shadow_matches(&h, &page, "C: after CAPR");
 }
 
 fn shadowed(revision: u8) -> (H, Arc<ShadowPage>) {
