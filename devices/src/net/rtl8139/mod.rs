@@ -1040,7 +1040,6 @@ impl State {
     }
 }
 
-/// The register (start offset, width) containing byte `off`.
 /// How much of the shadow an entry point republishes.
 #[derive(Clone, Copy)]
 enum Publish {
@@ -1073,6 +1072,7 @@ const EVENT_WORDS: &[usize] = &[
 /// the vCPU waits on: the whole block cost it ~2 us of its ~3.5 us in the device.
 const EVENT_WRITES: &[usize] = &[ISR, IMR, CAPR, TPPOLL];
 
+/// The register (start offset, width) containing byte `off`.
 fn reg_span(off: usize) -> (usize, usize) {
     match off {
         0x10..=0x2F | 0x30..=0x33 | 0x40..=0x4F | 0x54..=0x57 | 0x78..=0x7F | 0xE4..=0xEB => {
