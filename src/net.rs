@@ -9,7 +9,7 @@ use crate::irq::LevelIrq;
 use kvm_ioctls::VmFd;
 use serde::Serialize;
 use thiserror::Error;
-use wbvmm_devices::net::rtl8139::regs::{CPCMD, CR};
+use wbvmm_devices::net::rtl8139::regs::{CPCMD, CR, CR_RST};
 use wbvmm_devices::net::rtl8139::{
     Rtl8139, Rtl8139Config, Rtl8139Error, Rtl8139Mode, REVISION_C, REVISION_CPLUS,
 };
@@ -22,7 +22,7 @@ mod posted;
 mod shadow;
 pub use doorbell::{Doorbell, TsdDoorbells, TsdIoEvents, TSD_SLOTS};
 pub use posted::{in_posted_zone, CoalescedZones, PostedWrites, ZoneStart};
-pub use shadow::{RegisterShadow, ShadowPolicy};
+pub use shadow::{RegisterAccess, RegisterShadow, ShadowPolicy};
 
 /// Where the NIC sits: 00:03.0 (as under QEMU), INTA routed to IOAPIC pin 16 (pins
 /// 16-23 are the IOAPIC-only ones in KVM's default routing), BARs where a BIOS would
@@ -103,7 +103,7 @@ impl FromStr for NetConfig {
             tx: TxDoorbell::IoEventFd,
             poll_us: DEFAULT_POLL_US,
             tx_snoop: DEFAULT_TX_SNOOP,
-            shadow: ShadowPolicy::CPlusOnly,
+            shadow: ShadowPolicy::Auto,
             posted: DEFAULT_POSTED,
         };
         for part in s.split(',') {
@@ -137,7 +137,7 @@ impl FromStr for NetConfig {
                 }
                 "shadow" => {
                     cfg.shadow = match v {
-                        "auto" => ShadowPolicy::CPlusOnly,
+                        "auto" => ShadowPolicy::Auto,
                         "on" => ShadowPolicy::Always,
                         "off" => ShadowPolicy::Off,
                         _ => return Err(bad()),
@@ -208,20 +208,30 @@ pub struct NicFrontend {
 
 impl BusDevice for NicFrontend {
     fn read(&self, base: u64, offset: u64, data: &mut [u8]) {
+        self.note_bar(base, RegisterAccess::Read);
         self.tsd.observe(&self.nic, base, offset, None);
         self.nic.read(base, offset, data);
     }
     fn write(&self, base: u64, offset: u64, data: &[u8]) {
+        let posted = in_posted_zone(offset, data.len());
+        self.note_bar(
+            base,
+            if posted {
+                RegisterAccess::PostedWrite
+            } else {
+                RegisterAccess::OtherWrite
+            },
+        );
         // Posted or not, these writes never wait for older doorbells (net/posted.rs
         // says why that is the order the guest asked for).
-        if !in_posted_zone(offset, data.len()) {
+        if !posted {
             self.tsd.observe(&self.nic, base, offset, Some(data));
         }
         // Only CPlusCmd (the switch to C+) and ChipCmd (a reset, back to C) change
         // the mode: the rest pay no mode check.
         let end = offset + data.len() as u64;
         let may_switch = self.shadow.as_ref().is_some_and(|s| {
-            s.policy() == ShadowPolicy::CPlusOnly
+            s.policy() == ShadowPolicy::Auto
                 && [CPCMD as u64, CR as u64]
                     .iter()
                     .any(|r| (offset..end).contains(r))
@@ -230,7 +240,10 @@ impl BusDevice for NicFrontend {
         self.nic.write(base, offset, data);
         if let (Some(before), Some(shadow)) = (before, &self.shadow) {
             let now = self.nic.mode();
-            if now != before {
+            let reset = (offset..end).contains(&(CR as u64))
+                && data[(CR as u64 - offset) as usize] & CR_RST != 0;
+            let left_mmio = reset && shadow.reset_through(base);
+            if now != before || left_mmio {
                 if now == Rtl8139Mode::CPlus {
                     // Nothing absorbed may be pending once the page can be read.
                     self.tsd.disarm_all(&self.nic);
@@ -242,6 +255,22 @@ impl BusDevice for NicFrontend {
     }
     fn name(&self) -> &'static str {
         self.nic.name()
+    }
+}
+
+impl NicFrontend {
+    /// `shadow=auto`: a C-mode driver that reads enough registers through the MMIO
+    /// BAR takes the shadow, as the switch to C+ does (net/shadow.rs): before the
+    /// access is served, nothing KVM absorbed is left pending and no write is posted
+    /// any more.
+    fn note_bar(&self, base: u64, access: RegisterAccess) {
+        if let Some(shadow) = &self.shadow {
+            if shadow.turns_to_mmio(base, access, &self.nic) {
+                self.tsd.disarm_all(&self.nic);
+                shadow.follow_bar();
+                self.posted.follow();
+            }
+        }
     }
 }
 
@@ -468,11 +497,11 @@ mod tests {
         assert_eq!(c.revision, REVISION_C);
         assert_eq!(c.tx, TxDoorbell::IoEventFd);
         assert_eq!(c.poll_us, DEFAULT_POLL_US);
-        assert_eq!(c.shadow, ShadowPolicy::CPlusOnly);
+        assert_eq!(c.shadow, ShadowPolicy::Auto);
         for (spec, policy) in [
             ("tap=a,shadow=on", ShadowPolicy::Always),
             ("tap=a,shadow=off", ShadowPolicy::Off),
-            ("tap=a,shadow=auto", ShadowPolicy::CPlusOnly),
+            ("tap=a,shadow=auto", ShadowPolicy::Auto),
             // Without the frontend there is no shadow: auto means off.
             ("tap=a,tx=exit", ShadowPolicy::Off),
         ] {

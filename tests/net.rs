@@ -189,12 +189,14 @@ fn ping_and_rr_in_both_modes_and_both_bars() {
     }
 }
 
-/// The read-only register shadow (`--net ...,shadow=on`, and `auto`, the default, in
-/// C+ mode only: in C mode the TSD doorbells are learnt instead): the Linux-shaped driver
-/// (`nicdrv=linux`, IntrStatus polled, acked, IntrMask masked around the poll) over
-/// the MMIO BAR reads its registers from the shadow page without exits, and still
-/// moves every frame: its acks and masks (writes) exit and are seen by its next
-/// loads, or it would lose interrupts' causes or spin on stale status.
+/// The read-only register shadow (`--net ...,shadow=on`, and `auto`, the default,
+/// whenever the driver uses the MMIO BAR: 8139cp, and 8139too as Debian builds it):
+/// the Linux-shaped driver (`nicdrv=linux`, IntrStatus polled, acked, IntrMask masked
+/// around the poll) over the MMIO BAR reads its registers from the shadow page
+/// without exits, in both modes, and still moves every frame: its acks and masks
+/// (writes) exit and are seen by its next loads, or it would lose interrupts' causes
+/// or spin on stale status. (Over the port BAR, `auto` learns and posts instead:
+/// `posted_writes_keep_the_linux_shaped_drivers_working_without_their_exits`.)
 #[test]
 fn register_shadow_serves_linux_shaped_reads_without_exits() {
     if !kvm_available("register_shadow_serves_linux_shaped_reads_without_exits") {
@@ -220,11 +222,11 @@ fn register_shadow_serves_linux_shaped_reads_without_exits() {
             reads[0] >= RR_TRANSACTIONS && reads[1] < RR_TRANSACTIONS / 10,
             "{mode}: MMIO read exits without / with the shadow: {reads:?}"
         );
-        // auto: the shadow's in C+ mode, not in C mode.
-        let auto_shadowed = reads[2] < RR_TRANSACTIONS / 10;
-        assert_eq!(
-            auto_shadowed,
-            mode == "cplus",
+        // auto: in C+ mode at once; in C mode once a window of reads (256) with
+        // frames sent has shown the driver reading through the MMIO BAR. Then none
+        // exit.
+        assert!(
+            reads[2] < RR_TRANSACTIONS / 4,
             "{mode}: MMIO read exits off / on / auto: {reads:?}"
         );
     }
@@ -234,7 +236,9 @@ fn register_shadow_serves_linux_shaped_reads_without_exits() {
 /// Linux-shaped driver's acks, IntrMask changes and CAPR updates are queued in KVM's
 /// coalesced ring instead of exiting, and the guest still moves every frame, with
 /// the interrupt (`nicdrv=linux-irq`: a lost ack or a late unmask would stall it or
-/// show as interrupts that find nothing) and with IntrStatus polled.
+/// show as interrupts that find nothing) and with IntrStatus polled. Through the MMIO
+/// BAR only beside `shadow=off`: with the shadow, which `auto` maps for a driver
+/// there, nothing is posted (its loads would not see the queued writes).
 #[test]
 fn posted_writes_keep_the_linux_shaped_drivers_working_without_their_exits() {
     if !kvm_available("posted_writes_keep_the_linux_shaped_drivers_working_without_their_exits") {
@@ -244,17 +248,17 @@ fn posted_writes_keep_the_linux_shaped_drivers_working_without_their_exits() {
         return;
     };
     ns.echo_server(7777, 120);
-    for (drv, nicio) in [
-        ("linux-irq", "pio"),
-        ("linux", "pio"),
-        ("linux-irq", "mmio"),
+    for (drv, nicio, shadow) in [
+        ("linux-irq", "pio", "auto"),
+        ("linux", "pio", "auto"),
+        ("linux-irq", "mmio", "off"),
     ] {
         let words = format!(
             "net=rr port=7777 trans={RR_TRANSACTIONS} secs=600 nic=c nicio={nicio} nicdrv={drv}"
         );
         let mut writes = Vec::new();
         for posted in ["off", "on"] {
-            let spec = format!("tap={},posted={posted}", ns.tap);
+            let spec = format!("tap={},posted={posted},shadow={shadow}", ns.tap);
             let o = guest(&ns, &spec, &words, &["--stats"]);
             let v = counted_rr(&o, &format!("{drv} {nicio} posted={posted}"));
             assert_eq!(

@@ -1,7 +1,7 @@
 //! NIC register writes posted through KVM's coalesced ring (`--net ...,posted=on`,
 //! the default).
 //!
-//! Through port I/O (8139too with `CONFIG_8139TOO_PIO`, Debian's build) every
+//! Through port I/O (8139too built with `CONFIG_8139TOO_PIO`) every
 //! interrupt ack, IntrMask change and CAPR update is an exit, five of the ~15 per
 //! request/response. None of them needs an answer: KVM can queue them in its
 //! coalesced ring (a zone over CAPR..IntrStatus, 0x38-0x3F, in each BAR) and let
@@ -29,8 +29,11 @@
 //!   not yet replayed at the EOI can cost one interrupt that finds nothing to do.
 //! - **Never beside the register shadow**: its loads do not exit, so nothing would
 //!   replay the ring before them. The zone exists only while the shadow page cannot
-//!   be mapped (`shadow=auto` maps it in C+ mode only, where 8139cp uses the MMIO BAR
-//!   anyway), and is removed on the vCPU's switch to C+ before the guest runs again.
+//!   be mapped (`shadow=auto` maps it while the driver uses the MMIO BAR: in C+
+//!   mode, and in C mode from its first access there), and is removed on the vCPU's
+//!   switch to C+, or on that first access, before the guest runs again. So in
+//!   practice writes are posted for a C-mode driver on the port BAR (8139too built
+//!   with `CONFIG_8139TOO_PIO`), or with `shadow=off`.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -147,8 +150,8 @@ impl PostedWrites {
             ShadowPolicy::Off => false,
             ShadowPolicy::Always => true,
             // Between the vCPU's switch to C+ and the main thread's remap, `present`
-            // is not set yet: the mode says it.
-            ShadowPolicy::CPlusOnly => {
+            // is not set yet: the mode says it (a turn to the MMIO BAR sets it at once).
+            ShadowPolicy::Auto => {
                 present.load(Ordering::SeqCst)
                     || self
                         .nic

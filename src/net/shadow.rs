@@ -5,11 +5,20 @@
 //! the bus, which the exit router asks before the memslot mirror.
 //!
 //! When: `shadow=on` maps it whenever the BAR decodes; `shadow=auto` (the default)
-//! only while the driver runs the chip in C+ mode (8139cp, which reads its registers
-//! through the MMIO BAR). In C mode the TSD doorbells are learnt instead (a write KVM
-//! absorbs would leave the shadow's TSD status older than the guest's write): the
-//! frontend disarms them before a C+ switch asks for the slot, and `present` keeps
-//! the learner from arming while the slot may still be mapped.
+//! in C+ mode (8139cp, which has only the MMIO BAR), and in C mode once a driver
+//! reading its registers through the MMIO BAR reads enough of them for the shadow to
+//! pay (8139too as Debian builds it: `CONFIG_8139TOO_PIO` is not set, so it maps BAR1;
+//! `READ_WINDOW` says how that is weighed). Otherwise C mode gets the TSD doorbells
+//! learnt and its acks posted (a write KVM absorbs would leave the shadow older than
+//! the guest's own write, so the two never meet). Either way into the shadow, the
+//! frontend disarms the doorbells and removes the posted zones before it asks for
+//! the slot, and `present` keeps the learner from arming while the slot is or may
+//! soon be mapped.
+//!
+//! A bus access does not say its address space, so the MMIO BAR is told by its base
+//! (cached at every remap; the learner tells the spaces apart the same way). The
+//! C-mode choice sticks until a chip reset written through the port BAR: a driver
+//! that resets the chip there is a port-I/O driver from then on.
 //!
 //! The NIC keeps the page current only while it is mapped (publishing reads every
 //! register at the end of each entry point): `remap` hands the page to the NIC just
@@ -23,7 +32,7 @@
 //! the device (slower, not wrong), and loads at the old one, where nothing else is
 //! mapped, read the shadow rather than open bus.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use wbvmm_devices::net::rtl8139::{Rtl8139, Rtl8139Mode, ShadowPage, SHADOW_PAGE_SIZE};
@@ -33,14 +42,39 @@ use crate::memory::{SlotFlags, SlotId, SlotRegistry};
 
 /// The NIC's MMIO BAR index.
 const MMIO_BAR: u8 = 1;
+/// `mmio_base` while the MMIO BAR does not decode (no bus base is this).
+const NO_BAR: u64 = u64::MAX;
+
+/// `auto` in C mode weighs, per window of this many register reads through the
+/// MMIO BAR that exited, what the shadow would save against what it would cost:
+/// it saves those reads; it costs an exit for every TSD write the learner would
+/// have absorbed (about one per frame sent) and for every write it would no
+/// longer post. So the shadow is taken when the reads outnumber the frames sent
+/// plus the writes posted in the window: 8139too's sequence reads ~10 registers
+/// per frame and posts ~5 writes (the shadow wins: 6 exits instead of ~10 and
+/// the queued writes); the lean driver reads one register every 4 frames (the
+/// learner wins).
+pub(crate) const READ_WINDOW: u32 = 256;
+/// A window with fewer frames sent decides nothing: a driver's setup (the
+/// EEPROM, the PHY) reads many registers before it sends anything.
+const MIN_FRAMES: u64 = 8;
+
+/// What kind of register access `RegisterShadow::turns_to_mmio` is told of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RegisterAccess {
+    Read,
+    /// A write in the posted zone (queued by KVM while there is no shadow).
+    PostedWrite,
+    OtherWrite,
+}
 
 /// When the shadow is mapped (`--net ...,shadow=`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ShadowPolicy {
     /// Never: every MMIO read exits.
     Off,
-    /// While the NIC is in C+ mode (`auto`).
-    CPlusOnly,
+    /// While the NIC is in C+ mode or its driver uses the MMIO BAR (`auto`).
+    Auto,
     /// Whenever the BAR decodes (`on`); the TSD doorbells are then never learnt.
     Always,
 }
@@ -55,9 +89,19 @@ pub struct RegisterShadow {
     device: u8,
     nic: Weak<Rtl8139>,
     policy: ShadowPolicy,
-    /// True from just before the slot is added until just after it is removed: while
-    /// set, the TSD learner arms nothing (see the module comment).
+    /// True from just before the slot is added until just after it is removed, and
+    /// from the moment a C-mode driver turns to the MMIO BAR: while set, the TSD
+    /// learner arms nothing and no write is posted (see the module comment).
     present: Arc<AtomicBool>,
+    /// `auto`: the driver reaches the registers through the MMIO BAR.
+    mmio_driver: AtomicBool,
+    /// The MMIO BAR's base as of the last remap (`NO_BAR` while it does not decode).
+    mmio_base: AtomicU64,
+    /// `auto`, C mode: the window `turns_to_mmio` counts (reads through the MMIO
+    /// BAR, posted writes there, and the NIC's frames sent when it began).
+    window_reads: AtomicU32,
+    window_posted: AtomicU32,
+    window_sent: AtomicU64,
     /// (BAR address, slot) while mapped.
     at: Mutex<Option<(u64, SlotId)>>,
     /// Wakes the main thread, once the VM runs: it moves the slot.
@@ -84,6 +128,11 @@ impl RegisterShadow {
             nic: Arc::downgrade(nic),
             policy,
             present: Arc::new(AtomicBool::new(policy == ShadowPolicy::Always)),
+            mmio_driver: AtomicBool::new(false),
+            mmio_base: AtomicU64::new(NO_BAR),
+            window_reads: AtomicU32::new(0),
+            window_posted: AtomicU32::new(0),
+            window_sent: AtomicU64::new(0),
             at: Mutex::new(None),
             main: OnceLock::new(),
         };
@@ -115,6 +164,60 @@ impl RegisterShadow {
         self.policy
     }
 
+    /// `auto`: a register access (`RegisterAccess`) arrived at bus base `base`. True once,
+    /// when the driver's traffic on the MMIO BAR says the shadow saves more exits
+    /// than it costs (see `READ_WINDOW`): the caller then disarms the TSD
+    /// doorbells, asks for the slot (`follow_bar`) and lets the posted zones follow,
+    /// before the guest runs on. `present` is up before it returns, so no learner
+    /// arms again. Two loads per access through the port BAR or once decided.
+    pub fn turns_to_mmio(&self, base: u64, access: RegisterAccess, nic: &Rtl8139) -> bool {
+        if self.policy != ShadowPolicy::Auto
+            || self.mmio_driver.load(Ordering::Relaxed)
+            || base != self.mmio_base.load(Ordering::Relaxed)
+        {
+            return false;
+        }
+        match access {
+            RegisterAccess::PostedWrite => {
+                self.window_posted.fetch_add(1, Ordering::Relaxed);
+                return false;
+            }
+            RegisterAccess::OtherWrite => return false,
+            RegisterAccess::Read => {}
+        }
+        if self.window_reads.fetch_add(1, Ordering::Relaxed) + 1 < READ_WINDOW {
+            return false;
+        }
+        // The window's end (two vCPUs at once may each see one: a heuristic, and
+        // either answer is correct).
+        self.window_reads.store(0, Ordering::Relaxed);
+        let posted = self.window_posted.swap(0, Ordering::Relaxed);
+        let sent = nic.stats().tx_packets;
+        let frames = sent.wrapping_sub(self.window_sent.swap(sent, Ordering::Relaxed));
+        if frames < MIN_FRAMES
+            || u64::from(READ_WINDOW) <= frames + u64::from(posted)
+            || nic.mode() == Rtl8139Mode::CPlus
+        {
+            return false;
+        }
+        self.present.store(true, Ordering::SeqCst);
+        !self.mmio_driver.swap(true, Ordering::SeqCst)
+    }
+
+    /// `auto`: the chip was reset by a write at bus base `base`. True if that ends
+    /// the MMIO choice (a reset through the port BAR): the caller then lets the slot
+    /// and the posted zones follow.
+    pub fn reset_through(&self, base: u64) -> bool {
+        self.policy == ShadowPolicy::Auto
+            && base != self.mmio_base.load(Ordering::Relaxed)
+            && self.mmio_driver.swap(false, Ordering::SeqCst)
+    }
+
+    /// Whether `present` may fall when the slot is not mapped.
+    fn may_clear_present(&self) -> bool {
+        self.policy != ShadowPolicy::Always && !self.mmio_driver.load(Ordering::SeqCst)
+    }
+
     /// The page itself (tests read what the NIC published).
     #[cfg(test)]
     pub(crate) fn page(&self) -> &ShadowPage {
@@ -134,22 +237,28 @@ impl RegisterShadow {
         match self.policy {
             ShadowPolicy::Off => false,
             ShadowPolicy::Always => true,
-            ShadowPolicy::CPlusOnly => self
-                .nic
-                .upgrade()
-                .is_some_and(|n| n.mode() == Rtl8139Mode::CPlus),
+            ShadowPolicy::Auto => {
+                self.mmio_driver.load(Ordering::SeqCst)
+                    || self
+                        .nic
+                        .upgrade()
+                        .is_some_and(|n| n.mode() == Rtl8139Mode::CPlus)
+            }
         }
     }
 
     /// Map the page where the MMIO BAR decodes now (if the policy wants it in the
     /// NIC's present mode), or nowhere. Changes memslots: not on a vCPU thread.
     pub fn remap(&self) {
-        let want = self
+        let bar = self
             .pci
             .upgrade()
-            .filter(|_| self.wanted_in_this_mode())
             .and_then(|p| p.bar_mapping(self.device, MMIO_BAR))
-            .and_then(|(_, at)| at)
+            .and_then(|(_, at)| at);
+        self.mmio_base
+            .store(bar.unwrap_or(NO_BAR), Ordering::Relaxed);
+        let want = bar
+            .filter(|_| self.wanted_in_this_mode())
             .filter(|a| a.is_multiple_of(SHADOW_PAGE_SIZE));
         let mut at = self.at.lock().unwrap_or_else(|e| e.into_inner());
         if at.map(|a| a.0) == want {
@@ -169,7 +278,7 @@ impl RegisterShadow {
             }
         }
         let Some(gpa) = want else {
-            if self.policy != ShadowPolicy::Always {
+            if self.may_clear_present() {
                 // Removed: the learner may arm again.
                 self.present.store(false, Ordering::SeqCst);
             }
@@ -198,7 +307,7 @@ impl RegisterShadow {
                 if let Some(n) = &nic {
                     n.clear_shadow();
                 }
-                if self.policy != ShadowPolicy::Always {
+                if self.may_clear_present() {
                     self.present.store(false, Ordering::SeqCst);
                 }
                 log::warn!(
