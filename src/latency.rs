@@ -168,22 +168,27 @@ impl LatencyHistogram {
         LatencySummary {
             count: self.count,
             mean_ns: self.mean(),
-            p50_ns: self.quantile(0.50),
-            p99_ns: self.quantile(0.99),
-            max_ns: self.max,
+            p50_ns: Some(self.quantile(0.50)),
+            p99_ns: Some(self.quantile(0.99)),
+            max_ns: Some(self.max),
         }
     }
 }
 
 /// What [`LatencyHistogram::summary`] reports; serialised as
-/// `{"count":..,"mean_ns":..,"p50_ns":..,"p99_ns":..,"max_ns":..}`.
+/// `{"count":..,"mean_ns":..,"p50_ns":..,"p99_ns":..,"max_ns":..}`. The last three
+/// are absent where a summary is the difference of two snapshots (counts and means
+/// subtract; percentiles and maxima do not: `scripts/lib/linux-run-report.py`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LatencySummary {
     pub count: u64,
     pub mean_ns: u64,
-    pub p50_ns: u64,
-    pub p99_ns: u64,
-    pub max_ns: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p50_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ns: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ns: Option<u64>,
 }
 
 /// One histogram per [`ExitKind`] (the run loop fills those the table marks timed),
@@ -253,12 +258,12 @@ mod tests {
         s.sort_unstable();
         let sum = h.summary();
         assert_eq!(sum.count, values.len() as u64);
-        assert_eq!(sum.max_ns, *s.last().unwrap());
+        assert_eq!(sum.max_ns, s.last().copied());
         assert_eq!(
             sum.mean_ns as u128,
             s.iter().map(|&v| v as u128).sum::<u128>() / s.len() as u128
         );
-        for (p, est) in [(0.5, sum.p50_ns), (0.99, sum.p99_ns)] {
+        for (p, est) in [(0.5, sum.p50_ns.unwrap()), (0.99, sum.p99_ns.unwrap())] {
             let t = true_quantile(&s, p);
             assert!(within_bound(est, t), "p{p}: estimated {est}, true {t}");
         }
@@ -290,7 +295,10 @@ mod tests {
     fn all_equal_is_exact() {
         for v in [0, 1, 7, 8, 1234, 999_999, u64::MAX] {
             let s = check(&vec![v; 1000]);
-            assert_eq!((s.p50_ns, s.p99_ns, s.max_ns, s.mean_ns), (v, v, v, v));
+            assert_eq!(
+                (s.p50_ns, s.p99_ns, s.max_ns, s.mean_ns),
+                (Some(v), Some(v), Some(v), v)
+            );
         }
     }
 
@@ -299,7 +307,7 @@ mod tests {
         let v: Vec<u64> = (1..=1000).collect();
         let s = check(&v);
         assert_eq!(s.mean_ns, 500);
-        assert_eq!(s.max_ns, 1000);
+        assert_eq!(s.max_ns, Some(1000));
     }
 
     #[test]
@@ -328,14 +336,20 @@ mod tests {
             v.push(80_000 + i * 7);
         }
         let s = check(&v);
-        assert!((280..=320).contains(&s.p50_ns), "{s:?}");
-        assert!(s.p99_ns >= 70_000, "{s:?}");
+        assert!((280..=320).contains(&s.p50_ns.unwrap()), "{s:?}");
+        assert!(s.p99_ns.unwrap() >= 70_000, "{s:?}");
     }
 
     #[test]
     fn empty_is_zero() {
         let h = LatencyHistogram::new();
-        assert_eq!(h.summary(), LatencySummary::default());
+        let zero = LatencySummary {
+            p50_ns: Some(0),
+            p99_ns: Some(0),
+            max_ns: Some(0),
+            ..Default::default()
+        };
+        assert_eq!(h.summary(), zero);
         assert_eq!(h.min(), None);
         assert!(ExitLatencies::new().summary().is_empty());
     }

@@ -108,9 +108,9 @@ fn exits_section(s: &VmStats, out: &mut String) {
                 Some(l) => row.extend([
                     group(l.count),
                     ns(l.mean_ns),
-                    ns(l.p50_ns),
-                    ns(l.p99_ns),
-                    ns(l.max_ns),
+                    l.p50_ns.map_or_else(|| "-".into(), ns),
+                    l.p99_ns.map_or_else(|| "-".into(), ns),
+                    l.max_ns.map_or_else(|| "-".into(), ns),
                 ]),
                 None => row.extend(std::iter::repeat_n(String::new(), 5)),
             }

@@ -145,6 +145,28 @@ fn a_file_round_trips_through_the_types() {
     assert_eq!(back.get("outcome.x"), None);
 }
 
+/// `scripts/tcp-rr.sh` renders the difference of two snapshots around a Linux
+/// guest's netperf run: counts and means, no percentiles or maxima.
+#[test]
+fn a_difference_of_snapshots_renders_its_means_and_no_percentiles() {
+    let diff: VmStats = serde_json::from_value(json!({
+        "outcome": "netperf's run",
+        "exits": {"mmio_write": 6000, "io_in": 30},
+        "exit_latency": {"mmio_write": {"count": 6000, "mean_ns": 6100}},
+    }))
+    .unwrap();
+    let s = render(&diff);
+    assert!(
+        has_line(
+            &s,
+            &["mmio_write", "6,000", "6,000", "6.1 us", "-", "-", "-"]
+        ),
+        "{s}"
+    );
+    let back = serde_json::to_value(diff.exit_latency).unwrap();
+    assert_eq!(back["mmio_write"], json!({"count": 6000, "mean_ns": 6100}));
+}
+
 #[test]
 fn older_files_render_and_wrong_ones_say_where() {
     // A file without the newer parts (no internal_error, no memory, net or kvm).
