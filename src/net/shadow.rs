@@ -53,11 +53,11 @@ const NO_BAR: u64 = u64::MAX;
 /// plus the writes posted in the window: 8139too's sequence reads ~10 registers
 /// per frame and posts ~5 writes (the shadow wins: 6 exits instead of ~10 and
 /// the queued writes); the lean driver reads one register every 4 frames (the
-/// learner wins).
+/// learner wins). Only windows that begin after the NIC's first frame decide: a
+/// driver's setup (the EEPROM, the PHY) reads many registers before it sends
+/// anything. A window with reads and no frames (a driver polling while nothing
+/// comes) decides for the shadow, which serves such polling best.
 pub(crate) const READ_WINDOW: u32 = 256;
-/// A window with fewer frames sent decides nothing: a driver's setup (the
-/// EEPROM, the PHY) reads many registers before it sends anything.
-const MIN_FRAMES: u64 = 8;
 
 /// What kind of register access `RegisterShadow::turns_to_mmio` is told of.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -193,8 +193,9 @@ impl RegisterShadow {
         self.window_reads.store(0, Ordering::Relaxed);
         let posted = self.window_posted.swap(0, Ordering::Relaxed);
         let sent = nic.stats().tx_packets;
-        let frames = sent.wrapping_sub(self.window_sent.swap(sent, Ordering::Relaxed));
-        if frames < MIN_FRAMES
+        let began_at = self.window_sent.swap(sent, Ordering::Relaxed);
+        let frames = sent.wrapping_sub(began_at);
+        if began_at == 0
             || u64::from(READ_WINDOW) <= frames + u64::from(posted)
             || nic.mode() == Rtl8139Mode::CPlus
         {
