@@ -230,6 +230,13 @@ impl Nic {
     /// [`RX_BUDGET`] frames so console input is not starved. False when the guest's
     /// ring is full.
     fn pump_rx(&mut self) -> bool {
+        let room = self.pump_rx_held();
+        // The burst's held C+ descriptors go back to the guest together.
+        self.model.release_rx();
+        room
+    }
+
+    fn pump_rx_held(&mut self) -> bool {
         let io = &self.counters;
         for _ in 0..RX_BUDGET {
             if !self.model.can_receive() {
@@ -240,7 +247,7 @@ impl Nic {
                 Ok(Some(n)) => {
                     io.tap_rx_frames.fetch_add(1, Ordering::Relaxed);
                     io.tap_rx_bytes.fetch_add(n as u64, Ordering::Relaxed);
-                    if self.model.receive(&self.frame[..n]) == RxResult::RingFull {
+                    if self.model.receive_held(&self.frame[..n]) == RxResult::RingFull {
                         io.rx_backpressure.fetch_add(1, Ordering::Relaxed);
                         return false;
                     }

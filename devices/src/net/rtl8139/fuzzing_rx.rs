@@ -178,8 +178,10 @@ impl Harness {
         Allowed(ranges)
     }
 
-    /// One frame from the tap side, as the I/O thread delivers it.
-    fn deliver(&self, frame: &[u8], ignore_can_receive: bool) {
+    /// One frame from the tap side, as the I/O thread delivers it: alone
+    /// (`receive`), or as part of a burst (`receive_held`), whose held descriptors
+    /// go back at the burst's end (`release`) or at the next register access.
+    fn deliver(&self, frame: &[u8], ignore_can_receive: bool, burst: bool, release: bool) {
         // The I/O thread reads the tap only while a maximal frame fits; the fuzzer
         // sometimes delivers anyway (a frame already read when the ring filled).
         if !self.dev.can_receive() && !ignore_can_receive {
@@ -190,7 +192,14 @@ impl Harness {
         if let Ok(mut w) = self.mem.writes.lock() {
             w.clear();
         }
-        let r = self.dev.receive(frame);
+        let r = if burst {
+            self.dev.receive_held(frame)
+        } else {
+            self.dev.receive(frame)
+        };
+        if release {
+            self.dev.release_rx();
+        }
         if r == RxResult::RingFull {
             let _ = self.dev.rx_space_event().read();
         }
@@ -355,7 +364,7 @@ pub fn run(data: &[u8]) {
                 let body_len = inp.u8().unwrap_or(0) as usize;
                 let body = inp.bytes(body_len);
                 build_frame(&mut frame, kind, len, body);
-                h.deliver(&frame, kind & 0x40 != 0);
+                h.deliver(&frame, kind & 0x40 != 0, kind & 0x20 != 0, kind & 0x10 == 0);
             }
             5 => {
                 // The guest consumes: C mode moves CAPR (right or wrong), C+ mode

@@ -117,6 +117,11 @@ pub const MAX_CPLUS_FRAME: usize = 4096 + 14 + 4;
 pub const MAX_CPLUS_ASSEMBLY: usize = 65536;
 /// Smallest TSO MSS accepted: bounds the segments per frame.
 pub const MIN_TSO_MSS: usize = 16;
+/// C+ descriptors `Rtl8139::receive_held` holds before it hands them back anyway:
+/// enough for a polling driver to take several frames per look, few enough that
+/// the first of them waits only a few tap reads (and the guest works on the last
+/// batch meanwhile).
+pub const RX_HOLD_MAX: usize = 8;
 /// Loopback frames queued per doorbell beyond which they are dropped.
 const LOOPBACK_QUEUE: usize = 64;
 /// Ticks of TCTR per second (33 MHz PCI clock, ~30 ns per tick as QEMU models it).
@@ -288,6 +293,12 @@ pub(crate) struct State {
     stats: Rtl8139Stats,
     /// The I/O thread was told "full"; tell it when space may be back.
     rx_blocked: bool,
+    /// C+ frames written into their buffers whose descriptors are not handed back
+    /// yet (address, opts1 to write): `Rtl8139::receive_held`, in ring order.
+    held_rx: [(u64, u32); RX_HOLD_MAX],
+    held_rx_len: usize,
+    /// Set during `receive_held`: a C+ frame's hand-over may wait in `held_rx`.
+    hold_rx: bool,
     signal_rx_space: bool,
     /// The timer's deadline moved (TCTR, TimerInt or HltClk written, or a reset):
     /// tell whoever sleeps until it.
@@ -381,6 +392,9 @@ impl Rtl8139 {
             irq_reassert: false,
             stats: Rtl8139Stats::default(),
             rx_blocked: false,
+            held_rx: [(0, 0); RX_HOLD_MAX],
+            held_rx_len: 0,
+            hold_rx: false,
             signal_rx_space: false,
             signal_timer: false,
             loopback: VecDeque::new(),
@@ -400,7 +414,18 @@ impl Rtl8139 {
         })
     }
 
+    /// The state, with any held RX hand-overs handed to the guest first: whatever an
+    /// entry point does (a reset, a new ring address, a register read) comes after
+    /// the frames the NIC has already written, as it would on the chip.
     fn lock(&self) -> MutexGuard<'_, State> {
+        let mut st = self.lock_keeping_held();
+        st.release_held_rx();
+        st
+    }
+
+    /// The state as it is, held RX hand-overs still held: only for the I/O thread's
+    /// receive path, which releases them itself (`release_rx`).
+    fn lock_keeping_held(&self) -> MutexGuard<'_, State> {
         // A panic while holding the lock would be a bug; keep serving rather than
         // poisoning the VM.
         self.state.lock().unwrap_or_else(|e| e.into_inner())
@@ -463,10 +488,37 @@ impl Rtl8139 {
         r
     }
 
+    /// [`Rtl8139::receive`] for a burst from the backend: in C+ mode the frame is
+    /// written into its buffer and its descriptor's opts1 is held, to be written with
+    /// the burst's others (at most [`RX_HOLD_MAX`], in ring order) by
+    /// [`Rtl8139::release_rx`], which the caller must call when the burst ends. Any
+    /// other entry point releases them first, so no register (IntrStatus, the shadow
+    /// page) ever shows a held frame. A driver that polls then finds a burst's frames
+    /// together, as on a NIC that writes back descriptors in batches, and
+    /// acknowledges them together (a C+ stream's ACKs were its exits). C-mode records
+    /// and spread C+ frames are handed over at once.
+    pub fn receive_held(&self, frame: &[u8]) -> RxResult {
+        let mut st = self.lock_keeping_held();
+        st.update_timer();
+        st.hold_rx = true;
+        let r = st.receive(frame);
+        st.hold_rx = false;
+        if r == RxResult::RingFull {
+            st.rx_blocked = true;
+        }
+        r
+    }
+
+    /// Hand back the descriptors [`Rtl8139::receive_held`] held (ROK, the interrupt).
+    pub fn release_rx(&self) {
+        let st = self.lock();
+        self.finish_data_path(st);
+    }
+
     /// Whether a maximum-size frame would fit now. When false the I/O thread should
     /// stop reading the backend and wait for [`Rtl8139::rx_space_event`].
     pub fn can_receive(&self) -> bool {
-        let mut st = self.lock();
+        let mut st = self.lock_keeping_held();
         let ok = st.can_receive();
         if !ok {
             st.rx_blocked = true;
@@ -483,7 +535,7 @@ impl Rtl8139 {
 
     /// Whether the INTx line is currently asserted (for an irqfd resample handler).
     pub fn irq_asserted(&self) -> bool {
-        self.lock().irq_level
+        self.lock_keeping_held().irq_level
     }
 
     /// Set the link state (BMSR/MSR), raising LinkChg on a change.
@@ -530,7 +582,7 @@ impl Rtl8139 {
     }
 
     pub fn stats(&self) -> Rtl8139Stats {
-        self.lock().stats
+        self.lock_keeping_held().stats
     }
 
     /// Keep `page` current with the register block from now on (see
@@ -554,7 +606,7 @@ impl Rtl8139 {
 
     /// The register set the driver chose (what a write to 0x10-0x1F means).
     pub fn mode(&self) -> Rtl8139Mode {
-        if self.lock().cplus {
+        if self.lock_keeping_held().cplus {
             Rtl8139Mode::CPlus
         } else {
             Rtl8139Mode::C

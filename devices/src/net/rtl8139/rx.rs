@@ -1,7 +1,7 @@
 //! Receive: address filter, the C-mode ring and the C+ descriptor ring.
 
 use super::regs::*;
-use super::{State, MAX_CPLUS_FRAME, MAX_FRAME};
+use super::{State, MAX_CPLUS_FRAME, MAX_FRAME, RX_HOLD_MAX};
 use crate::dma::DmaError;
 use crate::net::csum;
 use crate::net::{crc32_ieee, ether_crc_be, RxResult};
@@ -186,6 +186,8 @@ impl State {
         // header never wraps and `first` >= 4.
         let header =
             u32::from_le_bytes([self.rxbuf[0], self.rxbuf[1], self.rxbuf[2], self.rxbuf[3]]);
+        // Not held in a burst (`receive_held`): measured, a C stream's guest already
+        // finds ~8 records per poll, and holding headers cost it 8% of its rate.
         let res = if linear {
             self.dma.write(base + w as u64 + 4, &self.rxbuf[4..])
         } else {
@@ -201,6 +203,25 @@ impl State {
             return RxResult::Disabled;
         }
         self.rx_write = (w + need) % size;
+        self.isr |= INT_ROK;
+        RxResult::Accepted
+    }
+
+    /// Write a C+ frame's hand-over word (opts1 without OWN) now and raise ROK, or
+    /// hold it for `release_held_rx` during `receive_held`.
+    fn hand_over(&mut self, at: u64, word: u32) -> RxResult {
+        if self.hold_rx {
+            if self.held_rx_len == RX_HOLD_MAX {
+                self.release_held_rx();
+            }
+            self.held_rx[self.held_rx_len] = (at, word);
+            self.held_rx_len += 1;
+            return RxResult::Accepted;
+        }
+        if self.dma.write_u32(at, word).is_err() {
+            self.isr |= INT_SERR;
+            return RxResult::Disabled;
+        }
         self.isr |= INT_ROK;
         RxResult::Accepted
     }
@@ -271,17 +292,29 @@ impl State {
             status |= rx_checksum_bits(&self.rxbuf[..len]);
         }
         // opts2 first, then opts1: clearing OWN hands the descriptor back.
-        let ok = self
-            .dma
-            .write_u32(daddr + 4, opts2)
-            .and_then(|_| self.dma.write_u32(daddr, status));
-        if ok.is_err() {
+        if self.dma.write_u32(daddr + 4, opts2).is_err() {
             self.isr |= INT_SERR;
             return RxResult::Disabled;
         }
         self.cp_rx_idx = next_rx_index(self.cp_rx_idx, opts1);
+        self.hand_over(daddr, status)
+    }
+
+    /// Hand back the held C+ descriptors, oldest first (each opts1 in one word, OWN
+    /// clear), and raise ROK for them.
+    pub(crate) fn release_held_rx(&mut self) {
+        if self.held_rx_len == 0 {
+            return;
+        }
+        for i in 0..std::mem::take(&mut self.held_rx_len) {
+            let (daddr, status) = self.held_rx[i];
+            // The address was good when the frame was written: only memory taken
+            // away since (an unplug) fails here, and the frame is then lost.
+            if self.dma.write_u32(daddr, status).is_err() {
+                self.isr |= INT_SERR;
+            }
+        }
         self.isr |= INT_ROK;
-        RxResult::Accepted
     }
 }
 
@@ -309,6 +342,8 @@ impl State {
     /// the first and LastFrag (with the whole length) on the last. Nothing is written
     /// unless all of them are the guest's (OWN): otherwise RDU, as for one buffer.
     fn cplus_receive_fragments(&mut self, m: Match, opts2: u32) -> RxResult {
+        // Spread frames are handed back at once, after the held ones (ring order).
+        self.release_held_rx();
         let total = self.rxbuf.len();
         // (descriptor address, opts1, buffer, bytes of the frame it takes)
         // On the stack: no allocation per received frame.

@@ -1843,3 +1843,100 @@ fn c_rx_writes_the_record_header_last_in_one_word() {
     assert_eq!(hdr & 1, 1, "ROK");
     assert_eq!(h.peek(ring + 4, 200), f);
 }
+
+/// A burst from the tap (`receive_held`): each frame is in its buffer at once, the
+/// descriptors go back together, in ring order, with one ROK, when the burst ends.
+#[test]
+fn cplus_rx_burst_hands_its_descriptors_back_together_in_ring_order() {
+    let h = H::new(REVISION_CPLUS);
+    cplus_up(&h, 0x2b);
+    h.w16(0x3c, INT_ROK);
+    let n = RX_HOLD_MAX as u64 + 2;
+    for i in 0..n {
+        rx_desc(&h, i, 0x5_0000 + 0x1000 * i, i == n - 1);
+    }
+    let frames: Vec<_> = (0..n as usize).map(|i| frame_to(MAC, 100 + i)).collect();
+    h.mem.record();
+    for f in &frames[..RX_HOLD_MAX] {
+        assert_eq!(h.dev.receive_held(f), RxResult::Accepted);
+    }
+    // Held: written, still the NIC's, no ROK and no interrupt yet.
+    for i in 0..RX_HOLD_MAX as u64 {
+        assert_eq!(
+            h.peek(0x5_0000 + 0x1000 * i, 100 + i as usize),
+            frames[i as usize]
+        );
+        assert_ne!(desc_opts1(&h, RXR, i) & DESC_OWN, 0, "descriptor {i} held");
+    }
+    assert!(!h.level(), "no interrupt for held frames");
+    // One more than the hold takes: the held ones go back first, this one is held.
+    assert_eq!(h.dev.receive_held(&frames[RX_HOLD_MAX]), RxResult::Accepted);
+    for i in 0..RX_HOLD_MAX as u64 {
+        assert_eq!(
+            desc_opts1(&h, RXR, i) & DESC_OWN,
+            0,
+            "descriptor {i} handed back"
+        );
+    }
+    assert_ne!(desc_opts1(&h, RXR, RX_HOLD_MAX as u64) & DESC_OWN, 0);
+    h.dev.release_rx();
+    assert_eq!(
+        desc_opts1(&h, RXR, RX_HOLD_MAX as u64) & 0x1fff,
+        100 + RX_HOLD_MAX as u32 + 4
+    );
+    assert!(h.level(), "ROK raised when the burst ends");
+    assert_eq!(h.r16(0x3e) & INT_ROK, INT_ROK);
+    // The hand-backs are one word each, in ring order.
+    let j = h.mem.take_journal();
+    let handed: Vec<u64> = j
+        .iter()
+        .filter_map(|a| match a {
+            Access::WriteWord { gpa } if (*gpa - RXR) % 16 == 0 && *gpa < RXR + 16 * n => {
+                Some((*gpa - RXR) / 16)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(handed, (0..=RX_HOLD_MAX as u64).collect::<Vec<_>>());
+}
+
+/// Whatever the guest does next comes after the frames the NIC has written: a
+/// register access releases held descriptors before it is served, so a reset or a
+/// new ring address never meets a hand-back still to be written.
+#[test]
+fn cplus_rx_held_descriptors_go_back_before_any_register_access() {
+    let h = H::new(REVISION_CPLUS);
+    cplus_up(&h, 0x2b);
+    rx_desc(&h, 0, 0x5_0000, false);
+    rx_desc(&h, 1, 0x5_1000, true);
+    assert_eq!(h.dev.receive_held(&frame_to(MAC, 100)), RxResult::Accepted);
+    assert_ne!(desc_opts1(&h, RXR, 0) & DESC_OWN, 0);
+    // A reading driver sees the frame with its ROK.
+    assert_eq!(h.r16(0x3e) & INT_ROK, INT_ROK);
+    assert_eq!(desc_opts1(&h, RXR, 0) & DESC_OWN, 0);
+    h.w16(0x3e, INT_ROK);
+    assert_eq!(h.dev.receive_held(&frame_to(MAC, 100)), RxResult::Accepted);
+    // A reset: the held descriptor is handed back first, to the ring it came from.
+    h.w8(0x37, CR_RST);
+    assert_eq!(desc_opts1(&h, RXR, 1) & (DESC_OWN | 0x1fff), 104);
+    // A frame too big for one buffer is spread at once, after the held ones.
+    cplus_up(&h, 0x2b);
+    rx_desc(&h, 0, 0x5_0000, false);
+    rx_desc_sized(&h, 1, 0x5_1000, 512, false);
+    rx_desc_sized(&h, 2, 0x5_2000, 1536, true);
+    assert_eq!(h.dev.receive_held(&frame_to(MAC, 100)), RxResult::Accepted);
+    assert_eq!(h.dev.receive_held(&frame_to(MAC, 1000)), RxResult::Accepted);
+    for i in 0..3 {
+        assert_eq!(desc_opts1(&h, RXR, i) & DESC_OWN, 0, "descriptor {i}");
+    }
+}
+
+/// C mode hands a record over at once in a burst too (holding headers did not pay).
+#[test]
+fn c_rx_burst_hands_each_record_over_at_once() {
+    let h = H::new(REVISION_C);
+    c_mode_up(&h);
+    let f = frame_to(MAC, 200);
+    assert_eq!(h.dev.receive_held(&f), RxResult::Accepted);
+    assert_eq!(rx_record(&h, 0).1, 204);
+}
