@@ -20,9 +20,11 @@ use wbvmm_devices::{Bus, BusDevice, GuestDma};
 mod doorbell;
 mod posted;
 mod shadow;
+mod unmask;
 pub use doorbell::{Doorbell, TsdDoorbells, TsdIoEvents, TSD_SLOTS};
 pub use posted::{in_posted_zone, CoalescedZones, PostedWrites, ZoneStart};
 pub use shadow::{RegisterAccess, RegisterShadow, ShadowPolicy};
+pub use unmask::{UnmaskDoorbell, UnmaskIoEvents};
 
 /// Where the NIC sits: 00:03.0 (as under QEMU), INTA routed to IOAPIC pin 16 (pins
 /// 16-23 are the IOAPIC-only ones in KVM's default routing), BARs where a BIOS would
@@ -34,7 +36,7 @@ pub const NIC_MMIO_BAR: u64 = 0xfebf_f000;
 
 #[derive(Debug, Error)]
 pub enum NetError {
-    #[error("'{0}' is not a --net spec: use tap=NAME[,mac=52:54:00:12:34:56][,rev=0x20|0x10][,tx=ioeventfd|exit][,poll-us=0..1000][,tx-snoop=on|off][,shadow=auto|on|off][,posted=on|off] (shadow=on needs tx=ioeventfd)")]
+    #[error("'{0}' is not a --net spec: use tap=NAME[,mac=52:54:00:12:34:56][,rev=0x20|0x10][,tx=ioeventfd|exit][,poll-us=0..1000][,tx-snoop=on|off][,shadow=auto|on|off][,posted=on|off][,unmask=on|off] (shadow=on needs tx=ioeventfd)")]
     BadSpec(String),
     #[error(transparent)]
     Tap(#[from] TapError),
@@ -73,7 +75,11 @@ pub const DEFAULT_TX_SNOOP: bool = true;
 /// through KVM's coalesced ring (see `net/posted.rs` and the README's "Levers").
 pub const DEFAULT_POSTED: bool = true;
 
-/// `--net tap=NAME[,mac=MAC][,rev=0x10|0x20][,tx=ioeventfd|exit][,poll-us=N][,tx-snoop=on|off][,shadow=..][,posted=on|off]`
+/// Whether the IntrMask unmask beside the register shadow completes in KVM (see
+/// `net/unmask.rs` and the README's "Levers").
+pub const DEFAULT_UNMASK: bool = true;
+
+/// `--net tap=NAME[,mac=MAC][,rev=0x10|0x20][,tx=ioeventfd|exit][,poll-us=N][,tx-snoop=on|off][,shadow=..][,posted=on|off][,unmask=on|off]`
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
     pub tap: String,
@@ -90,6 +96,8 @@ pub struct NetConfig {
     /// Post writes to CAPR, IntrMask and IntrStatus (where KVM has a coalesced
     /// ring, and never beside a mapped shadow).
     pub posted: bool,
+    /// Beside the mapped shadow, let KVM complete the driver's IntrMask unmask.
+    pub unmask: bool,
 }
 
 impl FromStr for NetConfig {
@@ -105,6 +113,7 @@ impl FromStr for NetConfig {
             tx_snoop: DEFAULT_TX_SNOOP,
             shadow: ShadowPolicy::Auto,
             posted: DEFAULT_POSTED,
+            unmask: DEFAULT_UNMASK,
         };
         for part in s.split(',') {
             let (k, v) = part.split_once('=').ok_or_else(bad)?;
@@ -145,6 +154,7 @@ impl FromStr for NetConfig {
                 }
                 "tx-snoop" => cfg.tx_snoop = on_off(v).ok_or_else(bad)?,
                 "posted" => cfg.posted = on_off(v).ok_or_else(bad)?,
+                "unmask" => cfg.unmask = on_off(v).ok_or_else(bad)?,
                 "rev" => {
                     cfg.revision = match v {
                         "0x20" | "32" => REVISION_CPLUS,
@@ -204,11 +214,16 @@ pub struct NicFrontend {
     pub shadow: Option<Arc<RegisterShadow>>,
     /// The posted-write zones, moved with the BARs and kept off beside the shadow.
     pub posted: PostedWrites,
+    /// The learnt IntrMask unmask, only beside the shadow (`unmask=on`).
+    pub unmask: Option<UnmaskDoorbell>,
 }
 
 impl BusDevice for NicFrontend {
     fn read(&self, base: u64, offset: u64, data: &mut [u8]) {
         self.note_bar(base, RegisterAccess::Read);
+        if let Some(u) = &self.unmask {
+            u.observe(&self.nic, base, offset, None);
+        }
         self.tsd.observe(&self.nic, base, offset, None);
         self.nic.read(base, offset, data);
     }
@@ -222,6 +237,9 @@ impl BusDevice for NicFrontend {
                 RegisterAccess::OtherWrite
             },
         );
+        if let Some(u) = &self.unmask {
+            u.observe(&self.nic, base, offset, Some(data));
+        }
         // Posted or not, these writes never wait for older doorbells (net/posted.rs
         // says why that is the order the guest asked for).
         if !posted {
@@ -377,12 +395,23 @@ impl NetDevice {
                     &nic,
                     shadow.as_deref(),
                 );
+                let unmask = match (&shadow, cfg.unmask) {
+                    (Some(s), true) => Some(UnmaskDoorbell::new(
+                        vm.clone(),
+                        Arc::downgrade(root),
+                        bars.clone(),
+                        (buses.0.clone(), buses.1.clone()),
+                        s.present(),
+                    )?),
+                    _ => None,
+                };
                 let f = Arc::new(NicFrontend {
                     nic: nic.clone(),
                     tsd,
                     doorbell: std::sync::OnceLock::new(),
                     shadow,
                     posted,
+                    unmask,
                 });
                 root.add_device(f.clone(), placement)?;
                 if let Some(s) = &f.shadow {
@@ -454,6 +483,11 @@ impl NetDevice {
             polls_empty: self.io.polls_empty.load(Ordering::Relaxed),
             tx_snooped: self.io.tx_snooped.load(Ordering::Relaxed),
             posted: self.posted_writes().is_some_and(PostedWrites::active),
+            unmasks_absorbed: self
+                .frontend
+                .as_ref()
+                .and_then(|f| f.unmask.as_ref())
+                .map_or(0, |u| u.absorbed.load(Ordering::Relaxed)),
         }
     }
 }
@@ -482,6 +516,8 @@ pub struct NetStats {
     pub tx_snooped: u64,
     /// Whether a posted-write zone is registered now (`posted=on`).
     pub posted: bool,
+    /// IntrMask unmasks KVM completed beside the register shadow (`unmask=on`).
+    pub unmasks_absorbed: u64,
 }
 
 #[cfg(test)]

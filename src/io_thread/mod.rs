@@ -78,6 +78,8 @@ pub enum Token {
     NicTimer,
     /// A learnt C-mode TSD doorbell (ioeventfd), by slot (`TsdDoorbells::evts`).
     NicTsd(u8),
+    /// The learnt IntrMask unmask (ioeventfd, `net/unmask.rs`).
+    NicUnmask,
 }
 
 const TSD_BASE: u64 = 16;
@@ -94,6 +96,7 @@ impl Token {
             Token::NicResample => 6,
             Token::NicTxPoll => 7,
             Token::NicTimer => 8,
+            Token::NicUnmask => 9,
             Token::NicTsd(n) => TSD_BASE + u64::from(n),
         }
     }
@@ -109,6 +112,7 @@ impl Token {
             6 => Token::NicResample,
             7 => Token::NicTxPoll,
             8 => Token::NicTimer,
+            9 => Token::NicUnmask,
             v if (TSD_BASE..=TSD_BASE + u64::from(u8::MAX)).contains(&v) => {
                 Token::NicTsd((v - TSD_BASE) as u8)
             }
@@ -246,9 +250,9 @@ impl IoLoop {
         let mut by = Source::Other;
         for e in &self.events[..n] {
             match Token::from_u64(e.data()) {
-                Some(Token::NicRxSpace | Token::NicTxPoll | Token::NicTsd(_)) => {
-                    return Source::Guest
-                }
+                Some(
+                    Token::NicRxSpace | Token::NicTxPoll | Token::NicTsd(_) | Token::NicUnmask,
+                ) => return Source::Guest,
                 Some(Token::Tap) => by = Source::Peer,
                 // An EOI (the resample irqfd) is no data-path work: the guest's
                 // doorbell follows it much later, if at all.
@@ -372,6 +376,7 @@ impl IoLoop {
             (Token::NicResample, Some(nic)) => nic.on_resample(),
             (Token::NicTxPoll, Some(nic)) => nic.on_txpoll(),
             (Token::NicTsd(_), Some(nic)) => nic.on_tsd(),
+            (Token::NicUnmask, Some(nic)) => nic.on_unmask(),
             (_, None) => Flow::Continue,
         }
     }

@@ -50,6 +50,9 @@ pub trait NicDoorbells: Send + Sync {
     /// The learnt C-mode TSD doorbells (up to three lengths per TSD), with `--net tx=ioeventfd`.
     fn tsd(&self) -> &[EventFd];
     fn on_tsd(&self);
+    /// The learnt IntrMask unmask beside the register shadow, with `--net unmask=on`.
+    fn unmask(&self) -> Option<&EventFd>;
+    fn on_unmask(&self);
 }
 
 impl NicDoorbells for NetDevice {
@@ -75,6 +78,18 @@ impl NicDoorbells for NetDevice {
     fn on_tsd(&self) {
         if let Some(f) = &self.frontend {
             f.tsd.replay(&f.nic);
+        }
+    }
+    fn unmask(&self) -> Option<&EventFd> {
+        self.frontend.as_ref()?.unmask.as_ref().map(|u| &u.evt)
+    }
+    fn on_unmask(&self) {
+        if let Some((f, u)) = self
+            .frontend
+            .as_ref()
+            .and_then(|f| Some((f, f.unmask.as_ref()?)))
+        {
+            u.apply(&f.nic);
         }
     }
 }
@@ -188,6 +203,9 @@ impl Nic {
         }
         for (i, e) in self.doorbells.tsd().iter().enumerate() {
             w.add(e.as_raw_fd(), Token::NicTsd(i as u8))?;
+        }
+        if let Some(e) = self.doorbells.unmask() {
+            w.add(e.as_raw_fd(), Token::NicUnmask)?;
         }
         Ok(())
     }
@@ -306,6 +324,11 @@ impl Nic {
 
     pub fn on_tsd(&self) -> Flow {
         self.doorbells.on_tsd();
+        Flow::Continue
+    }
+
+    pub fn on_unmask(&self) -> Flow {
+        self.doorbells.on_unmask();
         Flow::Continue
     }
 }

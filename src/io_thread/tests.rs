@@ -76,6 +76,8 @@ struct FakeDoorbells {
     resampled: Calls,
     txpolled: Calls,
     tsd_replayed: Calls,
+    unmask: EventFd,
+    unmasked: Calls,
 }
 
 fn eventfd() -> EventFd {
@@ -105,6 +107,13 @@ impl NicDoorbells for FakeDoorbells {
             let _ = e.read();
         }
         self.tsd_replayed.add();
+    }
+    fn unmask(&self) -> Option<&EventFd> {
+        Some(&self.unmask)
+    }
+    fn on_unmask(&self) {
+        let _ = self.unmask.read();
+        self.unmasked.add();
     }
 }
 
@@ -194,6 +203,8 @@ fn nic_rev(revision: u8) -> (Nic, NicParts) {
         resampled: Calls::default(),
         txpolled: Calls::default(),
         tsd_replayed: Calls::default(),
+        unmask: eventfd(),
+        unmasked: Calls::default(),
     });
     let counters = Arc::new(IoCounters::default());
     let parts = NicParts {
@@ -334,6 +345,7 @@ fn tokens_round_trip_and_unknown_data_is_ignored() {
         Token::NicTsd(0),
         Token::NicTsd(3),
         Token::NicTsd(crate::net::TSD_SLOTS as u8 - 1),
+        Token::NicUnmask,
     ];
     for t in all {
         assert_eq!(Token::from_u64(t.to_u64()), Some(t));
@@ -349,7 +361,7 @@ fn tokens_round_trip_and_unknown_data_is_ignored() {
     seen.dedup();
     assert_eq!(seen.len(), all.len(), "two tokens share a value");
     assert_eq!(Token::from_u64(TSD_BASE + 256), None);
-    assert_eq!(Token::from_u64(9), None);
+    assert_eq!(Token::from_u64(10), None);
 }
 
 #[test]
@@ -455,17 +467,24 @@ fn doorbells_and_resample_reach_their_handlers_once() {
     d.resample.write(1).unwrap();
     d.txpoll.write(1).unwrap();
     d.tsd[2].write(1).unwrap();
+    d.unmask.write(1).unwrap();
     let tokens = f.turn();
-    for t in [Token::NicResample, Token::NicTxPoll, Token::NicTsd(2)] {
+    for t in [
+        Token::NicResample,
+        Token::NicTxPoll,
+        Token::NicTsd(2),
+        Token::NicUnmask,
+    ] {
         assert!(tokens.contains(&t), "{t:?} not in {tokens:?}");
     }
     assert_eq!(
         (
             d.resampled.count(),
             d.txpolled.count(),
-            d.tsd_replayed.count()
+            d.tsd_replayed.count(),
+            d.unmasked.count()
         ),
-        (1, 1, 1)
+        (1, 1, 1, 1)
     );
     assert_eq!(f.turn_now(), vec![], "each event handled once");
 }

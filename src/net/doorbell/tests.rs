@@ -7,7 +7,8 @@ use kvm_ioctls::IoEventAddress;
 use vmm_sys_util::eventfd::EventFd;
 use wbvmm_devices::irq::RecordingIrq;
 use wbvmm_devices::net::rtl8139::regs::{
-    CPCMD, CPCMD_RXENB, CPCMD_TXENB, CR, CR_RE, CR_RST, CR_TE, IMR, INT_MASK, INT_TOK, ISR, TSAD0,
+    CPCMD, CPCMD_RXENB, CPCMD_TXENB, CR, CR_RE, CR_RST, CR_TE, IMR, INT_FOVW, INT_MASK, INT_RER,
+    INT_ROK, INT_RXOVW, INT_TOK, ISR, TSAD0,
 };
 use wbvmm_devices::net::rtl8139::{Rtl8139, Rtl8139Config, REVISION_C};
 use wbvmm_devices::net::RecordingSink;
@@ -19,7 +20,8 @@ use super::{BarBases, TsdDoorbells, TsdIoEvents, LEARN_AFTER, TSD_COUNT};
 use crate::memory::{FakeBackend, SlotIndexKind, SlotRegistry};
 use crate::net::shadow::READ_WINDOW;
 use crate::net::{
-    CoalescedZones, NicFrontend, PostedWrites, RegisterShadow, ShadowPolicy, ZoneStart,
+    CoalescedZones, NicFrontend, PostedWrites, RegisterShadow, ShadowPolicy, UnmaskDoorbell,
+    ZoneStart,
 };
 
 const DEVICE: u8 = 3;
@@ -47,6 +49,17 @@ impl FakeIoEvents {
     }
     fn calls(&self) -> Vec<(bool, u64, u32, bool)> {
         self.calls.lock().unwrap().clone()
+    }
+}
+
+impl crate::net::UnmaskIoEvents for FakeIoEvents {
+    fn register(&self, _: &EventFd, addr: IoEventAddress, value: u16) -> std::io::Result<()> {
+        self.record(addr, value.into(), true);
+        Ok(())
+    }
+    fn unregister(&self, _: &EventFd, addr: IoEventAddress, value: u16) -> std::io::Result<()> {
+        self.record(addr, value.into(), false);
+        Ok(())
     }
 }
 
@@ -134,8 +147,8 @@ impl Rig {
             io.clone(),
             Arc::downgrade(&root),
             (DEVICE, nic.bars()),
-            pio,
-            mmio,
+            pio.clone(),
+            mmio.clone(),
         )
         .unwrap();
         let shadow = (policy != ShadowPolicy::Off).then(|| {
@@ -156,12 +169,24 @@ impl Rig {
             &nic,
             shadow.as_deref(),
         );
+        // As NetDevice::create with `unmask=on`: beside a shadow only.
+        let unmask = shadow.as_ref().map(|s| {
+            UnmaskDoorbell::new(
+                io.clone(),
+                Arc::downgrade(&root),
+                (DEVICE, nic.bars()),
+                (pio.clone(), mmio.clone()),
+                s.present(),
+            )
+            .unwrap()
+        });
         let frontend = Arc::new(NicFrontend {
             nic: nic.clone(),
             tsd,
             doorbell: std::sync::OnceLock::new(),
             shadow,
             posted,
+            unmask,
         });
         root.add_device(
             frontend.clone(),
@@ -763,4 +788,145 @@ fn a_posted_ack_older_than_a_pending_doorbell_leaves_that_frames_tx_ok() {
     assert_eq!(rig.frames(), 0);
     rig.read16(IO_BAR, IMR as u64);
     assert_eq!(rig.frames(), 1);
+}
+
+// The IntrMask unmask doorbell (net/unmask.rs), on the same rig.
+
+/// What the Linux-shaped drivers write: every cause, and every cause but RX (NAPI).
+const ALL_CAUSES: u16 = INT_MASK;
+const NO_RX: u16 = INT_MASK & !(INT_ROK | INT_RER | INT_RXOVW | INT_FOVW);
+
+impl Rig {
+    fn write16(&self, offset: u64, v: u16) {
+        self.write(MEM_BAR, offset, &v.to_le_bytes());
+    }
+    /// `rounds` of the NAPI pattern: mask RX, unmask all.
+    fn napi_rounds(&self, rounds: u32) {
+        for _ in 0..rounds {
+            self.write16(IMR as u64, NO_RX);
+            self.write16(IMR as u64, ALL_CAUSES);
+        }
+    }
+    fn unmask(&self) -> &UnmaskDoorbell {
+        self.frontend
+            .unmask
+            .as_ref()
+            .expect("a shadow, so an unmask doorbell")
+    }
+    fn nic_imr(&self) -> u16 {
+        let mut b = [0u8; 2];
+        self.nic.read(0, IMR as u64, &mut b);
+        u16::from_le_bytes(b)
+    }
+}
+
+fn unmask_armed(value: u16, registered: bool) -> (bool, u64, u32, bool) {
+    (false, MEM_BAR + IMR as u64, value.into(), registered)
+}
+
+#[test]
+fn an_unmask_that_enables_every_cause_is_learnt_beside_the_shadow_and_masks_still_exit() {
+    let rig = Rig::build(ShadowPolicy::Always);
+    rig.napi_rounds(LEARN_AFTER - 1);
+    assert!(
+        rig.io.calls().is_empty(),
+        "not before {LEARN_AFTER} unmasks"
+    );
+    assert_eq!(rig.nic_imr(), ALL_CAUSES, "every write reached the NIC");
+    rig.napi_rounds(1);
+    assert_eq!(rig.io.calls(), [unmask_armed(ALL_CAUSES, true)]);
+    // The mask is another value: it exits and reaches the NIC at once.
+    rig.write16(IMR as u64, NO_RX);
+    assert_eq!(rig.nic_imr(), NO_RX);
+    assert_eq!(rig.io.calls().len(), 1, "a mask leaves it armed");
+}
+
+#[test]
+fn an_absorbed_unmask_is_applied_before_the_next_exit_or_by_the_io_thread() {
+    let rig = Rig::build(ShadowPolicy::Always);
+    rig.napi_rounds(LEARN_AFTER);
+    // A frame sent while everything is masked: TOK pending, the line down.
+    rig.write16(IMR as u64, 0);
+    rig.write(MEM_BAR, super::tsd_offset(0), &FRAME_LEN.to_le_bytes());
+    assert_eq!(rig.frames(), 1);
+    assert!(!rig.nic.irq_asserted());
+    // KVM completes the unmask: nothing has changed in the NIC yet.
+    rig.unmask().evt.write(1).unwrap();
+    assert_eq!(rig.nic_imr(), 0);
+    assert!(!rig.nic.irq_asserted(), "no interrupt before it is applied");
+    // The driver's next exit (its TOK ack) applies it first, and the ack then
+    // lowers the line it raised.
+    rig.write16(ISR as u64, INT_TOK);
+    assert_eq!(rig.nic_imr(), ALL_CAUSES);
+    assert!(!rig.nic.irq_asserted());
+    // Without an access, the I/O thread applies it (its eventfd woke it).
+    rig.write16(IMR as u64, 0);
+    rig.write(MEM_BAR, super::tsd_offset(1), &FRAME_LEN.to_le_bytes());
+    rig.unmask().evt.write(2).unwrap();
+    rig.unmask().apply(&rig.nic);
+    assert_eq!(rig.nic_imr(), ALL_CAUSES);
+    assert!(rig.nic.irq_asserted(), "the unmask raised the pending TOK");
+    assert_eq!(rig.unmask().absorbed.load(super::Ordering::Relaxed), 3);
+}
+
+#[test]
+fn a_value_that_does_not_enable_every_cause_is_never_absorbed() {
+    let rig = Rig::build(ShadowPolicy::Always);
+    // A driver whose unmask leaves out a cause another of its writes enabled.
+    rig.write16(IMR as u64, ALL_CAUSES);
+    for _ in 0..2 * LEARN_AFTER {
+        rig.write16(IMR as u64, 0);
+        rig.write16(IMR as u64, NO_RX);
+    }
+    assert!(rig.io.calls().is_empty());
+    // Armed for NO_RX on a fresh chip, a write enabling more disarms it.
+    rig.write(MEM_BAR, CR as u64, &[CR_RST]);
+    for _ in 0..LEARN_AFTER {
+        rig.write16(IMR as u64, 0);
+        rig.write16(IMR as u64, NO_RX);
+    }
+    assert_eq!(rig.io.calls(), [unmask_armed(NO_RX, true)]);
+    rig.write16(IMR as u64, ALL_CAUSES);
+    assert_eq!(
+        rig.io.calls(),
+        [unmask_armed(NO_RX, true), unmask_armed(NO_RX, false)]
+    );
+    assert_eq!(rig.nic_imr(), ALL_CAUSES);
+}
+
+#[test]
+fn a_reset_applies_a_pending_unmask_disarms_and_learns_afresh() {
+    let rig = Rig::build(ShadowPolicy::Always);
+    rig.napi_rounds(LEARN_AFTER);
+    rig.write16(IMR as u64, NO_RX);
+    rig.unmask().evt.write(1).unwrap();
+    rig.write(MEM_BAR, CR as u64, &[CR_RST]);
+    assert_eq!(
+        rig.io.calls(),
+        [
+            unmask_armed(ALL_CAUSES, true),
+            unmask_armed(ALL_CAUSES, false)
+        ]
+    );
+    assert_eq!(rig.unmask().absorbed.load(super::Ordering::Relaxed), 1);
+    assert_eq!(rig.nic_imr(), 0, "the reset came after the unmask");
+    rig.napi_rounds(LEARN_AFTER - 1);
+    assert_eq!(rig.io.calls().len(), 2, "learnt afresh after the reset");
+    rig.napi_rounds(1);
+    assert_eq!(rig.io.calls().len(), 3);
+}
+
+#[test]
+fn nothing_is_absorbed_while_the_shadow_is_not_mapped() {
+    // shadow=auto in C mode through the port BAR: the page stays unmapped.
+    let rig = Rig::build(ShadowPolicy::Auto);
+    for _ in 0..2 * LEARN_AFTER {
+        rig.write(IO_BAR, IMR as u64, &NO_RX.to_le_bytes());
+        rig.write(IO_BAR, IMR as u64, &ALL_CAUSES.to_le_bytes());
+    }
+    assert!(
+        rig.io.calls().iter().all(|c| c.1 != IO_BAR + IMR as u64),
+        "{:?}",
+        rig.io.calls()
+    );
 }

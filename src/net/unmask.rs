@@ -1,0 +1,248 @@
+//! The IntrMask unmask as a KVM ioeventfd beside the register shadow (`--net
+//! ...,unmask=on`, the default).
+//!
+//! Beside the shadow a Linux-shaped driver's register reads cost no exit, and what
+//! is left per packet are its writes: the IntrStatus acks, and IntrMask masked and
+//! unmasked around the NAPI poll (8139cp's `cpw16_f`, 8139too's `RTL_W16_F`). None
+//! of them can be posted: the shadow's loads do not exit, so nothing would apply a
+//! posted write before the guest reads the register (`net/posted.rs`). One of them
+//! needs no such care: the unmask. After `LEARN_AFTER` writes of one IntrMask value
+//! that enables every cause any IntrMask write since the chip's reset enabled, an
+//! ioeventfd with that exact value as its datamatch completes those writes inside
+//! KVM, and the I/O thread applies them when the eventfd wakes it. Any other value
+//! (a mask) still exits, and every exit to the NIC applies a pending unmask first.
+//!
+//! What the guest can tell, and why it does not matter:
+//! - **IntrMask's own value.** Until the I/O thread has applied the unmask, a load
+//!   of IntrMask from the shadow page returns the value before it. The drivers read
+//!   IntrMask only to flush the write (`cpw16_f`, `RTL_W16_F`: the value is
+//!   dropped), and no other register depends on IntrMask.
+//! - **The interrupt it enables** comes when the write is applied, as from a PCI
+//!   write still in flight: the unmask enables only causes, so applying it late can
+//!   only hold an interrupt back, never deliver one the guest masked. Its own events
+//!   (the ioeventfd is in the I/O thread's epoll set) bound that delay, not a timer.
+//! - **Program order** with the guest's other accesses: every register access that
+//!   exits applies a pending unmask first (`observe`, under the mutex the I/O thread
+//!   applies it under), so a mask written after it is applied after it. The flag
+//!   that makes `observe` look goes up before the ioeventfd is registered, as for
+//!   the TSD doorbells (`net/doorbell.rs`).
+//! - **Out of the shadow** (C+ off, a reset, the page unmapped, the BARs moved) it is
+//!   disarmed, a pending write applied first.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+use wbvmm_devices::net::rtl8139::regs::{CR, CR_RST, IMR};
+use wbvmm_devices::net::rtl8139::Rtl8139;
+use wbvmm_devices::pci::{BarKind, BarSpec, PciRoot};
+use wbvmm_devices::{Bus, BusDevice};
+
+use super::NetError;
+
+/// Writes of one value, each enabling all that any IntrMask write enabled, before
+/// KVM takes them over.
+const LEARN_AFTER: u32 = 4;
+
+/// Where the doorbell registers its ioeventfd: KVM (the `VmFd`), or a fake in the
+/// unit tests. Called only when it is armed or disarmed, never per access.
+pub trait UnmaskIoEvents: Send + Sync {
+    /// An ioeventfd on the 2-byte register at `addr` for writes of exactly `value`.
+    fn register(&self, evt: &EventFd, addr: IoEventAddress, value: u16) -> io::Result<()>;
+    fn unregister(&self, evt: &EventFd, addr: IoEventAddress, value: u16) -> io::Result<()>;
+}
+
+impl UnmaskIoEvents for VmFd {
+    fn register(&self, evt: &EventFd, addr: IoEventAddress, value: u16) -> io::Result<()> {
+        self.register_ioevent(evt, &addr, value)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+    fn unregister(&self, evt: &EventFd, addr: IoEventAddress, value: u16) -> io::Result<()> {
+        self.unregister_ioevent(evt, &addr, value)
+            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
+#[derive(Default)]
+struct UnmaskState {
+    /// The registered address and value.
+    armed: Option<(IoEventAddress, u16)>,
+    /// Every IntrMask value written (that exited) since the chip's last reset, ORed.
+    enabled_ever: u16,
+    /// The value being learnt and how often it was written.
+    candidate: (u16, u32),
+    /// Bus generations when arming: a BAR move disarms.
+    gens: (u64, u64),
+}
+
+/// See the module comment.
+pub struct UnmaskDoorbell {
+    io: Arc<dyn UnmaskIoEvents>,
+    pci: Weak<PciRoot>,
+    device: u8,
+    bars: Vec<BarSpec>,
+    pio: Arc<Bus>,
+    mmio: Arc<Bus>,
+    pub evt: EventFd,
+    /// Up from just before the ioeventfd is registered until it is unregistered and
+    /// drained: while down, `observe` has nothing to apply.
+    armed_flag: AtomicBool,
+    state: Mutex<UnmaskState>,
+    /// The register shadow's: learn and stay armed only while it may be mapped.
+    shadow_present: Arc<AtomicBool>,
+    /// Unmask writes KVM completed (each applied once, however many were pending).
+    pub absorbed: AtomicU64,
+}
+
+/// `Some(value)` if this access writes all of IntrMask.
+fn imr_write(offset: u64, write: Option<&[u8]>) -> Option<u16> {
+    let data: [u8; 2] = write?.try_into().ok()?;
+    (offset == IMR as u64).then(|| u16::from_le_bytes(data))
+}
+
+/// Whether this access writes ChipCmd with the reset bit.
+fn resets(offset: u64, write: Option<&[u8]>) -> bool {
+    let Some(data) = write else { return false };
+    let end = offset + data.len() as u64;
+    (offset..end).contains(&(CR as u64)) && data[(CR as u64 - offset) as usize] & CR_RST != 0
+}
+
+impl UnmaskDoorbell {
+    pub(super) fn new(
+        io: Arc<dyn UnmaskIoEvents>,
+        pci: Weak<PciRoot>,
+        (device, bars): (u8, Vec<BarSpec>),
+        (pio, mmio): (Arc<Bus>, Arc<Bus>),
+        shadow_present: Arc<AtomicBool>,
+    ) -> Result<Self, NetError> {
+        Ok(Self {
+            io,
+            pci,
+            device,
+            bars,
+            pio,
+            mmio,
+            evt: EventFd::new(libc::EFD_NONBLOCK).map_err(NetError::Irq)?,
+            armed_flag: AtomicBool::new(false),
+            state: Mutex::default(),
+            shadow_present,
+            absorbed: AtomicU64::new(0),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, UnmaskState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The I/O thread's handler of `evt`: apply what KVM absorbed.
+    pub fn apply(&self, nic: &Rtl8139) {
+        let st = self.lock();
+        self.apply_locked(&st, nic);
+    }
+
+    fn apply_locked(&self, st: &UnmaskState, nic: &Rtl8139) {
+        let Some((_, value)) = st.armed else { return };
+        if let Ok(count) = self.evt.read() {
+            self.absorbed.fetch_add(count, Ordering::Relaxed);
+            // One write of the value is all of them: IntrMask has no side effect.
+            nic.write(0, IMR as u64, &value.to_le_bytes());
+        }
+    }
+
+    /// Stop absorbing; what KVM absorbed before is applied (unregister, then drain:
+    /// nothing new can arrive in between).
+    fn disarm(&self, st: &mut UnmaskState, nic: &Rtl8139) {
+        if let Some((addr, value)) = st.armed {
+            let _ = self.io.unregister(&self.evt, addr, value);
+            self.apply_locked(st, nic);
+            st.armed = None;
+            self.armed_flag.store(false, Ordering::SeqCst);
+        }
+        st.candidate = (0, 0);
+    }
+
+    /// Before every register access from a vCPU: apply a pending unmask; learn from
+    /// IntrMask writes.
+    pub(super) fn observe(&self, nic: &Rtl8139, base: u64, offset: u64, write: Option<&[u8]>) {
+        let value = imr_write(offset, write);
+        let reset = resets(offset, write);
+        if !self.armed_flag.load(Ordering::SeqCst) && value.is_none() && !reset {
+            return;
+        }
+        let mut st = self.lock();
+        self.apply_locked(&st, nic);
+        let gens = (self.pio.generation(), self.mmio.generation());
+        let present = self.shadow_present.load(Ordering::SeqCst);
+        if reset || gens != st.gens || !present {
+            self.disarm(&mut st, nic);
+            st.gens = gens;
+            if reset {
+                st.enabled_ever = 0;
+                return;
+            }
+        }
+        let Some(value) = value else { return };
+        st.enabled_ever |= value;
+        if let Some((_, armed)) = st.armed {
+            // It exited, so it is another value. One that enables a cause the armed
+            // value does not: the armed one no longer enables all, so stop.
+            if value & !armed != 0 {
+                self.disarm(&mut st, nic);
+            }
+            return;
+        }
+        // The masks between two unmasks neither count nor reset the count.
+        if !present || value == 0 || value != st.enabled_ever {
+            return;
+        }
+        st.candidate = match st.candidate {
+            (v, n) if v == value => (v, n + 1),
+            _ => (value, 1),
+        };
+        if st.candidate.1 < LEARN_AFTER {
+            return;
+        }
+        let Some(pci) = self.pci.upgrade() else {
+            return;
+        };
+        let Some(addr) = ioevent_address(&pci, self.device, &self.bars, base, offset) else {
+            return;
+        };
+        self.armed_flag.store(true, Ordering::SeqCst);
+        match self.io.register(&self.evt, addr, value) {
+            Ok(()) => st.armed = Some((addr, value)),
+            Err(e) => {
+                self.armed_flag.store(false, Ordering::SeqCst);
+                log::debug!("IntrMask doorbell at {addr:?} refused ({e}); unmasks keep exiting");
+            }
+        }
+        st.candidate = (0, 0);
+    }
+}
+
+/// The ioeventfd address of register `offset` in the BAR mapped at `base`: `None` if
+/// no BAR is, or both BARs are, mapped there (a bus access does not say its space).
+fn ioevent_address(
+    pci: &PciRoot,
+    device: u8,
+    bars: &[BarSpec],
+    base: u64,
+    offset: u64,
+) -> Option<IoEventAddress> {
+    let mut found = None;
+    for spec in bars {
+        if pci.bar_mapping(device, spec.index).and_then(|(_, at)| at) != Some(base) {
+            continue;
+        }
+        let addr = match spec.kind {
+            BarKind::Io => IoEventAddress::Pio(base + offset),
+            BarKind::Mem32 => IoEventAddress::Mmio(base + offset),
+        };
+        if found.replace(addr).is_some() {
+            return None;
+        }
+    }
+    found
+}
