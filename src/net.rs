@@ -21,10 +21,10 @@ mod doorbell;
 mod posted;
 mod shadow;
 mod unmask;
-pub use doorbell::{Doorbell, TsdDoorbells, TsdIoEvents, TSD_SLOTS};
+pub use doorbell::{Datamatch, Doorbell, LearntIoEvents, TsdDoorbells, TSD_SLOTS};
 pub use posted::{in_posted_zone, CoalescedZones, PostedWrites, ZoneStart};
 pub use shadow::{RegisterAccess, RegisterShadow, ShadowPolicy};
-pub use unmask::{UnmaskDoorbell, UnmaskIoEvents};
+pub use unmask::UnmaskDoorbell;
 
 /// Where the NIC sits: 00:03.0 (as under QEMU), INTA routed to IOAPIC pin 16 (pins
 /// 16-23 are the IOAPIC-only ones in KVM's default routing), BARs where a BIOS would

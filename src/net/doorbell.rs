@@ -26,13 +26,13 @@ const TSD_END: u64 = TSD_FIRST + 4 * TSD_COUNT as u64;
 /// Where the NIC's BARs decode now, by address space: the kind comes from the BAR
 /// types the device model declares, the address from the PCI root.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct BarBases {
+pub(super) struct BarBases {
     io: Option<u64>,
     mem: Option<u64>,
 }
 
 impl BarBases {
-    fn now(pci: &PciRoot, device: u8, bars: &[BarSpec]) -> Self {
+    pub(super) fn now(pci: &PciRoot, device: u8, bars: &[BarSpec]) -> Self {
         let mut b = Self::default();
         for spec in bars {
             let at = pci.bar_mapping(device, spec.index).and_then(|(_, at)| at);
@@ -47,7 +47,7 @@ impl BarBases {
     /// The ioeventfd address of register `offset` in the BAR mapped at `base`. `None`
     /// if no BAR is mapped there, or if the port BAR and the memory BAR have the same
     /// base (a bus access does not say which space it came from).
-    fn ioevent(&self, base: u64, offset: u64) -> Option<IoEventAddress> {
+    pub(super) fn ioevent(&self, base: u64, offset: u64) -> Option<IoEventAddress> {
         match (self.io == Some(base), self.mem == Some(base)) {
             (true, false) => Some(IoEventAddress::Pio(base + offset)),
             (false, true) => Some(IoEventAddress::Mmio(base + offset)),
@@ -141,22 +141,38 @@ impl Doorbell {
     }
 }
 
-/// Where the TSD learner registers its ioeventfds: KVM (the `VmFd`), or a fake in the
-/// unit tests. Called only when a doorbell is armed or disarmed, never per access.
-pub trait TsdIoEvents: Send + Sync {
-    /// An ioeventfd on the 4-byte register at `addr` for writes of exactly `value`.
-    fn register(&self, evt: &EventFd, addr: IoEventAddress, value: u32) -> io::Result<()>;
-    fn unregister(&self, evt: &EventFd, addr: IoEventAddress, value: u32) -> io::Result<()>;
+/// A learnt doorbell's datamatch: the register's width and the value KVM completes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Datamatch {
+    /// IntrMask (`net/unmask.rs`).
+    U16(u16),
+    /// A TSD.
+    U32(u32),
 }
 
-impl TsdIoEvents for VmFd {
-    fn register(&self, evt: &EventFd, addr: IoEventAddress, value: u32) -> io::Result<()> {
-        self.register_ioevent(evt, &addr, value)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+/// Where the learnt doorbells (TSD lengths, the IntrMask unmask) register their
+/// ioeventfds: KVM (the `VmFd`), or a fake in the unit tests. Called only when a
+/// doorbell is armed or disarmed, never per access.
+pub trait LearntIoEvents: Send + Sync {
+    /// An ioeventfd on the register at `addr` for writes of exactly `value`.
+    fn register(&self, evt: &EventFd, addr: IoEventAddress, value: Datamatch) -> io::Result<()>;
+    fn unregister(&self, evt: &EventFd, addr: IoEventAddress, value: Datamatch) -> io::Result<()>;
+}
+
+impl LearntIoEvents for VmFd {
+    fn register(&self, evt: &EventFd, addr: IoEventAddress, value: Datamatch) -> io::Result<()> {
+        match value {
+            Datamatch::U16(v) => self.register_ioevent(evt, &addr, v),
+            Datamatch::U32(v) => self.register_ioevent(evt, &addr, v),
+        }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))
     }
-    fn unregister(&self, evt: &EventFd, addr: IoEventAddress, value: u32) -> io::Result<()> {
-        self.unregister_ioevent(evt, &addr, value)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
+    fn unregister(&self, evt: &EventFd, addr: IoEventAddress, value: Datamatch) -> io::Result<()> {
+        match value {
+            Datamatch::U16(v) => self.unregister_ioevent(evt, &addr, v),
+            Datamatch::U32(v) => self.unregister_ioevent(evt, &addr, v),
+        }
+        .map_err(|e| io::Error::from_raw_os_error(e.errno()))
     }
 }
 
@@ -182,7 +198,7 @@ impl TsdIoEvents for VmFd {
 /// the guest's: no driver reuses a descriptor it has not seen complete, and the chip
 /// sends its descriptors in ring order whatever the order of the writes.
 pub struct TsdDoorbells {
-    io: Arc<dyn TsdIoEvents>,
+    io: Arc<dyn LearntIoEvents>,
     pci: Weak<PciRoot>,
     device: u8,
     bars: Vec<BarSpec>,
@@ -284,7 +300,7 @@ fn tsd_offset(n: usize) -> u64 {
 
 impl TsdDoorbells {
     pub(super) fn new(
-        io: Arc<dyn TsdIoEvents>,
+        io: Arc<dyn LearntIoEvents>,
         pci: Weak<PciRoot>,
         (device, bars): (u8, Vec<BarSpec>),
         pio: Arc<Bus>,
@@ -350,7 +366,7 @@ impl TsdDoorbells {
     /// (unregister, then drain: nothing new can arrive in between).
     fn disarm(&self, st: &mut TsdLearnState, s: usize, nic: &Rtl8139) {
         if let Some((addr, v)) = st.armed[s].take() {
-            let _ = self.io.unregister(&self.evts[s], addr, v);
+            let _ = self.io.unregister(&self.evts[s], addr, Datamatch::U32(v));
             Self::replay_one(&self.evts[s], s % TSD_COUNT, v, nic);
             self.armed_mask.fetch_and(!(1 << s), Ordering::SeqCst);
         }
@@ -360,7 +376,7 @@ impl TsdDoorbells {
     /// first, so that any write KVM absorbs is preceded by it (see `observe`).
     fn arm(&self, st: &mut TsdLearnState, s: usize, addr: IoEventAddress, value: u32) {
         self.armed_mask.fetch_or(1 << s, Ordering::SeqCst);
-        match self.io.register(&self.evts[s], addr, value) {
+        match self.io.register(&self.evts[s], addr, Datamatch::U32(value)) {
             Ok(()) => st.armed[s] = Some((addr, value)),
             Err(e) => {
                 self.armed_mask.fetch_and(!(1 << s), Ordering::SeqCst);

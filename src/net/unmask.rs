@@ -29,41 +29,22 @@
 //! - **Out of the shadow** (C+ off, a reset, the page unmapped, the BARs moved) it is
 //!   disarmed, a pending write applied first.
 
-use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
-use kvm_ioctls::{IoEventAddress, VmFd};
+use kvm_ioctls::IoEventAddress;
 use vmm_sys_util::eventfd::EventFd;
 use wbvmm_devices::net::rtl8139::regs::{CR, CR_RST, IMR};
 use wbvmm_devices::net::rtl8139::Rtl8139;
-use wbvmm_devices::pci::{BarKind, BarSpec, PciRoot};
+use wbvmm_devices::pci::{BarSpec, PciRoot};
 use wbvmm_devices::{Bus, BusDevice};
 
+use super::doorbell::{BarBases, Datamatch, LearntIoEvents};
 use super::NetError;
 
 /// Writes of one value, each enabling all that any IntrMask write enabled, before
 /// KVM takes them over.
 const LEARN_AFTER: u32 = 4;
-
-/// Where the doorbell registers its ioeventfd: KVM (the `VmFd`), or a fake in the
-/// unit tests. Called only when it is armed or disarmed, never per access.
-pub trait UnmaskIoEvents: Send + Sync {
-    /// An ioeventfd on the 2-byte register at `addr` for writes of exactly `value`.
-    fn register(&self, evt: &EventFd, addr: IoEventAddress, value: u16) -> io::Result<()>;
-    fn unregister(&self, evt: &EventFd, addr: IoEventAddress, value: u16) -> io::Result<()>;
-}
-
-impl UnmaskIoEvents for VmFd {
-    fn register(&self, evt: &EventFd, addr: IoEventAddress, value: u16) -> io::Result<()> {
-        self.register_ioevent(evt, &addr, value)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
-    }
-    fn unregister(&self, evt: &EventFd, addr: IoEventAddress, value: u16) -> io::Result<()> {
-        self.unregister_ioevent(evt, &addr, value)
-            .map_err(|e| io::Error::from_raw_os_error(e.errno()))
-    }
-}
 
 #[derive(Default)]
 struct UnmaskState {
@@ -79,7 +60,7 @@ struct UnmaskState {
 
 /// See the module comment.
 pub struct UnmaskDoorbell {
-    io: Arc<dyn UnmaskIoEvents>,
+    io: Arc<dyn LearntIoEvents>,
     pci: Weak<PciRoot>,
     device: u8,
     bars: Vec<BarSpec>,
@@ -111,7 +92,7 @@ fn resets(offset: u64, write: Option<&[u8]>) -> bool {
 
 impl UnmaskDoorbell {
     pub(super) fn new(
-        io: Arc<dyn UnmaskIoEvents>,
+        io: Arc<dyn LearntIoEvents>,
         pci: Weak<PciRoot>,
         (device, bars): (u8, Vec<BarSpec>),
         (pio, mmio): (Arc<Bus>, Arc<Bus>),
@@ -155,7 +136,7 @@ impl UnmaskDoorbell {
     /// nothing new can arrive in between).
     fn disarm(&self, st: &mut UnmaskState, nic: &Rtl8139) {
         if let Some((addr, value)) = st.armed {
-            let _ = self.io.unregister(&self.evt, addr, value);
+            let _ = self.io.unregister(&self.evt, addr, Datamatch::U16(value));
             self.apply_locked(st, nic);
             st.armed = None;
             self.armed_flag.store(false, Ordering::SeqCst);
@@ -207,11 +188,11 @@ impl UnmaskDoorbell {
         let Some(pci) = self.pci.upgrade() else {
             return;
         };
-        let Some(addr) = ioevent_address(&pci, self.device, &self.bars, base, offset) else {
+        let Some(addr) = BarBases::now(&pci, self.device, &self.bars).ioevent(base, offset) else {
             return;
         };
         self.armed_flag.store(true, Ordering::SeqCst);
-        match self.io.register(&self.evt, addr, value) {
+        match self.io.register(&self.evt, addr, Datamatch::U16(value)) {
             Ok(()) => st.armed = Some((addr, value)),
             Err(e) => {
                 self.armed_flag.store(false, Ordering::SeqCst);
@@ -220,29 +201,4 @@ impl UnmaskDoorbell {
         }
         st.candidate = (0, 0);
     }
-}
-
-/// The ioeventfd address of register `offset` in the BAR mapped at `base`: `None` if
-/// no BAR is, or both BARs are, mapped there (a bus access does not say its space).
-fn ioevent_address(
-    pci: &PciRoot,
-    device: u8,
-    bars: &[BarSpec],
-    base: u64,
-    offset: u64,
-) -> Option<IoEventAddress> {
-    let mut found = None;
-    for spec in bars {
-        if pci.bar_mapping(device, spec.index).and_then(|(_, at)| at) != Some(base) {
-            continue;
-        }
-        let addr = match spec.kind {
-            BarKind::Io => IoEventAddress::Pio(base + offset),
-            BarKind::Mem32 => IoEventAddress::Mmio(base + offset),
-        };
-        if found.replace(addr).is_some() {
-            return None;
-        }
-    }
-    found
 }

@@ -16,7 +16,7 @@ use wbvmm_devices::pci::{PciDevice, PciPlacement, PciRoot, PCI_COMMAND_MASTER};
 use wbvmm_devices::pci::{PCI_COMMAND_IO, PCI_COMMAND_MEMORY};
 use wbvmm_devices::{Bus, BusDevice, GuestDma, VecGuestMemory};
 
-use super::{BarBases, TsdDoorbells, TsdIoEvents, LEARN_AFTER, TSD_COUNT};
+use super::{BarBases, Datamatch, LearntIoEvents, TsdDoorbells, LEARN_AFTER, TSD_COUNT};
 use crate::memory::{FakeBackend, SlotIndexKind, SlotRegistry};
 use crate::net::shadow::READ_WINDOW;
 use crate::net::{
@@ -40,7 +40,11 @@ struct FakeIoEvents {
 }
 
 impl FakeIoEvents {
-    fn record(&self, addr: IoEventAddress, value: u32, registered: bool) {
+    fn record(&self, addr: IoEventAddress, value: Datamatch, registered: bool) {
+        let value = match value {
+            Datamatch::U16(v) => v.into(),
+            Datamatch::U32(v) => v,
+        };
         let (pio, a) = match addr {
             IoEventAddress::Pio(a) => (true, a),
             IoEventAddress::Mmio(a) => (false, a),
@@ -52,23 +56,17 @@ impl FakeIoEvents {
     }
 }
 
-impl crate::net::UnmaskIoEvents for FakeIoEvents {
-    fn register(&self, _: &EventFd, addr: IoEventAddress, value: u16) -> std::io::Result<()> {
-        self.record(addr, value.into(), true);
-        Ok(())
-    }
-    fn unregister(&self, _: &EventFd, addr: IoEventAddress, value: u16) -> std::io::Result<()> {
-        self.record(addr, value.into(), false);
-        Ok(())
-    }
-}
-
-impl TsdIoEvents for FakeIoEvents {
-    fn register(&self, _: &EventFd, addr: IoEventAddress, value: u32) -> std::io::Result<()> {
+impl LearntIoEvents for FakeIoEvents {
+    fn register(&self, _: &EventFd, addr: IoEventAddress, value: Datamatch) -> std::io::Result<()> {
         self.record(addr, value, true);
         Ok(())
     }
-    fn unregister(&self, _: &EventFd, addr: IoEventAddress, value: u32) -> std::io::Result<()> {
+    fn unregister(
+        &self,
+        _: &EventFd,
+        addr: IoEventAddress,
+        value: Datamatch,
+    ) -> std::io::Result<()> {
         self.record(addr, value, false);
         Ok(())
     }
