@@ -258,9 +258,7 @@ impl BusDevice for NicFrontend {
         self.nic.write(base, offset, data);
         if let (Some(before), Some(shadow)) = (before, &self.shadow) {
             let now = self.nic.mode();
-            let reset = (offset..end).contains(&(CR as u64))
-                && data[(CR as u64 - offset) as usize] & CR_RST != 0;
-            let left_mmio = reset && shadow.reset_through(base);
+            let left_mmio = writes_chip_reset(offset, data) && shadow.reset_through(base);
             if now != before || left_mmio {
                 if now == Rtl8139Mode::CPlus {
                     // Nothing absorbed may be pending once the page can be read.
@@ -274,6 +272,12 @@ impl BusDevice for NicFrontend {
     fn name(&self) -> &'static str {
         self.nic.name()
     }
+}
+
+/// Whether a register write of `data` at `offset` sets ChipCmd's reset bit.
+pub(crate) fn writes_chip_reset(offset: u64, data: &[u8]) -> bool {
+    let end = offset + data.len() as u64;
+    (offset..end).contains(&(CR as u64)) && data[(CR as u64 - offset) as usize] & CR_RST != 0
 }
 
 impl NicFrontend {

@@ -84,12 +84,10 @@ impl NicDoorbells for NetDevice {
         self.frontend.as_ref()?.unmask.as_ref().map(|u| &u.evt)
     }
     fn on_unmask(&self) {
-        if let Some((f, u)) = self
-            .frontend
-            .as_ref()
-            .and_then(|f| Some((f, f.unmask.as_ref()?)))
-        {
-            u.apply(&f.nic);
+        if let Some(f) = &self.frontend {
+            if let Some(u) = &f.unmask {
+                u.apply(&f.nic);
+            }
         }
     }
 }

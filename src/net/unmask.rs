@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use kvm_ioctls::IoEventAddress;
 use vmm_sys_util::eventfd::EventFd;
-use wbvmm_devices::net::rtl8139::regs::{CR, CR_RST, IMR};
+use wbvmm_devices::net::rtl8139::regs::IMR;
 use wbvmm_devices::net::rtl8139::Rtl8139;
 use wbvmm_devices::pci::{BarSpec, PciRoot};
 use wbvmm_devices::{Bus, BusDevice};
@@ -81,13 +81,6 @@ pub struct UnmaskDoorbell {
 fn imr_write(offset: u64, write: Option<&[u8]>) -> Option<u16> {
     let data: [u8; 2] = write?.try_into().ok()?;
     (offset == IMR as u64).then(|| u16::from_le_bytes(data))
-}
-
-/// Whether this access writes ChipCmd with the reset bit.
-fn resets(offset: u64, write: Option<&[u8]>) -> bool {
-    let Some(data) = write else { return false };
-    let end = offset + data.len() as u64;
-    (offset..end).contains(&(CR as u64)) && data[(CR as u64 - offset) as usize] & CR_RST != 0
 }
 
 impl UnmaskDoorbell {
@@ -148,7 +141,7 @@ impl UnmaskDoorbell {
     /// IntrMask writes.
     pub(super) fn observe(&self, nic: &Rtl8139, base: u64, offset: u64, write: Option<&[u8]>) {
         let value = imr_write(offset, write);
-        let reset = resets(offset, write);
+        let reset = write.is_some_and(|data| super::writes_chip_reset(offset, data));
         if !self.armed_flag.load(Ordering::SeqCst) && value.is_none() && !reset {
             return;
         }
